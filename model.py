@@ -1,0 +1,495 @@
+"""Qwen3 in plain PyTorch: the model, its safetensors loader, the tokenizer and a batched sampler.
+
+The architecture follows Hugging Face's `Qwen3ForCausalLM` (transformers/models/qwen3), which is the
+oracle in the tests:
+
+    embed -> N x [x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x))] -> RMSNorm -> lm_head
+    Attn: grouped-query attention; q and k get a per-head RMSNorm *before* the rotary embedding
+          (Qwen3's addition over Qwen2), rotary in the half-rotation layout, no biases.
+    MLP:  down(silu(gate(x)) * up(x)).
+
+The module tree mirrors transformers' names (`model.layers.3.self_attn.q_proj`, ...), so checkpoint
+keys map one to one onto `state_dict()` keys and a LoRA adapter's keys are PEFT's keys with a prefix.
+
+`Qwen3.forward` returns the last hidden states after the final norm (what ARCA reads); logits are
+`model.lm_head(hidden)`, so callers compute them only where they need them (the sampler on the last
+position, training in chunks over completion positions).
+
+Padding: `attention_mask` (B, T) marks real tokens with 1. Positions are counted per row from the
+mask, so a left-padded row computes exactly what the unpadded sequence computes.
+
+Sampling (`generate`) pre-fills left-padded prompts into a static KV cache allocated once per call,
+then decodes one token per step with the cache written in place. Finished rows are checked every
+few steps, not every step, so the loop does not wait on the GPU for each token.
+
+Left out: sliding-window attention and rope scaling (no Qwen3 dense base model uses them; a config
+asking for them is refused), and dropout inside the base model (Qwen3 has none).
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch.utils.checkpoint import checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Qwen3Config:
+    """The fields of a Hugging Face Qwen3 `config.json`, under the same names."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128  # from the config, never hidden_size / heads (they differ in Qwen3-0.6B)
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151643
+    torch_dtype: str = "bfloat16"
+    model_type: str = "qwen3"
+
+    @classmethod
+    def from_json(cls, path):
+        """Read a `config.json`; unknown keys are ignored, unsupported features refused."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no config.json here; a checkpoint directory needs one") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if raw.get("model_type") != "qwen3":
+            raise ValueError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'qwen3' (this loader only knows Qwen3)")
+        # transformers >= 5 writes `dtype` and `rope_parameters`; official Qwen3 files use `torch_dtype` and `rope_theta`.
+        if "dtype" in raw and "torch_dtype" not in raw:
+            raw["torch_dtype"] = raw["dtype"]
+        rope = raw.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default" or raw.get("rope_scaling"):
+            raise ValueError(f"{path}: rope scaling {rope or raw.get('rope_scaling')} is not supported, only plain RoPE")
+        if "rope_theta" in rope and "rope_theta" not in raw:
+            raw["rope_theta"] = rope["rope_theta"]
+        if raw.get("use_sliding_window"):
+            raise ValueError(f"{path}: use_sliding_window=true is not supported")
+        names = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in raw.items() if k in names and v is not None})
+        if config.num_attention_heads % config.num_key_value_heads:
+            raise ValueError(f"{path}: num_attention_heads={config.num_attention_heads} is not a multiple of num_key_value_heads={config.num_key_value_heads}")
+        return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back (as transformers does)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(position_ids, head_dim, theta, dtype):
+    """cos and sin of the rotary angles for each position, in the half-rotation layout.
+
+    position_ids (B, T) -> cos, sin (B, T, head_dim): angle_j = pos * theta^(-2j/head_dim), repeated
+    over both halves of the head dimension.
+    """
+    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / theta**exponent  # (head_dim/2,)
+    angles = position_ids.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (x_j, x_{j+D/2}) by their angle. x (B, H, T, D), cos/sin (B, T, D)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+    first, second = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
+    rotated = torch.cat([-second, first], dim=-1)  # (B, H, T, D)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Static key/value buffers for every layer, allocated once and written in place.
+
+    Rows are left-padded, so all rows write the same slots: `length` (a Python int, no device sync)
+    counts the slots filled so far.
+    """
+
+    def __init__(self, config, batch_size, max_length, device, dtype):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, KV, S, D)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, KV, S, D)
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_index):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # per head, before RoPE
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            cache.keys[self.layer_index, :, :, start:end] = k
+            cache.values[self.layer_index, :, :, start:end] = v
+            k = cache.keys[self.layer_index, :, :, :end]  # (B, KV, S, D)
+            v = cache.values[self.layer_index, :, :, :end]  # (B, KV, S, D)
+        # GQA without copying K/V per query head; mask None means plain causal attention.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.num_heads != self.num_kv_heads
+        )  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_index):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """The `model.` part of the checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+def attention_mask_4d(key_mask, num_queries):
+    """Boolean SDPA mask (B, 1, T, S) from the key padding mask (B, S) of which the last T are queries.
+
+    A query sees the real keys at or before its own slot. Each query also sees itself, so a padding
+    query never has an empty row (an empty row makes SDPA return NaN, which would then leak through
+    the zero attention weights of later layers). Example, S = 3, T = 3, key_mask row [0, 1, 1]:
+        query 0 (pad): [1, 0, 0]   query 1: [0, 1, 0]   query 2: [0, 1, 1]
+    """
+    S = key_mask.shape[1]
+    key_index = torch.arange(S, device=key_mask.device)  # (S,)
+    query_index = key_index[S - num_queries :, None]  # (T, 1)
+    causal = key_index[None, :] <= query_index  # (T, S)
+    visible = causal[None] & key_mask[:, None, :].bool()  # (B, T, S)
+    visible |= key_index[None, :] == query_index  # (B, T, S)
+    return visible[:, None]  # (B, 1, T, S)
+
+
+class Qwen3(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False  # recompute each layer in backward (non-reentrant)
+
+    def forward(self, input_ids, attention_mask=None, kv_cache=None):
+        """Last hidden states after the final norm.
+
+        input_ids (B, T). attention_mask (B, S): 1 for real tokens; with a cache it covers the cached
+        slots and the new ones (S = cache.length + T), else S = T. Returns (B, T, hidden).
+        """
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if attention_mask is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)  # (B, T)
+            mask = None if kv_cache is None or T == 1 else attention_mask_4d(torch.ones(B, past + T, device=input_ids.device), T)
+        else:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T) per-row positions
+            mask = attention_mask_4d(attention_mask, T)  # (B, 1, T, S)
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)  # (B, T, D)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.model.norm(x)  # (B, T, hidden)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, device=None, dtype=None):
+        """Load a checkpoint directory (or a Hugging Face hub id) straight onto `device` in `dtype`.
+
+        dtype defaults to the checkpoint's own (`torch_dtype` in config.json), device to the CPU.
+        """
+        directory = resolve_checkpoint(path_or_hub_id)
+        config = Qwen3Config.from_json(directory / "config.json")
+        device = torch.device(device or "cpu")
+        dtype = dtype or getattr(torch, config.torch_dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        load_weights(model, directory, device, dtype)
+        return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_checkpoint(path_or_hub_id):
+    """A local directory as is; otherwise a hub id, fetched with huggingface_hub (json and safetensors only)."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_hub_id).count("/") != 1 or str(path_or_hub_id).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{path_or_hub_id}: not a checkpoint directory (expected a folder with config.json and *.safetensors, or a hub id like Qwen/Qwen3-1.7B-Base)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as err:
+        raise OSError(
+            f"could not fetch {path_or_hub_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            "Offline? Download it on a connected machine (huggingface-cli download <id>) and pass the "
+            "local directory, or set HF_HUB_OFFLINE=1 to use the local cache."
+        ) from None
+
+
+def checkpoint_files(directory):
+    """The safetensors files of a checkpoint: `model.safetensors`, or the shards of its index."""
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index_path}: expected JSON with a 'weight_map' object ({err})") from None
+        shard_names = sorted(set(weight_map.values()))
+        for name in shard_names:
+            if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                raise ValueError(f"{index_path}: shard name {name!r} must be a plain file name inside {directory}")
+        files = [directory / name for name in shard_names]
+    else:
+        files = [directory / "model.safetensors"]
+    for file in files:
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: missing weights file" + (f" (listed in {index_path.name})" if index_path.exists() else ""))
+        with open(file, "rb") as handle:
+            if handle.read(40).startswith(b"version https://git-lfs"):
+                raise ValueError(f"{file}: this is a git-lfs pointer, not weights; run `git lfs pull` in {directory} or download the real file")
+    return files
+
+
+def load_weights(model, directory, device, dtype):
+    """Read every tensor onto `device` as `dtype`, strictly: names and shapes must match the model.
+
+    Tensors are read one at a time from memory-mapped files, so host memory stays near one tensor
+    beyond the weights themselves. A tied checkpoint has no `lm_head.weight` (it is the embedding);
+    one that stores it anyway has it ignored.
+    """
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied lm_head appears once
+    tied = model.config.tie_word_embeddings
+    loaded = {}
+    for file in checkpoint_files(directory):
+        with safe_open(file, framework="pt", device="cpu") as reader:
+            for name in reader.keys():
+                if tied and name == "lm_head.weight":
+                    continue
+                if name not in expected:
+                    raise ValueError(f"{file}: unexpected tensor {name!r}; is this a Qwen3 checkpoint? (expected names like model.layers.0.self_attn.q_proj.weight)")
+                shape = tuple(reader.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    raise ValueError(f"{file}: tensor {name!r} has shape {shape}, expected {expected[name]} from config.json")
+                loaded[name] = reader.get_tensor(name).to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        raise ValueError(f"{directory}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+    for name, tensor in loaded.items():
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor))
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@dataclass
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with the checkpoint's special ids.
+
+    Qwen3 base models stop on `<|endoftext|>`, which is also their pad token. `vocab_size` counts the
+    real ids (151,669 for Qwen3); the embedding has more rows (151,936), which are never sampled.
+    """
+
+    tokenizer: object
+    eos_token_id: int
+    pad_token_id: int
+    vocab_size: int
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def load_tokenizer(path_or_hub_id):
+    """Load `tokenizer.json`; EOS from the checkpoint's config.json when present, else `<|endoftext|>`."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    directory = resolve_checkpoint(path_or_hub_id)
+    file = directory / "tokenizer.json"
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no tokenizer.json in the checkpoint directory")
+    tokenizer = HFTokenizer.from_file(str(file))
+    eos_token_id = tokenizer.token_to_id("<|endoftext|>")
+    if (directory / "config.json").exists():
+        configured = json.loads((directory / "config.json").read_text()).get("eos_token_id")
+        eos_token_id = configured[0] if isinstance(configured, list) else configured if configured is not None else eos_token_id
+    if eos_token_id is None:
+        raise ValueError(f"{directory}: no eos_token_id in config.json and no <|endoftext|> token in {file.name}")
+    return Tokenizer(tokenizer, eos_token_id, eos_token_id, tokenizer.get_vocab_size(with_added_tokens=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities and sampling
+
+
+def token_logprobs(logits, tokens):
+    """log pi(token) and the entropy of pi, in fp32: the one helper for the sampler and training.
+
+    logits (..., V), tokens (...) -> logprobs (...), entropies (...).
+    """
+    logits = logits.float()
+    log_normaliser = logits.logsumexp(dim=-1)  # (...)
+    logprobs = logits.gather(-1, tokens[..., None]).squeeze(-1) - log_normaliser  # (...)
+    entropies = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # (...) H = logZ - E[logit]
+    return logprobs, entropies
+
+
+def sample_next_token(logits, temperature, top_p, generator=None):
+    """One token per row from fp32 logits (B, V): greedy at temperature 0, else temperature + top-p.
+
+    Top-p keeps the smallest set of most likely tokens whose mass reaches p, including the token
+    that crosses p. Example, probs [0.5, 0.3, 0.2], p = 0.6: keeps 0.5 and 0.3.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    probs = (logits / temperature).softmax(dim=-1)  # (B, V)
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)  # (B, V)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V) mass of strictly likelier tokens
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # (B, V)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1) renormalises itself
+    return sorted_ids.gather(-1, choice).squeeze(-1)  # (B,)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id, generator=None,
+             vocab_size=None, return_logprobs=False, check_every=8):
+    """Sample completions for a batch of prompts of different lengths.
+
+    prompts: list of token-id lists. eos_token_id: an id or a list of ids that end a completion (an empty list: none does).
+    vocab_size: the tokenizer's number of real ids; embedding rows past it are never sampled.
+    Returns tokens (B, N) and mask (B, N), N <= max_new_tokens: mask is True up to and including a
+    row's first EOS, False after it (those slots hold the EOS id). With return_logprobs, also the
+    fp32 log-probs (B, N) of the drawn tokens under the untempered model distribution (what the
+    training forward recomputes).
+
+    Example, eos 0, max_new_tokens 4: a row drawing 5, 0 then stops -> tokens [5, 0, 0, 0],
+    mask [1, 1, 0, 0]; a row drawing 7, 8, 9, 6 -> mask [1, 1, 1, 1] (truncated, no EOS).
+    """
+    device = model.lm_head.weight.device
+    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    fill_id = int(eos_ids[0]) if len(eos_ids) else 0  # what finished rows hold; masked out anyway
+    B, P = len(prompts), max(len(p) for p in prompts)
+    prompt_ids = torch.zeros(B, P, dtype=torch.long, device=device)  # (B, P) left-padded
+    key_mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)  # (B, S) real slots
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {row} is empty; every prompt needs at least one token")
+        prompt_ids[row, P - len(prompt) :] = torch.tensor(prompt, device=device)
+        key_mask[row, P - len(prompt) : P] = True
+    cache = KVCache(model.config, B, P + max_new_tokens, device, model.lm_head.weight.dtype)
+
+    tokens = torch.full((B, max_new_tokens), fill_id, dtype=torch.long, device=device)  # (B, N)
+    mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # (B, N)
+    logprobs = torch.zeros(B, max_new_tokens, device=device)  # (B, N)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+
+    hidden = model(prompt_ids, key_mask[:, :P], kv_cache=cache)[:, -1]  # (B, hidden): last slot is real in every row
+    steps = 0
+    for step in range(max_new_tokens):
+        logits = model.lm_head(hidden).float()  # (B, V)
+        if vocab_size is not None and vocab_size < logits.shape[-1]:
+            logits[:, vocab_size:] = float("-inf")
+        next_token = sample_next_token(logits, temperature, top_p, generator)  # (B,)
+        next_token = next_token.masked_fill(finished, fill_id)  # (B,)
+        tokens[:, step] = next_token
+        mask[:, step] = ~finished
+        if return_logprobs:
+            logprobs[:, step] = token_logprobs(logits, next_token)[0]
+        finished |= torch.isin(next_token, eos_ids)
+        steps = step + 1
+        if steps == max_new_tokens or (steps % check_every == 0 and bool(finished.all())):
+            break
+        key_mask[:, P + step] = True
+        hidden = model(next_token[:, None], key_mask[:, : P + step + 1], kv_cache=cache)[:, -1]  # (B, hidden)
+    steps = int(mask.sum(dim=1).max())  # drop trailing slots that no row used
+    tokens, mask, logprobs = tokens[:, :steps], mask[:, :steps], logprobs[:, :steps] * mask[:, :steps]
+    return (tokens, mask, logprobs) if return_logprobs else (tokens, mask)
