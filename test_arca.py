@@ -12,6 +12,19 @@ import torch
 import transformers
 
 from model import Qwen3, Qwen3Config, apply_rotary, generate, load_tokenizer, rotary_cos_sin, sample_next_token
+import os
+import torch.nn as nn
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from lora import (LoRALinear, apply_lora, disable_adapter, load_adapter, lora_layers, merge_adapter,
+                  save_adapter, unmerge_adapter)
+from model import Qwen3, Qwen3Config
+import math
+import re
+from credit import (arca_scores, credit_diagnostics, credit_html, credit_scores, divergence_scores,
+                    effective_token_ratio, entropy_reduction_scores, gini, surprisal_scores, token_weights,
+                    top_mass, uniform_scores)
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
@@ -302,3 +315,523 @@ def test_real_qwen3_tokenizer_ids():
     ids = tokenizer.encode(text)
     assert ids == [50, 3948, 25, 1124, 79075, 35702, 37018, 90, 16, 15170, 17, 3417]
     assert tokenizer.decode(ids) == text
+
+
+# ================================================================================================
+# lora.py
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    """A tiny random transformers Qwen3, saved as safetensors: the weights both models load."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=64, tie_word_embeddings=True)
+    directory = tmp_path_factory.mktemp("tiny-qwen3")
+    transformers.Qwen3ForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def tiny_model(checkpoint_dir):
+    return Qwen3.from_pretrained(checkpoint_dir, dtype=torch.float32)
+
+
+def hf_model(checkpoint_dir):
+    return transformers.Qwen3ForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32).eval()
+
+
+def input_ids(batch=2, length=7):
+    return torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, ids):
+    return model.lm_head(model(ids))  # (B, T, V)
+
+
+def randomise_adapter(model, seed=0):
+    """Give every B random values so the adapter changes the output (a fresh one does not)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(0.05 * torch.randn(layer.lora_B.shape, generator=generator))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer and apply_lora
+
+
+def test_lora_linear_computes_the_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = LoRALinear(base, rank=3, alpha=6)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 4, 6)
+    expected = x @ base.weight.T + base.bias + (x @ layer.lora_A.T @ layer.lora_B.T) * 6 / 3
+    torch.testing.assert_close(layer(x), expected)
+    assert not base.weight.requires_grad and layer.lora_A.requires_grad and layer.lora_B.requires_grad
+
+
+def test_adapter_stays_fp32_on_a_bf16_base():
+    layer = LoRALinear(nn.Linear(8, 4, bias=False).to(torch.bfloat16), rank=2, alpha=4)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    y = layer(torch.randn(3, 8, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_B.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_fresh_adapter_leaves_logits_unchanged(checkpoint_dir):
+    model = tiny_model(checkpoint_dir)
+    ids = input_ids()
+    before = logits(model, ids)
+    apply_lora(model, rank=4, alpha=8, dropout=0.05)
+    assert len(lora_layers(model)) == 2 * len(TARGETS)
+    assert not any(layer.training for layer in lora_layers(model).values())  # eval, as the model was
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_unmatched_target_lists_the_linear_layers(checkpoint_dir):
+    model = tiny_model(checkpoint_dir)
+    with pytest.raises(ValueError, match="'qkv_proj' matches no linear layer") as error:
+        apply_lora(model, rank=4, alpha=8, targets=("q_proj", "qkv_proj"))
+    for name in TARGETS + ("lm_head",):
+        assert repr(name) in str(error.value)
+
+
+def test_apply_lora_on_meta_then_materialise(checkpoint_dir):
+    with torch.device("meta"):
+        model = Qwen3(Qwen3Config.from_json(checkpoint_dir / "config.json"))
+    apply_lora(model, rank=4, alpha=8)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.is_meta and layer.lora_A.shape == (4, 32) and layer.lora_B.shape == (32, 4)
+    model.to_empty(device="cpu")
+    for layer in lora_layers(model).values():
+        layer.reset_parameters()
+    assert layer.lora_A.abs().sum() > 0 and torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))
+
+
+# Qwen3-1.7B's config.json (../shared/data/qwen3-configs/qwen3-1.7b-base.json), the fields the model reads.
+QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("rank, expected", [(4, 4_358_144), (16, 17_432_576), (64, 69_730_304)])
+def test_trainable_parameter_count_on_qwen3_1_7b(rank, expected):
+    with torch.device("meta"):
+        model = Qwen3(Qwen3Config(**QWEN3_1_7B))
+    apply_lora(model, rank=rank, alpha=2 * rank)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert all(".lora_A" in name or ".lora_B" in name for name, _ in trainable)
+    assert sum(p.numel() for _, p in trainable) == expected  # the paper's 4.36M / 17.4M / 69.7M
+
+
+# ----------------------------------------------------------------------------------------------
+# The switch
+
+
+def test_disabled_adapter_gives_exact_base_logits(checkpoint_dir):
+    model = tiny_model(checkpoint_dir)
+    ids = input_ids()
+    base = logits(model, ids)
+    randomise_adapter(apply_lora(model, rank=4, alpha=8))
+    adapted = logits(model, ids)
+    assert (adapted - base).abs().max() > 1e-3
+    with disable_adapter(model):
+        assert torch.equal(logits(model, ids), base)
+    assert torch.equal(logits(model, ids), adapted)
+
+
+def test_disable_adapter_restores_after_an_exception(checkpoint_dir):
+    model = randomise_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8))
+    ids = input_ids()
+    adapted = logits(model, ids)
+    with pytest.raises(KeyError):
+        with disable_adapter(model):
+            raise KeyError("boom")
+    assert all(layer.enabled for layer in lora_layers(model).values())
+    assert torch.equal(logits(model, ids), adapted)
+
+
+def test_disable_adapter_nests(checkpoint_dir):
+    model = tiny_model(checkpoint_dir)
+    ids = input_ids()
+    base = logits(model, ids)
+    randomise_adapter(apply_lora(model, rank=4, alpha=8))
+    adapted = logits(model, ids)
+    with disable_adapter(model):
+        with disable_adapter(model):
+            assert torch.equal(logits(model, ids), base)
+        assert torch.equal(logits(model, ids), base)  # the inner exit leaves the outer block disabled
+    assert torch.equal(logits(model, ids), adapted)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training, by its effect
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_one_step_moves_every_B_and_no_base_weight(checkpoint_dir, gradient_checkpointing):
+    model = apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8).train()
+    model.gradient_checkpointing = gradient_checkpointing
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=1e-3)
+    ids = input_ids()
+    out = logits(model, ids[:, :-1])  # (B, T-1, V)
+    F.cross_entropy(out.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    optimizer.step()
+    for name, layer in lora_layers(model).items():
+        assert (layer.lora_B != 0).all(), f"{name}.lora_B has entries still at zero"
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), f"{name} changed"
+            assert p.grad is None, f"{name} got a gradient"
+    assert len(trainable) == 2 * len(lora_layers(model))
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging
+
+
+def test_merge_matches_unmerged_and_unmerge_restores_the_base(checkpoint_dir):
+    model = randomise_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8))
+    ids = input_ids()
+    unmerged = logits(model, ids)
+    weights = {name: layer.base.weight.detach().clone() for name, layer in lora_layers(model).items()}
+    merge_adapter(model)
+    torch.testing.assert_close(logits(model, ids), unmerged, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="unmerge_adapter"):
+        with disable_adapter(model):
+            pass
+    with pytest.raises(RuntimeError, match="unmerge_adapter"):
+        logits(model.train(), ids)
+    with pytest.raises(RuntimeError, match="already merged"):
+        merge_adapter(model)
+    unmerge_adapter(model.eval())
+    for name, layer in lora_layers(model).items():
+        torch.testing.assert_close(layer.base.weight, weights[name], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model, ids), unmerged, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT's format, with PEFT as the oracle
+
+
+def test_peft_loads_our_adapter(checkpoint_dir, tmp_path):
+    model = randomise_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8))
+    ids = input_ids()
+    ours = logits(model, ids)
+    save_adapter(model, tmp_path, base_model_name_or_path=str(checkpoint_dir))
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8)
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in load_file(tmp_path / "adapter_model.safetensors")
+
+    with disable_adapter(model):
+        assert (ours - logits(model, ids)).abs().max() > 1e-2  # the adapter matters
+
+    peft_model = PeftModel.from_pretrained(hf_model(checkpoint_dir), tmp_path).eval()
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+    print(f"PEFT loading our adapter: max |logit difference| = {(theirs - ours).abs().max():.3e}")
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+    reloaded = load_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8), tmp_path)
+    assert torch.equal(logits(reloaded, ids), ours)
+
+
+def test_we_load_a_peft_adapter(checkpoint_dir, tmp_path):
+    peft_model = get_peft_model(hf_model(checkpoint_dir), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                   target_modules=list(TARGETS), task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+    peft_model.save_pretrained(tmp_path)
+    ids = input_ids()
+    with torch.no_grad():
+        theirs = peft_model.eval()(ids).logits
+        with peft_model.disable_adapter():
+            assert (theirs - peft_model(ids).logits).abs().max() > 1e-2  # the adapter matters
+
+    model = load_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8), tmp_path)
+    ours = logits(model, ids)
+    print(f"our load_adapter on PEFT's adapter: max |logit difference| = {(theirs - ours).abs().max():.3e}")
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_load_adapter_errors_name_what_differs(checkpoint_dir, tmp_path):
+    save_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8), tmp_path, "tiny")
+    with pytest.raises(ValueError, match="r is 4 in the adapter, but the model has 8"):
+        load_adapter(apply_lora(tiny_model(checkpoint_dir), rank=8, alpha=8), tmp_path)
+    with pytest.raises(ValueError, match="target_modules is .* in the adapter, but the model has \\['q_proj', 'v_proj'\\]"):
+        load_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8, targets=("q_proj", "v_proj")), tmp_path)
+
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors[key] = torch.zeros(4, 31)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=f"{key} has shape \\(4, 31\\), but the model expects \\(4, 32\\)"):
+        load_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8), tmp_path)
+
+    del tensors[key]
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=f"missing \\['{key}'\\]"):
+        load_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8), tmp_path)
+
+
+# ================================================================================================
+# credit.py
+
+def full_mask(B, T):
+    return torch.ones(B, T, dtype=torch.bool)
+
+
+def lengths_mask(lengths, T):
+    return torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+
+
+# ----------------------------------------------------------------------------
+# Diagnostics, hand-computed (ARCA.md §3)
+
+def test_uniform_weights_have_gini_0_and_effn_1():
+    w = torch.full((1, 7), 1 / 7)
+    assert gini(w, full_mask(1, 7)).item() == pytest.approx(0.0, abs=1e-6)
+    assert effective_token_ratio(w, full_mask(1, 7)).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_gini_never_negative_at_uniform():
+    # in float32 the sum (2i - T - 1) / T over uniform weights rounds to about -1e-8 for many T
+    lengths = list(range(1, 65))
+    mask = lengths_mask(lengths, 64)
+    w = mask / mask.sum(dim=1, keepdim=True)  # (64, 64) uniform on each row's valid tokens
+    assert (gini(w, mask) >= 0).all()
+
+
+def test_one_hot_weights_have_gini_t_minus_1_over_t_and_effn_1_over_t():
+    T = 5
+    w = torch.zeros(1, T)
+    w[0, 2] = 1.0
+    assert gini(w, full_mask(1, T)).item() == pytest.approx((T - 1) / T, abs=1e-6)
+    assert effective_token_ratio(w, full_mask(1, T)).item() == pytest.approx(1 / T, abs=1e-6)
+    assert top_mass(w, full_mask(1, T)).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_weights_proportional_to_1234():
+    w = torch.tensor([[3.0, 1.0, 4.0, 2.0]]) / 10
+    assert gini(w, full_mask(1, 4)).item() == pytest.approx(0.25, abs=1e-6)
+    assert effective_token_ratio(w, full_mask(1, 4)).item() == pytest.approx(1 / (4 * 0.30), abs=1e-6)
+    assert top_mass(w, full_mask(1, 4)).item() == pytest.approx(0.4, abs=1e-6)  # ceil(0.4) = 1 token
+
+
+def test_top_mass_takes_ceil_of_ten_percent():
+    assert top_mass(torch.full((1, 30), 1 / 30), full_mask(1, 30)).item() == pytest.approx(0.1, abs=1e-6)
+    # 7% of 100 is 7 tokens even though 0.07 * 100 = 7.000000000000001 in float64
+    uniform_100 = torch.full((1, 100), 1 / 100)
+    assert top_mass(uniform_100, full_mask(1, 100), fraction=0.07).item() == pytest.approx(0.07, abs=1e-6)
+    assert top_mass(torch.full((1, 15), 1 / 15), full_mask(1, 15)).item() == pytest.approx(2 / 15, abs=1e-6)
+    assert top_mass(torch.full((1, 3), 1 / 3), full_mask(1, 3)).item() == pytest.approx(1 / 3, abs=1e-6)
+
+
+def test_diagnostics_are_permutation_and_scale_invariant():
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(4, 12, generator=g) ** 3  # (4, 12) uneven weights
+    mask = full_mask(4, 12)
+    perm = torch.randperm(12, generator=g)
+    for f in (gini, effective_token_ratio, top_mass):
+        ref = f(w, mask)
+        assert not torch.allclose(ref, ref[:1].expand(4))  # the rows differ: the check has teeth
+        torch.testing.assert_close(f(w[:, perm], mask), ref)
+        torch.testing.assert_close(f(7.3 * w, mask), ref)
+
+
+def test_padding_changes_nothing():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(1, 6, generator=g)  # (1, 6)
+    padded = torch.cat([scores, torch.tensor([[float("nan"), float("inf"), 1e30, -5.0]])], dim=1)  # (1, 10)
+    mask = lengths_mask([6], 10)
+    for power in (1.0, 2.0):
+        w = token_weights(scores, full_mask(1, 6), power=power)
+        w_padded = token_weights(padded, mask, power=power)
+        torch.testing.assert_close(w_padded[:, :6], w)
+        assert torch.equal(w_padded[:, 6:], torch.zeros(1, 4))
+    # diagnostics ignore whatever sits on padding
+    garbage = torch.cat([w, torch.tensor([[0.9, 0.0, 3.0, 0.5]])], dim=1)  # (1, 10)
+    for f in (gini, effective_token_ratio, top_mass):
+        torch.testing.assert_close(f(garbage, mask), f(w, full_mask(1, 6)))
+
+
+# ----------------------------------------------------------------------------
+# token_weights (ARCA.md §2)
+
+def test_token_weights_hand_values():
+    scores = torch.tensor([[1.0, 3.0, 9.9]])
+    mask = torch.tensor([[1, 1, 0]])
+    torch.testing.assert_close(token_weights(scores, mask, power=1.0), torch.tensor([[0.25, 0.75, 0.0]]))
+    torch.testing.assert_close(token_weights(scores, mask, power=2.0), torch.tensor([[0.1, 0.9, 0.0]]))
+
+
+def test_token_weights_sum_to_one_on_every_valid_row():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.rand(5, 9, generator=g) * 10  # (5, 9)
+    mask = lengths_mask([9, 4, 1, 0, 7], 9)
+    for power in (1.0, 2.0):
+        w = token_weights(scores, mask, power=power)
+        assert w.dtype == torch.float32
+        torch.testing.assert_close(w.sum(dim=1), torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0]))
+        assert (w >= 0).all() and torch.equal(w[~mask], torch.zeros(int((~mask).sum())))
+
+
+def test_token_weights_fall_back_to_uniform_when_scores_vanish():
+    mask = lengths_mask([4, 2], 5)
+    expected = torch.tensor([[0.25] * 4 + [0.0], [0.5, 0.5, 0.0, 0.0, 0.0]])
+    for eps in (1e-8, 0.0):
+        for power in (1.0, 2.0):
+            torch.testing.assert_close(token_weights(torch.zeros(2, 5), mask, eps=eps, power=power), expected)
+
+
+def test_token_weights_no_nan_or_inf_on_empty_rows_zero_and_huge_scores():
+    scores = torch.tensor([
+        [0.0, 0.0, 0.0],
+        [1e30, 1e30, 0.0],  # (1e30)^2 overflows float32 without the row-max normalisation
+        [float("inf"), 1.0, 2.0],  # a -log p of -inf
+        [5.0, 5.0, 5.0],  # no valid token
+    ])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 0]])
+    for eps in (1e-8, 0.0):
+        for power in (1.0, 2.0):
+            w = token_weights(scores, mask, eps=eps, power=power)
+            assert torch.isfinite(w).all()
+            torch.testing.assert_close(w[1], torch.tensor([0.5, 0.5, 0.0]))
+            torch.testing.assert_close(w[2], torch.tensor([1.0, 0.0, 0.0]))
+            assert torch.equal(w[3], torch.zeros(3))
+
+
+def test_token_weights_are_detached():
+    scores = torch.rand(2, 3, requires_grad=True)
+    assert not token_weights(scores * 2, full_mask(2, 3)).requires_grad
+
+
+# ----------------------------------------------------------------------------
+# Raw scores (ARCA.md §2, table)
+
+def test_arca_scores_zero_for_equal_states_and_hand_norm():
+    h = torch.randn(2, 3, 4)
+    assert torch.equal(arca_scores(h, h.clone()), torch.zeros(2, 3))
+    h_base = torch.zeros(1, 2, 2)
+    h_adapted = torch.tensor([[[3.0, 4.0], [1.0, -1.0]]])
+    torch.testing.assert_close(arca_scores(h_adapted, h_base), torch.tensor([[5.0, math.sqrt(2)]]))
+
+
+def test_arca_scores_in_fp32_from_bf16():
+    # both are exact in bf16, their difference 257.0078125 is not (bf16 keeps 8 significant bits)
+    h_adapted = torch.tensor([[[1.0078125]]], dtype=torch.bfloat16)
+    h_base = torch.tensor([[[-256.0]]], dtype=torch.bfloat16)
+    scores = arca_scores(h_adapted, h_base)
+    assert scores.dtype == torch.float32
+    assert scores.item() == 257.0078125
+
+
+def test_entropy_reduction_hand_values_last_valid_token_gets_zero():
+    entropies = torch.tensor([
+        [2.0, 1.5, 1.7, 0.2, 0.0],  # padding after the last valid token: 0.2 - 0.0 would be 0.2
+        [1.0, 3.0, 0.5, 2.0, 0.25],  # no padding
+        [9.0, float("nan"), 0.0, 0.0, 0.0],
+    ])
+    mask = lengths_mask([4, 5, 1], 5)
+    expected = torch.tensor([
+        [0.5, 0.0, 1.5, 0.0, 0.0],
+        [0.0, 2.5, 0.0, 1.75, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0],
+    ])
+    assert torch.equal(entropy_reduction_scores(entropies, mask), expected)
+
+
+def test_surprisal_and_divergence_hand_values():
+    logp = torch.tensor([[-0.5, -2.0, 0.0]])
+    ref = torch.tensor([[-1.0, -1.0, -3.0]])
+    assert torch.equal(surprisal_scores(logp), torch.tensor([[0.5, 2.0, 0.0]]))
+    assert torch.equal(divergence_scores(logp, ref), torch.tensor([[0.5, 1.0, 3.0]]))
+    assert torch.equal(uniform_scores(torch.tensor([[1, 1, 0]])), torch.tensor([[1.0, 1.0, 0.0]]))
+
+
+def test_credit_scores_dispatches_and_names_valid_methods():
+    g = torch.Generator().manual_seed(3)
+    mask = lengths_mask([3, 2], 3)
+    logp, ref, ent = (-torch.rand(2, 3, generator=g) for _ in range(3))
+    h_a, h_b = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    inputs = dict(token_logprobs=logp, entropies=ent, ref_token_logprobs=ref, h_adapted=h_a, h_base=h_b)
+    assert torch.equal(credit_scores("uniform", mask, **inputs), uniform_scores(mask))
+    assert torch.equal(credit_scores("surprisal", mask, **inputs), surprisal_scores(logp))
+    assert torch.equal(credit_scores("entropy", mask, **inputs), entropy_reduction_scores(ent, mask))
+    assert torch.equal(credit_scores("divergence", mask, **inputs), divergence_scores(logp, ref))
+    assert torch.equal(credit_scores("arca", mask, **inputs), arca_scores(h_a, h_b))
+    with pytest.raises(ValueError, match="uniform, surprisal, entropy, divergence, arca"):
+        credit_scores("ARCA", mask, **inputs)
+    with pytest.raises(ValueError, match="h_base"):
+        credit_scores("arca", mask, h_adapted=h_a)
+
+
+def test_credit_diagnostics_leaves_out_rows_without_tokens():
+    w = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0]])
+    d = credit_diagnostics(w, lengths_mask([4, 0], 4))
+    assert set(d) == {"weight_gini", "effective_token_ratio", "top10_mass"}
+    assert d["weight_gini"] == pytest.approx(0.0, abs=1e-6)
+    assert d["effective_token_ratio"] == pytest.approx(1.0, abs=1e-6)  # 0.5 if the empty row counted
+    assert d["top10_mass"] == pytest.approx(0.25, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Viewer
+
+def test_credit_html_escapes_tokens_and_shades_uniform_neutral():
+    tokens = ["The", " answer", "<script>alert(1)</script>", " is"]
+    page = credit_html(tokens, {"uniform": torch.full((4,), 0.25), "one-hot": torch.tensor([0.0, 0.0, 1.0, 0.0])})
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    uniform_row, one_hot_row = page.split("<h3>")[1:]
+    assert "Gini 0.000" in uniform_row and "EffN/T 1.000" in uniform_row
+    assert "Gini 0.750" in one_hot_row and "EffN/T 0.250" in one_hot_row
+    assert set(re.findall(r"rgba\([^)]*, ([0-9.]+)\)", uniform_row)) == {"0.000"}  # uniform: no shade
+    assert 'rgba(220, 50, 40, 1.000)" title="w = 1' in one_hot_row  # all the weight: full red
+    with pytest.raises(ValueError, match="3 weights for 4 tokens"):
+        credit_html(tokens, {"short": torch.ones(3) / 3})
+
+
+# ----------------------------------------------------------------------------
+# With a real model and lora.py
+
+def test_arca_weights_uniform_for_fresh_adapter_and_not_after_perturbing_b():
+    from lora import apply_lora, disable_adapter
+    from model import Qwen3, Qwen3Config
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model = apply_lora(Qwen3(config), rank=4, alpha=8).eval()
+    input_ids = torch.randint(0, config.vocab_size, (3, 12))  # (B, T)
+    mask = lengths_mask([12, 9, 5], 12)  # (B, T)
+
+    def arca_weights():
+        with torch.no_grad():
+            h_adapted = model(input_ids)  # (B, T, hidden)
+            with disable_adapter(model):
+                h_base = model(input_ids)  # (B, T, hidden)
+        return token_weights(arca_scores(h_adapted, h_base), mask, power=2.0)  # (B, T)
+
+    uniform = mask / mask.sum(dim=1, keepdim=True)  # (B, T)
+    assert torch.equal(arca_weights(), uniform.float())  # B = 0: every score is exactly 0
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.05)
+    w = arca_weights()
+    torch.testing.assert_close(w.sum(dim=1), torch.ones(3))
+    assert not torch.allclose(w, uniform.float(), atol=1e-3)
+    g = gini(w, mask)  # (B,)
+    assert ((g > 0.01) & (g < 0.99)).all(), g

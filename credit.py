@@ -1,0 +1,258 @@
+"""Token credit for outcome-reward RL: ARCA, four baselines, concentration diagnostics.
+
+Follows ../shared/ARCA.md (Lafuente-Mercado, "ARCA: Adapter-Residual Credit
+Assignment When Token Signals Degenerate", 2026). A completion's scalar advantage
+is spread over its T tokens with weights w_t >= 0 that sum to 1 (ARCA.md §2).
+Each method gives a raw salience alpha_t >= 0 per token:
+
+    uniform     alpha_t = 1                                  (the per-sequence mean of log-probs)
+    surprisal   alpha_t = -log pi(y_t)                       (the current policy)
+    entropy     alpha_t = max(0, H_t - H_{t+1}), 0 on the last token
+    divergence  alpha_t = |log pi(y_t) - log pi_ref(y_t)|    (pi_ref: adapter off)
+    ARCA        alpha_t = ||h_adapted_t - h_base_t||_2       (last hidden state, after the
+                                                              final norm, adapter on vs off)
+
+and `token_weights` turns them into w_t = (alpha_t + eps)^p / sum_k (alpha_k + eps)^p.
+`gini`, `effective_token_ratio` and `top_mass` measure how concentrated the
+weights are (ARCA.md §3); `credit_html` shows where they land in one completion.
+
+Every (B, T) tensor is aligned with the completion tokens: column t is about
+token y_t, and a model quantity in it (log-prob, entropy, hidden state) is read
+at the position whose logits scored y_t. `mask` (B, T) is 1 on valid completion
+tokens, 0 on padding and after the first EOS. Inputs are plain tensors and this
+file imports nothing else from the project, so it can be copied into any loop.
+ARCA weights for a PEFT model, prompts left-padded to P tokens so that y_t is
+scored at position P - 1 + t (HF's last `hidden_states` entry is after the final norm):
+
+    kw = dict(attention_mask=attention_mask, output_hidden_states=True)
+    with torch.no_grad():
+        h_adapted = model(input_ids, **kw).hidden_states[-1][:, P - 1 : -1]  # (B, T, D)
+        with model.disable_adapter():
+            h_base = model(input_ids, **kw).hidden_states[-1][:, P - 1 : -1]  # (B, T, D)
+    weights = token_weights(arca_scores(h_adapted, h_base), mask, power=2.0)  # (B, T)
+
+(In a training loop h_adapted is the training forward's own hidden state,
+detached, and the one adapter-off forward also gives pi_ref; ARCA.md §5.)
+The weights are constants for the gradient: every function here returns
+detached float32 tensors.
+"""
+
+import html
+import math
+
+import torch
+
+METHODS = ("uniform", "surprisal", "entropy", "divergence", "arca")
+
+
+# ----------------------------------------------------------------------------
+# Raw scores alpha_t, one per method (ARCA.md §2, table)
+
+def uniform_scores(mask):
+    """alpha_t = 1 on every valid token."""
+    return mask.float()  # (B, T)
+
+
+def surprisal_scores(token_logprobs):
+    """alpha_t = -log pi_theta(y_t) under the current policy."""
+    return -token_logprobs.detach().float()  # (B, T)
+
+
+def entropy_reduction_scores(entropies, mask):
+    """alpha_t = max(0, H_t - H_{t+1}); the last valid token of a row gets 0.
+
+    entropies[b, t] is the entropy of the distribution y_t was sampled from, so
+    H_t - H_{t+1} is the uncertainty that choosing y_t removed. Padding entropies
+    are never read, whatever they hold:
+
+        entropies = [[2.0, 1.5, 1.7, 0.2, 0.0]]
+        mask      = [[1,   1,   1,   1,   0  ]]
+        ->          [[0.5, 0.0, 1.5, 0.0, 0.0]]   # 1.5 - 1.7 < 0; 0.2 is the last valid token
+    """
+    mask = mask.bool()  # (B, T)
+    h = entropies.detach().float()  # (B, T)
+    h_next = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], dim=1)  # (B, T) H_{t+1}
+    next_valid = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)  # (B, T)
+    # ARCA.md §2: alpha_t = max(0, H_t - H_{t+1}), the last token gets 0
+    return torch.where(mask & next_valid, (h - h_next).clamp(min=0.0), 0.0)  # (B, T)
+
+
+def divergence_scores(token_logprobs, ref_token_logprobs):
+    """alpha_t = |log pi_theta(y_t) - log pi_ref(y_t)|, pi_ref = the adapter switched off."""
+    return (token_logprobs.detach().float() - ref_token_logprobs.detach().float()).abs()  # (B, T)
+
+
+def arca_scores(h_adapted, h_base):
+    """alpha_t = ||h_adapted_t - h_base_t||_2 over the hidden dimension, in fp32.
+
+    h_adapted, h_base: (B, T, D) last-layer hidden states after the final norm,
+    with the LoRA adapter on and off. At step 0 (B = 0) they are equal and every
+    score is 0, so the weights start uniform.
+    """
+    diff = h_adapted.detach().float() - h_base.detach().float()  # (B, T, D) fp32 even from bf16
+    return torch.linalg.vector_norm(diff, dim=-1)  # (B, T)
+
+
+def _require(method, **inputs):
+    missing = [name for name, x in inputs.items() if x is None]
+    if missing:
+        raise ValueError(f"credit method {method!r} needs {', '.join(missing)}, got None")
+
+
+def credit_scores(method, mask, *, token_logprobs=None, entropies=None,
+                  ref_token_logprobs=None, h_adapted=None, h_base=None):
+    """Raw scores (B, T) for `method`, one of METHODS; pass the inputs that method reads."""
+    if method == "uniform":
+        return uniform_scores(mask)
+    if method == "surprisal":
+        _require(method, token_logprobs=token_logprobs)
+        return surprisal_scores(token_logprobs)
+    if method == "entropy":
+        _require(method, entropies=entropies)
+        return entropy_reduction_scores(entropies, mask)
+    if method == "divergence":
+        _require(method, token_logprobs=token_logprobs, ref_token_logprobs=ref_token_logprobs)
+        return divergence_scores(token_logprobs, ref_token_logprobs)
+    if method == "arca":
+        _require(method, h_adapted=h_adapted, h_base=h_base)
+        return arca_scores(h_adapted, h_base)
+    raise ValueError(f"unknown credit method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+# ----------------------------------------------------------------------------
+# Scores -> weights (ARCA.md §2)
+
+def token_weights(scores, mask, eps=1e-8, power=1.0):
+    """w_t = (alpha_t + eps)^p / sum_k (alpha_k + eps)^p over each row's valid tokens.
+
+    Exact zeros on padding, whatever the scores hold there. A row whose valid
+    scores are all 0 ("vanish") gets uniform weights 1/T: with eps > 0 the formula
+    gives that by itself, and with eps = 0 it is set explicitly. A row with no
+    valid token gets zeros. Scores are divided by the row max before the power,
+    which leaves w unchanged and keeps (1e30)^2 from overflowing. Saliences are
+    >= 0 (a negative score, only ever rounding, counts as 0) and an infinite
+    one counts as the largest float32.
+
+        scores = [[1.0, 3.0, 9.9], [0.0, 0.0, 0.0]]
+        mask   = [[1,   1,   0  ], [1,   1,   1  ]]
+        power=1 -> [[0.25, 0.75, 0.0], [1/3, 1/3, 1/3]]
+    """
+    mask = mask.bool()  # (B, T)
+    alpha = scores.detach().float().clamp(0.0, torch.finfo(torch.float32).max)  # (B, T)
+    a = torch.where(mask, alpha + eps, 0.0)  # (B, T) alpha_t + eps, 0 on padding
+    row_max = a.amax(dim=1, keepdim=True)  # (B, 1)
+    vanished = row_max == 0  # (B, 1) all valid scores 0 with eps = 0, or no valid token
+    a = torch.where(vanished, mask.float(), a / torch.where(vanished, 1.0, row_max))  # (B, T) in [0, 1]
+    a = a ** power  # (B, T)
+    # ARCA.md §2: w_t = (alpha_t + eps)^p / sum_k (alpha_k + eps)^p, each term over the row max.
+    # The sum is >= 1 on a row with a valid token (its largest term is 1) and 0 on
+    # an empty row, whose weights then stay 0.
+    return a / a.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, T)
+
+
+# ----------------------------------------------------------------------------
+# Concentration diagnostics per row, over its valid tokens (ARCA.md §3)
+
+def gini(weights, mask):
+    """Gini coefficient of each row's valid weights: 0 uniform, (T-1)/T all on one token.
+
+    Padding is set to 0 and sorted to the front; zeros add nothing to the sum,
+    so ranking valid tokens from n_pad + 1 gives the formula over valid tokens only.
+    """
+    mask = mask.bool()  # (B, T)
+    w = torch.where(mask, weights.detach().float(), 0.0)  # (B, T)
+    v, _ = w.sort(dim=1)  # (B, T) ascending, padding first
+    n = mask.sum(dim=1, keepdim=True).float()  # (B, 1) valid tokens T
+    n_pad = mask.shape[1] - n  # (B, 1)
+    i = torch.arange(1, mask.shape[1] + 1, device=w.device) - n_pad  # (B, T) rank among valid
+    total = v.sum(dim=1)  # (B,)
+    # ARCA.md §3: G = sum_i (2i - T - 1) v_i / (T * sum_i v_i)
+    g = ((2 * i - n - 1) * v).sum(dim=1) / (n.squeeze(1) * total)  # (B,)
+    return torch.where(total > 0, g.clamp(min=0.0), 0.0)  # (B,) >= 0; rounding made -1e-8 at uniform
+
+
+def effective_token_ratio(weights, mask):
+    """EffN/T = 1 / (T sum_t w_t^2): 1 uniform, 1/T all on one token.
+
+    Written as (sum w)^2 / (T sum w^2), the same for weights that sum to 1 and
+    invariant to scale otherwise.
+    """
+    mask = mask.bool()  # (B, T)
+    w = torch.where(mask, weights.detach().float(), 0.0)  # (B, T)
+    n = mask.sum(dim=1).float()  # (B,)
+    sq = (w ** 2).sum(dim=1)  # (B,)
+    # ARCA.md §3: EffN/T = 1 / (T * sum_t w_t^2)
+    ratio = w.sum(dim=1) ** 2 / (n * sq)  # (B,)
+    return torch.where(sq > 0, ratio, 0.0)  # (B,) 0 on a row without weight
+
+
+def top_mass(weights, mask, fraction=0.1):
+    """Share of each row's weight on its ceil(fraction * T) largest weights (at least 1 token)."""
+    mask = mask.bool()  # (B, T)
+    w = torch.where(mask, weights.detach().float(), 0.0)  # (B, T)
+    v, _ = w.sort(dim=1, descending=True)  # (B, T) padding last
+    n = mask.sum(dim=1, keepdim=True)  # (B, 1)
+    # float64 less 1e-9, so that 0.07 * 100 = 7.000000000000001 still keeps 7 tokens
+    k = torch.ceil(n.double() * fraction - 1e-9).long().clamp(min=1)  # (B, 1)
+    top = v.cumsum(dim=1).gather(1, k - 1).squeeze(1)  # (B,)
+    total = v.sum(dim=1)  # (B,)
+    return torch.where(total > 0, top / total, 0.0)  # (B,) 0 on a row without weight
+
+
+def credit_diagnostics(weights, mask):
+    """Batch means for logging, over rows with a valid token (NaN if there is none)."""
+    rows = mask.bool().any(dim=1)  # (B,)
+    return {
+        "weight_gini": gini(weights, mask)[rows].mean().item(),
+        "effective_token_ratio": effective_token_ratio(weights, mask)[rows].mean().item(),
+        "top10_mass": top_mass(weights, mask, fraction=0.1)[rows].mean().item(),
+    }
+
+
+# ----------------------------------------------------------------------------
+# Viewer
+
+def _shade(w, n):
+    """Background for weight w among n tokens: none at uniform 1/n, red above, blue below.
+
+    The strength is |log(n w)| / log(n), capped at 1: full red at w = 1, full blue at 1/n^2.
+    """
+    if n < 2:
+        return "transparent"
+    s = max(-1.0, min(1.0, math.log(max(n * w, 1e-30)) / math.log(n)))
+    rgb = "220, 50, 40" if s > 0 else "40, 100, 220"
+    return f"rgba({rgb}, {abs(s):.3f})"
+
+
+def credit_html(tokens, weights_by_method):
+    """A self-contained HTML page: the completion `tokens` once per method, shaded by weight.
+
+    tokens: list of str, the T valid tokens of one completion.
+    weights_by_method: {method name: 1-D weights of length T}.
+    Hovering a token shows its weight; each row is headed by its Gini and EffN/T.
+    """
+    n = len(tokens)
+    rows = []
+    for method, weights in weights_by_method.items():
+        w = torch.as_tensor(weights).detach().float().flatten().cpu()  # (T,)
+        if w.numel() != n:
+            raise ValueError(f"credit_html: {method!r} has {w.numel()} weights for {n} tokens")
+        w_row, m_row = w[None], torch.ones(1, n, dtype=torch.bool)  # (1, T), (1, T)
+        g = gini(w_row, m_row).item()
+        eff = effective_token_ratio(w_row, m_row).item()
+        spans = "".join(
+            f'<span style="background:{_shade(x, n)}" title="w = {x:.4g} ({n * x:.2f}x uniform)">'
+            f"{html.escape(tok)}</span>"
+            for tok, x in zip(tokens, w.tolist())
+        )
+        rows.append(f"<h3>{html.escape(str(method))} &middot; Gini {g:.3f} &middot; EffN/T {eff:.3f}</h3>\n"
+                    f'<div class="row">{spans}</div>')
+    return (
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>token credit</title>\n"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        ".row{font-family:monospace;white-space:pre-wrap;line-height:1.6}"
+        "h3{font-size:1em;margin:1.5em 0 .3em}</style></head><body>\n"
+        f"<p>{n} tokens. Unshaded: uniform weight 1/T; red: more; blue: less. Hover a token for its weight.</p>\n"
+        + "\n".join(rows)
+        + "\n</body></html>\n"
+    )
