@@ -835,3 +835,352 @@ def test_arca_weights_uniform_for_fresh_adapter_and_not_after_perturbing_b():
     assert not torch.allclose(w, uniform.float(), atol=1e-3)
     g = gini(w, mask)  # (B,)
     assert ((g > 0.01) & (g < 0.99)).all(), g
+
+
+# ================================================================================================
+# grpo.py: advantages, loss, KL, one step
+
+import grpo
+from grpo import group_advantages, k3_kl, pack_sequences, policy_loss
+
+
+def test_group_advantages_hand_values():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    index = torch.arange(3).repeat_interleave(4)
+    grpo_adv = group_advantages(rewards, index, "grpo")
+    s = 0.5 / (1 / 3) ** 0.5  # (1 - 0.5) / sample std of [1, 0, 0, 1]
+    torch.testing.assert_close(grpo_adv[:4], torch.tensor([s, -s, -s, s]))
+    assert grpo_adv[4:8].tolist() == [0.0] * 4  # zero spread: 0, not NaN
+    q = 0.75 / (0.25 ** 0.5)  # [0, 0, 0, 1]: mean 0.25, sample std 0.5
+    torch.testing.assert_close(grpo_adv[8:], torch.tensor([-0.5, -0.5, -0.5, 1.5]))
+    assert abs(q - 1.5) < 1e-6
+    rloo = group_advantages(rewards, index, "rloo")
+    torch.testing.assert_close(rloo[:4], torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
+    torch.testing.assert_close(rloo[8:], torch.tensor([-1 / 3, -1 / 3, -1 / 3, 1.0]))
+    for adv in (grpo_adv, rloo):
+        assert torch.isfinite(adv).all()
+        torch.testing.assert_close(adv.view(3, 4).sum(1), torch.zeros(3), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="at least 2 completions"):
+        group_advantages(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1]))
+
+
+def test_pack_sequences_layout():
+    ids, mask, P = pack_sequences([[5, 6], [7]], torch.tensor([[8, 1], [9, 1]]), torch.tensor([[1, 1], [1, 0]]))
+    assert ids.tolist() == [[5, 6, 8, 1], [0, 7, 9, 1]]
+    assert mask.int().tolist() == [[1, 1, 1, 1], [0, 1, 1, 0]] and P == 2
+
+
+def test_policy_loss_and_gradient_hand_values():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, 0.0]], requires_grad=True)
+    weights = torch.tensor([[0.2, 0.3, 0.5], [0.5, 0.5, 0.0]])  # row 2 has 2 valid tokens
+    advantages = torch.tensor([1.5, -0.5])
+    N = 4  # completions in the whole optimiser step (two more live in other micro-batches)
+    loss = policy_loss(logprobs, advantages, weights, N)
+    # -(1/4) [1.5 (0.2*-1 + 0.3*-2 + 0.5*-3) + -0.5 (0.5*-0.5 + 0.5*-1.5)] = -(1/4) [-3.45 + 0.5] = 0.7375
+    assert abs(loss.item() - 0.7375) < 1e-6
+    loss.backward()
+    expected = -advantages[:, None] * weights / N  # d loss / d logp_it = -A_i w_it / N
+    torch.testing.assert_close(logprobs.grad, expected)
+
+
+def test_clipped_loss_equals_plain_with_one_update():
+    logprobs = torch.randn(3, 5, requires_grad=True)
+    weights = torch.softmax(torch.randn(3, 5), -1)
+    advantages = torch.tensor([1.0, -2.0, 0.5])
+    plain_grad = torch.autograd.grad(policy_loss(logprobs, advantages, weights, 3), logprobs)[0]
+    clipped = policy_loss(logprobs, advantages, weights, 3, old_logprobs=logprobs.detach())  # ratio 1
+    clipped_grad = torch.autograd.grad(clipped, logprobs)[0]
+    torch.testing.assert_close(clipped_grad, plain_grad)
+    # the clip does bite once the ratio leaves [1 - eps, 1 + eps] in the direction of the advantage
+    far = policy_loss(logprobs, advantages, weights, 3, old_logprobs=logprobs.detach() - 1.0)
+    assert not torch.allclose(torch.autograd.grad(far, logprobs)[0], plain_grad)
+
+
+def test_k3_kl_nonnegative_and_zero_when_equal():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]).bool()
+    logprobs = torch.randn(2, 4)
+    assert k3_kl(logprobs, logprobs, mask, 2).item() == 0.0
+    for _ in range(5):
+        assert k3_kl(logprobs, torch.randn(2, 4), mask, 2).item() > 0
+
+
+class StepConfig:
+    """The fields of train.TrainConfig that one GRPO step reads."""
+
+    def __init__(self, **overrides):
+        self.__dict__.update(dict(
+            group_size=4, max_new_tokens=6, temperature=1.0, top_p=1.0, advantage="grpo", prompts_per_micro_batch=1,
+            updates_per_batch=1, credit="arca", credit_eps=1e-8, power=2.0, clip_eps=0.2, beta=0.0, grad_clip=1.0,
+        ), **overrides)
+
+
+def lora_tiny_model(directory, rank=4, seed=0):
+    model = Qwen3.from_pretrained(directory, dtype=torch.float32)
+    torch.manual_seed(seed)
+    return apply_lora(model, rank=rank, alpha=2 * rank)
+
+
+def test_reference_pass_with_fresh_adapter_gives_uniform_arca_zero_kl(tiny_checkpoint):
+    model = lora_tiny_model(tiny_checkpoint[0])
+    prompts = [[5, 9, 2], [4, 11]]
+    tokens, mask = torch.tensor([[7, 8, 9, 1], [3, 4, 1, 1]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool()
+    weights = grpo.all_method_weights(model, prompts, tokens, mask, power=2.0)
+    torch.testing.assert_close(weights["arca"], mask / mask.sum(1, keepdim=True))  # step 0: uniform
+    assert not torch.allclose(weights["surprisal"], weights["arca"])
+    model.train()
+    with torch.no_grad():
+        logprobs, _, _ = grpo.completion_forward(model, prompts, tokens, mask)
+        with disable_adapter(model):
+            ref_logprobs, _, _ = grpo.completion_forward(model, prompts, tokens, mask)
+    assert k3_kl(logprobs, ref_logprobs, mask, 2).item() == 0.0  # fresh adapter: policy == reference
+
+
+def test_micro_batches_give_the_full_batch_gradient(tiny_checkpoint):
+    prompts = [[5, 9, 2], [4, 11], [6], [7, 7, 7]]
+    tokens = torch.tensor([[7, 8, 9, 1], [3, 4, 1, 1], [5, 5, 5, 5], [9, 1, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]).bool()
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    grads = []
+    for per_micro_batch in (4, 1):
+        model = lora_tiny_model(tiny_checkpoint[0])
+        with torch.no_grad():
+            for layer in model.modules():
+                if hasattr(layer, "lora_B"):
+                    layer.lora_B.normal_(0, 0.1)  # a trained adapter, so ARCA's weights are not uniform
+        model.train()
+        for start in range(0, 4, per_micro_batch):
+            rows = slice(start, start + per_micro_batch)
+            grpo.train_micro_batch(model, prompts[rows], tokens[rows], mask[rows], advantages[rows], StepConfig(), 4)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_micro_batch_without_completion_tokens_does_not_crash(tiny_checkpoint):
+    model = lora_tiny_model(tiny_checkpoint[0]).train()
+    tokens, mask = torch.tensor([[1, 1]]), torch.zeros(1, 2, dtype=torch.bool)
+    for credit in ("uniform", "surprisal", "entropy", "divergence", "arca"):
+        stats, _ = grpo.train_micro_batch(model, [[5, 9]], tokens, mask, torch.tensor([1.0]), StepConfig(credit=credit, beta=0.1), 4)
+        assert stats["loss"] == 0.0 and stats["rows"] == 0
+
+
+class CharTokenizer:
+    """The model.Tokenizer surface over single characters, for GRPO steps on the tiny checkpoint."""
+
+    eos_token_id, pad_token_id, vocab_size = 1, 1, 40
+
+    def decode(self, ids):
+        return "".join("\\boxed{}0123456789"[i % 18] for i in ids)
+
+
+def reward_first_token_even(texts, golds):
+    return [float(len(t) > 0 and t[0] in "\\o{0") for t in texts], 0
+
+
+def test_grpo_step_updates_lora_only_and_skips_non_finite(tiny_checkpoint):
+    model = lora_tiny_model(tiny_checkpoint[0])
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    config = StepConfig(credit="arca", beta=0.05)
+    g = torch.Generator().manual_seed(0)
+    metrics, rollout, rewards = grpo.grpo_step(model, optimizer, scheduler, [[5, 9, 2], [4, 11]], ["0", "0"],
+                                                CharTokenizer(), reward_first_token_even, config, g)
+    assert rollout.tokens.shape[0] == 8 and rollout.prompt_index.tolist() == [0] * 4 + [1] * 4
+    assert 0 < metrics["reward_mean"] < 1 and not metrics["skipped_update"]  # the seed gives a mixed group
+    assert metrics["logprob_gap"] < 1e-5  # sampler and training forward agree (fp32, dropout 0)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert all((layer.lora_B != 0).any() for layer in model.modules() if hasattr(layer, "lora_B"))
+    # a non-finite loss (here from a NaN reward) skips the update, leaves the adapter as it was, and says so
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    nan_rewards = lambda texts, golds: ([float("nan"), 1.0, 0.0, 1.0] * 2, 0)
+    metrics, _, _ = grpo.grpo_step(model, optimizer, scheduler, [[5, 9, 2], [4, 11]], ["0", "0"],
+                                   CharTokenizer(), nan_rewards, StepConfig(credit="uniform"), g)
+    assert metrics["skipped_update"]
+    assert all(torch.equal(a, b) for a, b in zip([p for p in model.parameters() if p.requires_grad], before))
+
+
+# ================================================================================================
+# train.py: the CLI, data, outputs, resume
+
+import subprocess
+import sys
+import tarfile
+
+import train
+
+CHARS = "0123456789+-=\\boxed{} "
+
+
+@pytest.fixture(scope="module")
+def char_run_setup(tmp_path_factory):
+    """A tiny checkpoint with a character tokenizer, and addition problems as JSON lines."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("char")
+    directory, _ = save_tiny_checkpoint(root / "model", vocab_size=48, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(dict.fromkeys(CHARS))}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    rng = random.Random(0)
+    for split, count in (("train", 64), ("test", 8)):
+        with open(root / f"{split}.jsonl", "w") as handle:
+            for _ in range(count):
+                a, b = rng.randint(0, 9), rng.randint(0, 9)
+                handle.write(json.dumps({"problem": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    return root
+
+
+def run_args(root, out, *extra):
+    return ["--preset", "demo", "--model", str(root / "model"), "--data", str(root / "train.jsonl"),
+            "--eval-data", str(root / "test.jsonl"), "--out", str(out), "--group-size", "4",
+            "--prompts-per-micro-batch", "1", "--micro-batches", "2", "--max-new-tokens", "6", "--eval-problems", "4",
+            "--eval-batch-size", "16", "--pass-k", "2", "--rank", "4", "--lr", "5e-2", "--lora-dropout", "0.05", *extra]
+
+
+METRIC_FIELDS = {
+    "step", "reward_mean", "reward_std", "zero_spread_groups", "loss", "kl", "logprob_gap", "completion_len", "truncated",
+    "weight_gini", "effective_token_ratio", "top10_mass", "arca_norm_mean", "arca_norm_max", "grad_norm", "lr",
+    "rollout_s", "reward_s", "train_s", "tokens_per_s", "peak_memory_gb", "entropy", "skipped_update",
+}
+
+
+def parity_reward(texts, golds, config):
+    """A reward a random model earns half the time (completion length parity), so updates are non-zero."""
+    return [float(len(text) % 2) for text in texts], 0
+
+
+def test_three_step_run_writes_every_output(char_run_setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "score", parity_reward)
+    out = tmp_path / "run"
+    train.main(run_args(char_run_setup, out, "--steps", "3", "--eval-every", "2", "--save-every", "2"))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(METRIC_FIELDS <= set(m) for m in metrics)
+    assert all(m["arca_norm_mean"] is not None and m["logprob_gap"] < 0.5 for m in metrics)
+    evals = json.loads((out / "eval.json").read_text())
+    assert [e["step"] for e in evals] == [0, 2, 3] and all({"greedy_accuracy", "pass@2"} <= set(e) for e in evals)
+    info = json.loads((out / "config.json").read_text())
+    assert info["config"]["credit"] == "arca" and info["trainable_parameters"] > 0
+    page = (out / "credit.html").read_text()
+    assert all(method in page for method in ("uniform", "surprisal", "entropy", "divergence", "arca"))
+    assert (out / "checkpoint" / "state.pt").exists()
+
+    # the adapter moved and PEFT loads it onto transformers' model, giving our logits
+    from safetensors.torch import load_file
+
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+    ours = Qwen3.from_pretrained(char_run_setup / "model", dtype=torch.float32)
+    apply_lora(ours, rank=4, alpha=8)
+    load_adapter(ours, out / "adapter")
+    peft_model = PeftModel.from_pretrained(transformers.Qwen3ForCausalLM.from_pretrained(char_run_setup / "model"), out / "adapter").eval()
+    ids = torch.tensor([[3, 11, 4, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval().lm_head(ours(ids)), peft_model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+    with pytest.raises(SystemExit, match="already holds a run"):  # a finished run is never overwritten
+        train.main(run_args(char_run_setup, out, "--steps", "3"))
+    with pytest.raises(SystemExit, match="credit: 'arca' -> 'uniform'"):  # resume refuses a different config
+        train.main(run_args(char_run_setup, out, "--steps", "4", "--credit", "uniform", "--resume"))
+    report = train.report([out])
+    assert "| arca | 4 |" in report and "Gini" in report and "pass@4" in report
+
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import train
+train.score = lambda texts, golds, config: ([float(len(text) % 2) for text in texts], 0)
+real_step, calls = train.grpo_step, []
+def step_then_die(*args, **kwargs):
+    if len(calls) == 2:  # after step 2's checkpoint: die as hard as a machine can
+        os.kill(os.getpid(), signal.SIGKILL)
+    calls.append(1)
+    return real_step(*args, **kwargs)
+train.grpo_step = step_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_resume_after_sigkill_gives_the_identical_adapter(char_run_setup, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(train, "score", parity_reward)
+
+    common = ("--steps", "4", "--save-every", "2", "--eval-every", "4")
+    train.main(run_args(char_run_setup, tmp_path / "straight", *common))
+    killed = subprocess.run([sys.executable, "-c", KILLER.format(repo=str(Path(__file__).resolve().parent)),
+                             *run_args(char_run_setup, tmp_path / "killed", *common)], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "killed" / "adapter").exists()
+    train.main(run_args(char_run_setup, tmp_path / "killed", *common, "--resume"))
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert all(t.abs().sum() > 0 for k, t in straight.items() if "lora_B" in k)  # trained, not trivially equal
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_dry_run_of_the_paper_preset_prints_arca_md_settings(capsys):
+    train.main(["--preset", "paper", "--dry-run"])
+    config = json.loads(capsys.readouterr().out)
+    expected = {  # ARCA.md §4
+        "model": "Qwen/Qwen3-1.7B-Base", "group_size": 4, "prompts_per_micro_batch": 2, "micro_batches": 4,
+        "steps": 100, "lr": 5e-6, "warmup_steps": 10, "weight_decay": 0.0, "grad_clip": 1.0, "max_prompt_tokens": 512,
+        "max_new_tokens": 512, "temperature": 1.0, "top_p": 0.95, "rank": 64, "lora_alpha": 128.0, "lora_dropout": 0.05,
+        "power": 2.0, "credit_eps": 1e-8, "eval_problems": 200, "pass_k": 4, "save_every": 20, "seed": 1337,
+        "credit": "arca", "advantage": "grpo", "beta": 0.0, "updates_per_batch": 1, "dtype": "bfloat16",
+    }
+    assert {k: config[k] for k in expected} == expected
+    train.main(["--preset", "paper", "--rank", "4", "--credit", "uniform", "--dry-run"])
+    config = json.loads(capsys.readouterr().out)
+    assert (config["rank"], config["lora_alpha"], config["credit"]) == (4, 8.0, "uniform")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_paper_preset_without_cuda_says_what_to_run():
+    with pytest.raises(SystemExit, match="--preset demo"):
+        train.main(["--preset", "paper"])
+
+
+def test_read_problems_reports_bad_lines_and_skips_empty_answers(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"problem": "1+1", "answer": "2"}, {"problem": "p", "solution": "so \\boxed{\\frac12}."},
+            {"problem": "q", "answer": ""}, {"problem": "r", "solution": "no box"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    problems, skipped = train.read_problems(path)
+    assert problems == [{"problem": "1+1", "answer": "2"}, {"problem": "p", "answer": "\\frac12"}] and skipped == 2
+    path.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"data.jsonl:2: not valid JSON"):
+        train.read_problems(path)
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"data.jsonl:2: expected an object with 'problem'.*\['question'\]"):
+        train.read_problems(path)
+
+
+def test_math_download_offline_from_an_archive_of_the_same_layout(tmp_path):
+    import io
+
+    archive = tmp_path / "MATH.tar"
+    with tarfile.open(archive, "w") as tar:
+        for split, count in (("train", 3), ("test", 2)):
+            for i in range(count):
+                record = {"problem": f"{split} {i}", "level": "Level 1", "type": "Algebra", "solution": f"so \\boxed{{{i}}}"}
+                data = json.dumps(record).encode()
+                member = tarfile.TarInfo(f"MATH/{split}/algebra/{i}.json")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    url = archive.as_uri()
+    paths = train.download_math(tmp_path / "cache", url=url, split_sizes={"train": 3, "test": 2})
+    problems, skipped = train.read_problems(paths["train"])
+    assert [p["answer"] for p in problems] == ["0", "1", "2"] and skipped == 0
+    archive.unlink()  # cached: no second download
+    assert train.download_math(tmp_path / "cache", url=url, split_sizes={"train": 3, "test": 2}) == paths
+    with pytest.raises(OSError, match="--data"):
+        train.download_math(tmp_path / "other", url=url, split_sizes={"train": 3, "test": 2})

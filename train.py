@@ -1,0 +1,577 @@
+"""Train a LoRA adapter with GRPO and token-level credit: the paper's MATH sweep on one GPU, or the demo.
+
+    python train.py                                  # GPU: the paper preset with ARCA; CPU: the demo
+    python train.py --preset paper --credit uniform  # one row of the paper's sweep (ARCA.md §4)
+    python train.py --preset paper --rank 4          # ARCA at rank 4 (lora alpha follows: 2 r)
+    python train.py --report runs/*                  # the paper's tables from finished runs
+
+Outputs in --out: config.json (resolved config and trainable parameter count), metrics.jsonl (one
+line per step), eval.json (greedy accuracy and pass@k, step 0 first), credit.html (the five credit
+methods' weights on a few evaluation completions), adapter/ (PEFT format) and checkpoint/ (all
+that --resume needs: adapter, optimiser, scheduler, step, RNG states).
+
+The configuration is one dataclass; each field is a kebab-case flag. Presets are plain instances.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tarfile
+import tempfile
+import typing
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from credit import credit_html
+from grpo import all_method_weights, grpo_step
+from lora import apply_lora, load_adapter, save_adapter
+from math_reward import extract_boxed, score_batch
+from model import Qwen3, generate, load_tokenizer
+
+PAPER_PROMPT = (
+    "Solve the following math problem step by step. Put your final answer within \\boxed{{}}.\n\n"
+    "Problem: {problem}\n\nSolution:"
+)
+CACHE_DIR = Path(os.environ.get("ARCA_CACHE", Path.home() / ".cache" / "arca"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+def option(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    preset: str = option("paper", "preset the other fields start from: paper or demo")
+    model: str = option("Qwen/Qwen3-1.7B-Base", "checkpoint directory or Hugging Face hub id")
+    data: str | None = option(None, "training problems, JSON lines with problem and answer (or solution); default: MATH train, downloaded")
+    eval_data: str | None = option(None, "evaluation problems, same format; default: MATH test, downloaded")
+    prompt_template: str = option(PAPER_PROMPT, "prompt text; {problem} is replaced by the problem")
+    credit: str = option("arca", "token credit: uniform, surprisal, entropy, divergence or arca (ARCA.md §2)")
+    power: float = option(2.0, "sharpening power p of w = (alpha + eps)^p / sum")
+    credit_eps: float = option(1e-8, "eps of the credit weights")
+    advantage: str = option("grpo", "advantage estimator: grpo or rloo (ARCA.md §1)")
+    rank: int = option(64, "LoRA rank r")
+    lora_alpha: float | None = option(None, "LoRA alpha; default 2 r")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    group_size: int = option(4, "K, completions per prompt")
+    prompts_per_micro_batch: int = option(2, "prompts per micro-batch (each with K completions)")
+    micro_batches: int = option(4, "micro-batches per optimiser step (gradient accumulation)")
+    steps: int = option(100, "optimiser steps")
+    lr: float = option(5e-6, "AdamW learning rate")
+    warmup_steps: int = option(10, "linear warm-up steps before the cosine decay")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient-norm clip")
+    max_prompt_tokens: int = option(512, "longer prompts are skipped")
+    max_new_tokens: int = option(512, "completion length limit")
+    temperature: float = option(1.0, "sampling temperature of training rollouts and pass@k")
+    top_p: float = option(0.95, "nucleus mass of training rollouts and pass@k")
+    beta: float = option(0.0, "coefficient of the k3 KL to the base model")
+    updates_per_batch: int = option(1, "optimiser updates per batch of rollouts; > 1 uses the PPO clipped ratio")
+    clip_eps: float = option(0.2, "PPO clip range, used when updates-per-batch > 1")
+    eval_problems: int = option(200, "held-out problems for evaluation")
+    eval_every: int = option(20, "evaluate every this many steps (and at step 0 and the end)")
+    pass_k: int = option(4, "k of pass@k (sampled)")
+    eval_batch_size: int = option(64, "sequences per generate call in evaluation")
+    html_completions: int = option(3, "completions shown in credit.html")
+    save_every: int = option(20, "checkpoint every this many steps")
+    reward_timeout: float = option(5.0, "seconds the answer checker may spend on one completion")
+    seed: int = option(1337, "random seed")
+    dtype: str = option("bfloat16", "base weight dtype: bfloat16 or float32 (LoRA weights are fp32)")
+    gradient_checkpointing: bool = option(False, "recompute each layer in backward to save memory")
+    out: str | None = option(None, "output directory; default runs/<preset>-<credit>-r<rank>")
+
+
+PAPER = TrainConfig()  # ARCA.md §4
+
+DEMO = dataclasses.replace(
+    PAPER,
+    preset="demo",
+    model=str(CACHE_DIR / "demo-qwen3"),
+    prompt_template="{problem}",
+    rank=8,
+    lora_dropout=0.0,
+    group_size=8,
+    prompts_per_micro_batch=8,
+    micro_batches=1,
+    steps=30,
+    lr=2e-3,
+    warmup_steps=3,
+    max_prompt_tokens=32,
+    max_new_tokens=16,
+    eval_problems=200,
+    eval_every=10,
+    eval_batch_size=200,
+    save_every=10,
+    dtype="float32",
+)
+
+PRESETS = {"paper": PAPER, "demo": DEMO}
+
+
+def parse_args(argv=None):
+    """The config from a preset and the flags, plus the commands (--resume, --dry-run, --report)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))  # X | None -> X
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
+    parser.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--report", nargs="+", metavar="DIR", help="print the paper's tables for these runs and exit")
+    args = parser.parse_args(argv)
+
+    preset_given = args.preset is not None
+    preset = args.preset or ("paper" if torch.cuda.is_available() else "demo")
+    if preset not in PRESETS:
+        parser.error(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    config = dataclasses.replace(PRESETS[preset], **overrides)
+    if config.lora_alpha is None:
+        config.lora_alpha = 2.0 * config.rank  # ARCA.md §4: alpha = 2 r
+    if config.out is None:
+        config.out = f"runs/{config.preset}-{config.credit}-r{config.rank}"
+    check_config(config, parser)
+    return config, args, preset_given
+
+
+def check_config(config, parser):
+    if config.credit not in ("uniform", "surprisal", "entropy", "divergence", "arca"):
+        parser.error(f"--credit {config.credit!r}: expected uniform, surprisal, entropy, divergence or arca")
+    if config.advantage not in ("grpo", "rloo"):
+        parser.error(f"--advantage {config.advantage!r}: expected grpo or rloo")
+    if config.group_size < 2:
+        parser.error(f"--group-size {config.group_size}: a group baseline needs at least 2 completions per prompt")
+    if config.dtype not in ("bfloat16", "float32"):
+        parser.error(f"--dtype {config.dtype!r}: expected bfloat16 or float32")
+    for name in ("steps", "rank", "prompts_per_micro_batch", "micro_batches", "max_new_tokens", "updates_per_batch", "pass_k"):
+        if getattr(config, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(config, name)}: expected a positive integer")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: MATH problems as JSON lines, downloaded on first use or given as local files
+
+MATH_URL = "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar"
+MATH_SPLIT_SIZES = {"train": 7500, "test": 5000}
+
+
+def read_problems(path):
+    """Rows {problem, answer} of a JSON-lines file; rows with an empty answer are skipped and counted.
+
+    A row gives `answer`, or a `solution` whose last \\boxed{} is the answer. Returns (rows, skipped).
+    """
+    rows, skipped = [], 0
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("problem"), str) or not ("answer" in row or "solution" in row):
+                found = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise ValueError(f"{path}:{line_number}: expected an object with 'problem' and 'answer' or 'solution', found {found}")
+            answer = row["answer"] if "answer" in row else extract_boxed(str(row["solution"]))
+            if not answer or not str(answer).strip():
+                skipped += 1
+                continue
+            rows.append({"problem": row["problem"], "answer": str(answer)})
+    if not rows:
+        raise ValueError(f"{path}: no usable rows ({skipped} skipped for an empty answer)")
+    return rows, skipped
+
+
+def download_math(cache_dir=CACHE_DIR / "math", url=MATH_URL, split_sizes=MATH_SPLIT_SIZES):
+    """MATH's train and test splits as cached JSON lines; downloads and validates the archive once.
+
+    The archive holds MATH/<split>/<subject>/<id>.json with problem, level, type and solution.
+    Returns {split: path}.
+    """
+    cache_dir = Path(cache_dir)
+    paths = {split: cache_dir / f"{split}.jsonl" for split in split_sizes}
+    if all(path.exists() for path in paths.values()):
+        return paths
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        archive = Path(tmp) / "MATH.tar"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as handle:
+                shutil.copyfileobj(response, handle)
+        except OSError as err:
+            raise OSError(f"could not download MATH from {url} ({err}); pass local JSON-lines files with --data and --eval-data") from None
+        rows = {split: [] for split in split_sizes}
+        with tarfile.open(archive) as tar:
+            for member in sorted(tar.getmembers(), key=lambda m: m.name):
+                parts = member.name.split("/")
+                if not member.isfile() or len(parts) != 4 or parts[0] != "MATH" or parts[1] not in rows or not parts[3].endswith(".json"):
+                    continue
+                try:
+                    record = json.loads(tar.extractfile(member).read())
+                    rows[parts[1]].append({"problem": record["problem"], "solution": record["solution"], "subject": record["type"], "level": record["level"], "id": member.name})
+                except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
+                    raise ValueError(f"{url}: {member.name} is not a MATH problem file ({err})") from None
+        for split, expected in split_sizes.items():
+            if len(rows[split]) != expected:
+                raise ValueError(f"{url}: {len(rows[split])} {split} problems under MATH/{split}/, expected {expected}; the archive is not MATH")
+            staged = Path(tmp) / f"{split}.jsonl"
+            staged.write_text("".join(json.dumps(row) + "\n" for row in rows[split]))
+            staged.replace(paths[split])
+    return paths
+
+
+def load_data(config):
+    """(train rows, eval rows) for the config: demo problems, local files or downloaded MATH."""
+    if config.preset == "demo" and not config.data:
+        import demo
+
+        return demo.demo_problems("train", 2000, config.seed), demo.demo_problems("test", config.eval_problems, 0)
+    downloaded = None
+    sources = {}
+    for name, given, split in (("train", config.data, "train"), ("eval", config.eval_data, "test")):
+        if given is None:
+            downloaded = downloaded or download_math()
+            given = downloaded[split]
+        rows, skipped = read_problems(given)
+        if skipped:
+            print(f"{given}: skipped {skipped} rows with an empty answer")
+        sources[name] = rows
+    eval_rows = sources["eval"]
+    if len(eval_rows) > config.eval_problems:  # a fixed sample, the same for every run and seed
+        keep = sorted(random.Random(0).sample(range(len(eval_rows)), config.eval_problems))
+        eval_rows = [eval_rows[i] for i in keep]
+    return sources["train"], eval_rows
+
+
+def encode_prompts(rows, tokenizer, config):
+    """Token ids of each row's prompt; rows whose prompt is longer than max_prompt_tokens are dropped."""
+    kept = []
+    for row in rows:
+        ids = tokenizer.encode(config.prompt_template.format(problem=row["problem"]))
+        if len(ids) <= config.max_prompt_tokens:
+            kept.append({**row, "prompt_ids": ids})
+    if not kept:
+        raise ValueError(f"every prompt is longer than --max-prompt-tokens {config.max_prompt_tokens}")
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def score(texts, golds, config):
+    return score_batch(texts, golds, timeout=config.reward_timeout)
+
+
+def generate_texts(model, tokenizer, prompts, config, temperature, generator):
+    """Completions (ids, mask) and their texts for prompts, in batches of eval_batch_size."""
+    results = []
+    for start in range(0, len(prompts), config.eval_batch_size):
+        batch = prompts[start : start + config.eval_batch_size]
+        tokens, mask = generate(model, batch, config.max_new_tokens, temperature=temperature, top_p=config.top_p,
+                                eos_token_id=tokenizer.eos_token_id, generator=generator, vocab_size=tokenizer.vocab_size)
+        for row in range(len(batch)):
+            ids = tokens[row][mask[row]].tolist()
+            results.append((ids, tokenizer.decode(ids)))
+    return results
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, eval_rows, config, step, out):
+    """Greedy accuracy and pass@k on the held-out rows; writes credit.html for a few completions."""
+    model.eval()
+    device = model.lm_head.weight.device
+    prompts = [row["prompt_ids"] for row in eval_rows]
+    golds = [row["answer"] for row in eval_rows]
+    greedy = generate_texts(model, tokenizer, prompts, config, 0.0, None)
+    greedy_scores, _ = score([text for _, text in greedy], golds, config)
+    generator = torch.Generator(device).manual_seed(config.seed * 1000 + step)  # apart from training's RNG
+    sampled = generate_texts(model, tokenizer, [p for p in prompts for _ in range(config.pass_k)], config, config.temperature, generator)
+    sampled_scores, _ = score([text for _, text in sampled], [g for g in golds for _ in range(config.pass_k)], config)
+    passed = torch.tensor(sampled_scores).view(len(prompts), config.pass_k).amax(dim=1)  # (problems,)
+
+    shown = [(prompt, ids) for prompt, (ids, _) in zip(prompts, greedy) if ids][: config.html_completions]
+    if shown:
+        width = max(len(ids) for _, ids in shown)
+        tokens = torch.zeros(len(shown), width, dtype=torch.long, device=device)  # (n, T)
+        mask = torch.zeros(len(shown), width, dtype=torch.bool, device=device)  # (n, T)
+        for row, (_, ids) in enumerate(shown):
+            tokens[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids, device=device), True
+        weights = all_method_weights(model, [p for p, _ in shown], tokens, mask, config.power, config.credit_eps, tokenizer.vocab_size)
+        pages = [
+            credit_html([tokenizer.decode([t]) for t in ids], {m: w[row, : len(ids)] for m, w in weights.items()})
+            for row, (_, ids) in enumerate(shown)
+        ]
+        write_atomically(Path(out) / "credit.html", join_pages(pages, step))
+    return {"step": step, "greedy_accuracy": sum(greedy_scores) / len(golds), f"pass@{config.pass_k}": passed.mean().item()}
+
+
+def join_pages(pages, step):
+    """One page from several credit_html pages: each page's body, in order."""
+    bodies = [page.split("<body>", 1)[1].rsplit("</body>", 1)[0] for page in pages]
+    head = pages[0].split("<body>", 1)[0]
+    sections = "".join(f"<h2>Completion {i + 1} (step {step})</h2>{body}<hr>" for i, body in enumerate(bodies))
+    return f"{head}<body>{sections}</body></html>\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: atomic writes, checkpoints, resume
+
+
+def write_atomically(path, text):
+    path = Path(path)
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(text)
+    staged.replace(path)
+
+
+def rng_states(generator):
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "sampler": generator.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states, generator):
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    generator.set_state(states["sampler"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(out, model, optimizer, scheduler, step, data_position, generator, config):
+    """checkpoint/ = adapter (PEFT) + state.pt; written beside, then swapped in, never half-written."""
+    out = Path(out)
+    staged, current, previous = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    save_adapter(model, staged / "adapter", config.model)
+    state = {"step": step, "data_position": data_position, "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": rng_states(generator), "config": asdict(config)}
+    torch.save(state, staged / "state.pt")
+    if current.exists():
+        current.rename(previous)
+    staged.rename(current)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def find_checkpoint(out):
+    """The newest complete checkpoint directory, or None (a crash mid-swap leaves checkpoint.old)."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if (Path(out) / name / "state.pt").exists():
+            return Path(out) / name
+    return None
+
+
+def check_resumable(out, config):
+    """The saved config must equal this one in everything but the step budget."""
+    saved = json.loads((Path(out) / "config.json").read_text())["config"]
+    current = asdict(config)
+    differences = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if k != "steps" and saved.get(k) != current[k]]
+    if differences:
+        raise SystemExit(f"--resume: the config differs from the run in {out} (only --steps may change):\n  " + "\n  ".join(differences))
+
+
+def truncate_logs(out, step):
+    """Keep each step once: drop metrics and evaluations written after the checkpoint."""
+    metrics = Path(out) / "metrics.jsonl"
+    if metrics.exists():
+        lines = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        write_atomically(metrics, "".join(line + "\n" for line in lines))
+    evals = Path(out) / "eval.json"
+    if evals.exists():
+        write_atomically(evals, json.dumps([e for e in json.loads(evals.read_text()) if e["step"] <= step], indent=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def cosine_with_warmup(warmup_steps, total_steps):
+    """lr multiplier: linear warm-up to 1 over warmup_steps (step 0 already > 0), then cosine to 0."""
+
+    def multiplier(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return multiplier
+
+
+def step_prompts(train_rows, step, prompts_per_step, seed):
+    """The prompts of one step: a fresh seeded permutation of the data each epoch. Returns (rows, data position)."""
+    position = step * prompts_per_step
+    rows = []
+    for index in range(position, position + prompts_per_step):
+        epoch, offset = divmod(index, len(train_rows))
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed + epoch))
+        rows.append(train_rows[order[offset]])
+    return rows, position + prompts_per_step
+
+
+def run(config, resume=False):
+    out = Path(config.out)
+    if (out / "config.json").exists() and not resume:
+        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or --out for a new one (nothing was overwritten)")
+    if resume and not (out / "config.json").exists():
+        raise SystemExit(f"--resume: no run in {out} (no config.json)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+
+    if config.preset == "demo" and config.model == DEMO.model:
+        import demo
+
+        demo.build_demo_checkpoint(config.model)  # built on first use, then cached
+    model = Qwen3.from_pretrained(config.model, device=device, dtype=getattr(torch, config.dtype))
+    tokenizer = load_tokenizer(config.model)
+    apply_lora(model, config.rank, config.lora_alpha, config.lora_dropout)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    train_rows, eval_rows = load_data(config)
+    train_rows, eval_rows = encode_prompts(train_rows, tokenizer, config), encode_prompts(eval_rows, tokenizer, config)
+    generator = torch.Generator(device).manual_seed(config.seed)
+
+    start_step = 0
+    checkpoint_dir = find_checkpoint(out) if resume else None
+    if resume:
+        check_resumable(out, config)
+        if checkpoint_dir is None:
+            raise SystemExit(f"--resume: {out} has no checkpoint yet; start it again with a new --out")
+        load_adapter(model, checkpoint_dir / "adapter")
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config.warmup_steps, config.steps))
+    evals = []
+    if checkpoint_dir is not None:
+        state = torch.load(checkpoint_dir / "state.pt", weights_only=False, map_location=device)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_states(state["rng"], generator)
+        start_step = state["step"]
+        truncate_logs(out, start_step)
+        evals = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
+        if start_step >= config.steps:
+            print(f"{out}: already finished at step {start_step}; raise --steps to train further")
+            return out
+        print(f"resuming {out} at step {start_step}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        info = {"config": asdict(config), "trainable_parameters": sum(p.numel() for p in trainable), "device": str(device)}
+        write_atomically(out / "config.json", json.dumps(info, indent=1))
+        print(f"{out}: {config.preset} preset, credit {config.credit}, rank {config.rank}, "
+              f"{info['trainable_parameters']:,} trainable parameters, {len(train_rows)} training / {len(eval_rows)} eval problems, {device}")
+
+    def record_eval(step):
+        evals.append(evaluate(model, tokenizer, eval_rows, config, step, out))
+        write_atomically(out / "eval.json", json.dumps(evals, indent=1))
+        print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in evals[-1].items() if k != "step"))
+
+    if start_step == 0:
+        record_eval(0)
+    prompts_per_step = config.prompts_per_micro_batch * config.micro_batches
+    step = start_step
+    from tqdm import tqdm
+
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", dynamic_ncols=True)
+    try:
+        for step_index in bar:
+            rows, data_position = step_prompts(train_rows, step_index, prompts_per_step, config.seed)
+            metrics, _, _ = grpo_step(
+                model, optimizer, scheduler, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows],
+                tokenizer, lambda texts, golds: score(texts, golds, config), config, generator,
+            )
+            step = step_index + 1
+            with open(out / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+            seconds = metrics["rollout_s"] + metrics["reward_s"] + metrics["train_s"]
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", gini=f"{metrics['weight_gini']:.2f}", s_per_step=f"{seconds:.1f}")
+            if step % config.eval_every == 0 or step == config.steps:
+                record_eval(step)
+            if step % config.save_every == 0 or step == config.steps:
+                save_checkpoint(out, model, optimizer, scheduler, step, data_position, generator, config)
+    except KeyboardInterrupt:
+        data_position = step * prompts_per_step
+        save_checkpoint(out, model, optimizer, scheduler, step, data_position, generator, config)
+        print(f"\ninterrupted: checkpoint saved at step {step} in {out}; continue with --resume")
+        raise SystemExit(130)
+    staged = out / "adapter.tmp"
+    shutil.rmtree(staged, ignore_errors=True)
+    save_adapter(model, staged, config.model)
+    shutil.rmtree(out / "adapter", ignore_errors=True)
+    staged.rename(out / "adapter")
+    print(f"done: adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, evaluations in {out / 'eval.json'}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: the paper's tables from finished runs
+
+
+def report(directories):
+    """Markdown tables (ARCA.md §4): accuracy and concentration of each run."""
+    rows = []
+    for directory in directories:
+        directory = Path(directory)
+        try:
+            info = json.loads((directory / "config.json").read_text())
+            evals = json.loads((directory / "eval.json").read_text())
+            metrics = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError) as err:
+            raise SystemExit(f"--report: {directory} is not a finished run ({err})") from None
+        config, final = info["config"], evals[-1]
+        mean = lambda key: sum(m[key] for m in metrics) / len(metrics) if metrics else float("nan")
+        rows.append([config["credit"], config["rank"], f"{info['trainable_parameters']:,}", f"{final['greedy_accuracy']:.3f}",
+                     f"{final.get('pass@' + str(config['pass_k']), float('nan')):.3f}", f"{mean('reward_mean'):.3f}",
+                     f"{mean('weight_gini'):.3f}", f"{mean('effective_token_ratio'):.3f}", final["step"]])
+    table = lambda header, columns: "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    )
+    return (
+        "Accuracy (final evaluation)\n\n"
+        + table(["method", "rank", "trainable params", "greedy acc", "pass@4", "avg train reward", "steps"], [0, 1, 2, 3, 4, 5, 8])
+        + "\n\nCredit concentration (mean over steps)\n\n"
+        + table(["method", "rank", "Gini G(w)", "EffN/T"], [0, 1, 6, 7])
+    )
+
+
+def main(argv=None):
+    config, args, preset_given = parse_args(argv)
+    if args.report:
+        print(report(args.report))
+        return
+    if args.dry_run:
+        print(json.dumps(asdict(config), indent=1))
+        return
+    if config.preset == "paper" and not torch.cuda.is_available():
+        raise SystemExit("the paper preset needs a CUDA GPU (Qwen3-1.7B, 100 GRPO steps). On this machine run the "
+                         "CPU demo instead: python train.py --preset demo")
+    if not preset_given:
+        print("No CUDA GPU found: running the demo preset (a tiny Qwen3 learning synthetic arithmetic on the CPU, "
+              "a few minutes). On a GPU, `python train.py` runs the paper's MATH experiment." if config.preset == "demo"
+              else "CUDA GPU found: running the paper preset (Qwen3-1.7B-Base on MATH, ARCA.md §4).")
+    try:
+        run(config, resume=args.resume)
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit("CUDA out of memory. Lower memory with --gradient-checkpointing, --prompts-per-micro-batch 1 "
+                         "--micro-batches 8 (same batch), a smaller --eval-batch-size, or --max-new-tokens.") from None
+
+
+if __name__ == "__main__":
+    main()
