@@ -20,7 +20,13 @@ mask, so a left-padded row computes exactly what the unpadded sequence computes.
 
 Sampling (`generate`) pre-fills left-padded prompts into a static KV cache allocated once per call,
 then decodes one token per step with the cache written in place. Finished rows are checked every
-few steps, not every step, so the loop does not wait on the GPU for each token.
+few steps, not every step, so the loop does not wait on the GPU for each token. Top-p sorts the
+vocabulary on a GPU (no host sync) and draws by exact rejection on the CPU, where a sort costs
+more than the whole step of a small model (`sample_next_token`).
+
+Attention: with a padding mask, the G query heads that share a K/V head are folded into one
+head's queries, so grouped-query attention runs without copying K/V and on a fused masked kernel;
+the additive mask is built once per forward (`attention_bias`). Without a mask, SDPA's own GQA.
 
 Left out: sliding-window attention and rope scaling (no Qwen3 dense base model uses them; a config
 asking for them is refused), and dropout inside the base model (Qwen3 has none).
@@ -106,10 +112,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one kernel; fp32 inside, weight applied after the cast
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rotary_cos_sin(position_ids, head_dim, theta, dtype):
@@ -137,7 +141,8 @@ class KVCache:
     """Static key/value buffers for every layer, allocated once and written in place.
 
     Rows are left-padded, so all rows write the same slots: `length` (a Python int, no device sync)
-    counts the slots filled so far.
+    counts the slots filled so far. The rotary cos/sin of every position a slot can hold are
+    computed once here and looked up by the forward, instead of recomputed at each decode step.
     """
 
     def __init__(self, config, batch_size, max_length, device, dtype):
@@ -145,6 +150,9 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, KV, S, D)
         self.values = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, KV, S, D)
         self.length = 0
+        positions = torch.arange(max_length, device=device)[None]  # (1, S): a position never exceeds its slot
+        cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, dtype)  # (1, S, D)
+        self.cos, self.sin = cos[0], sin[0]  # (S, D)
 
 
 class Attention(nn.Module):
@@ -174,10 +182,17 @@ class Attention(nn.Module):
             cache.values[self.layer_index, :, :, start:end] = v
             k = cache.keys[self.layer_index, :, :, :end]  # (B, KV, S, D)
             v = cache.values[self.layer_index, :, :, :end]  # (B, KV, S, D)
-        # GQA without copying K/V per query head; mask None means plain causal attention.
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.num_heads != self.num_kv_heads
-        )  # (B, H, T, D)
+        if mask is None:  # plain causal attention, no padding: the flash kernel takes GQA as is
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.num_heads != self.num_kv_heads)  # (B, H, T, D)
+        else:
+            # GQA by folding: the G query heads that share a K/V head become G * T queries of that head,
+            # so K/V are neither copied per query head nor passed with enable_gqa, which the fused
+            # masked kernel (CUDA memory-efficient) lacks and would send the call to the math fallback.
+            # `mask` is attention_bias's (B, 1, G * T, S), query row g * T + t.
+            G = self.num_heads // self.num_kv_heads
+            q = q.reshape(B, self.num_kv_heads, G * T, self.head_dim)  # (B, KV, G*T, D)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, KV, G*T, D)
+            out = out.view(B, self.num_heads, T, self.head_dim)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -236,6 +251,23 @@ def attention_mask_4d(key_mask, num_queries):
     return visible[:, None]  # (B, 1, T, S)
 
 
+def attention_bias(key_mask, num_queries, groups, dtype):
+    """Additive SDPA mask (B, 1, G * T, S) for attention with the G query heads of a KV head folded.
+
+    0 where attention_mask_4d is True, -inf elsewhere; its T query rows are repeated G times (row
+    g * T + t is query t), matching Attention's fold of (B, H, T, D) queries into (B, KV, G * T, D).
+    Built once per forward and shared by every layer: SDPA would otherwise convert a boolean mask
+    anew in each layer (and keep each copy for backward). The key axis is allocated padded to a
+    multiple of 16 and sliced back to S, the alignment CUDA's memory-efficient kernel wants (it
+    pads a misaligned mask itself, again once per layer). Example, G = 2, T = 1, key_mask [[0, 1]]:
+        [[[[-inf, 0], [-inf, 0]]]]
+    """
+    visible = attention_mask_4d(key_mask, num_queries).repeat(1, 1, groups, 1)  # (B, 1, G*T, S)
+    B, _, GT, S = visible.shape
+    bias = torch.zeros(B, 1, GT, -(-S // 16) * 16, device=key_mask.device, dtype=dtype)[..., :S]  # (B, 1, G*T, S)
+    return bias.masked_fill_(~visible, float("-inf"))
+
+
 class Qwen3(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -246,22 +278,35 @@ class Qwen3(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False  # recompute each layer in backward (non-reentrant)
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None):
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, position_ids=None):
         """Last hidden states after the final norm.
 
         input_ids (B, T). attention_mask (B, S): 1 for real tokens; with a cache it covers the cached
-        slots and the new ones (S = cache.length + T), else S = T. Returns (B, T, hidden).
+        slots and the new ones (S = cache.length + T), else S = T. It may instead be a ready additive
+        bias (B, 1, G * T or 1, S) as attention_bias builds it, used as is (the sampler's decode
+        steps update one in place). position_ids (B, T): each token's position, counted from
+        attention_mask when not given (required with a ready bias). Returns (B, T, hidden).
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
-        if attention_mask is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)  # (B, T)
-            mask = None if kv_cache is None or T == 1 else attention_mask_4d(torch.ones(B, past + T, device=input_ids.device), T)
-        else:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T) per-row positions
-            mask = attention_mask_4d(attention_mask, T)  # (B, 1, T, S)
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)  # (B, T, D)
+        groups = self.config.num_attention_heads // self.config.num_key_value_heads
+        if attention_mask is None:
+            mask = None if kv_cache is None or T == 1 else attention_bias(torch.ones(B, past + T, device=input_ids.device), T, groups, x.dtype)
+            if position_ids is None:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)  # (B, T)
+        elif attention_mask.dim() == 4:
+            if position_ids is None:
+                raise ValueError("a ready 4D attention bias needs position_ids (they cannot be counted from it)")
+            mask = attention_mask  # (B, 1, G*T or 1, S)
+        else:
+            mask = attention_bias(attention_mask, T, groups, x.dtype)  # (B, 1, G*T, S)
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T) per-row positions
+        if kv_cache is not None:
+            cos, sin = kv_cache.cos[position_ids], kv_cache.sin[position_ids]  # (B, T, D) looked up
+        else:
+            cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)  # (B, T, D)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
@@ -423,20 +468,73 @@ def token_logprobs(logits, tokens):
     return logprobs, entropies
 
 
+def draw_from_cumulative(cumulative, total, generator=None):
+    """Inverse-CDF draw: the first index whose cumulative mass exceeds u, u uniform in [0, total).
+
+    cumulative (B, V) nondecreasing, total (B, 1) -> (B, 1). Index i is drawn with probability
+    (cumulative[i] - cumulative[i - 1]) / total when total <= cumulative[-1]; one uniform number
+    per row and a binary search, no further pass over the vocabulary.
+    """
+    u = torch.rand(total.shape, device=total.device, generator=generator) * total  # (B, 1)
+    return torch.searchsorted(cumulative, u, right=True)  # (B, 1)
+
+
+def sample_top_p_sorted(probs, top_p, generator=None):
+    """Top-p by sorting (any device, no host sync): the reference, and the path used on a GPU.
+
+    probs (B, V) -> tokens (B,). Kept: the tokens whose strictly likelier mass, cumulative[i - 1],
+    is below p, i.e. the count of cumulative < p plus the token that crosses p.
+    """
+    probs, ids = probs.sort(dim=-1, descending=True)  # (B, V)
+    cumulative = probs.cumsum(dim=-1)  # (B, V) nondecreasing
+    kept = ((cumulative < top_p).sum(dim=-1, keepdim=True) + 1).clamp(max=probs.shape[-1])  # (B, 1) tokens kept
+    choice = draw_from_cumulative(cumulative, cumulative.gather(-1, kept - 1), generator)  # (B, 1)
+    return ids.gather(-1, choice.clamp(max=kept - 1)).squeeze(-1)  # (B,)
+
+
+def sample_top_p_by_rejection(probs, top_p, generator=None):
+    """Top-p without sorting the vocabulary, exact: the path used on the CPU, where a sort is slow.
+
+    probs (B, V) -> tokens (B,). Draw a token from probs restricted to the tokens above a floor
+    (at first 0). It is in the nucleus iff the mass of strictly likelier tokens is below p; if it
+    is not, no token as unlikely is either, so the floor rises to its probability and the row
+    draws again. The nucleus is always above the floor, so an accepted draw has exactly the
+    distribution of probs restricted to the nucleus; the most likely token is always accepted.
+    A round is three passes over the vocabulary (a sort costs ~50 on the CPU); at p = 0.95 a
+    row is accepted in the first round with probability >= 0.95. Reading back which rows are
+    still drawing syncs with the device, free on the CPU but not on a GPU.
+    """
+    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)  # (B,)
+    rows = torch.arange(probs.shape[0], device=probs.device)  # (R,) rows still drawing
+    floor = torch.zeros(probs.shape[0], 1, device=probs.device)  # (R, 1)
+    while len(rows):
+        cumulative = torch.where(probs > floor, probs, 0.0).cumsum(dim=-1)  # (R, V)
+        draw = draw_from_cumulative(cumulative, cumulative[:, -1:], generator).clamp(max=probs.shape[-1] - 1)  # (R, 1)
+        drawn_prob = probs.gather(-1, draw)  # (R, 1)
+        likelier = torch.where(probs > drawn_prob, probs, 0.0).sum(dim=-1)  # (R,) mass of strictly likelier tokens
+        accepted = likelier < top_p  # (R,)
+        tokens[rows[accepted]] = draw[accepted, 0]
+        floor = torch.maximum(floor, drawn_prob)[~accepted]  # (R', 1)
+        rows, probs = rows[~accepted], probs[~accepted]  # (R',), (R', V)
+    return tokens
+
+
 def sample_next_token(logits, temperature, top_p, generator=None):
     """One token per row from fp32 logits (B, V): greedy at temperature 0, else temperature + top-p.
 
     Top-p keeps the smallest set of most likely tokens whose mass reaches p, including the token
-    that crosses p. Example, probs [0.5, 0.3, 0.2], p = 0.6: keeps 0.5 and 0.3.
+    that crosses p (and any token tied with it, on the CPU). Example, probs [0.5, 0.3, 0.2],
+    p = 0.6: keeps 0.5 and 0.3. With p >= 1 every token is kept and nothing is sorted.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
     probs = (logits / temperature).softmax(dim=-1)  # (B, V)
-    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)  # (B, V)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V) mass of strictly likelier tokens
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # (B, V)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1) renormalises itself
-    return sorted_ids.gather(-1, choice).squeeze(-1)  # (B,)
+    if top_p >= 1:
+        cumulative = probs.cumsum(dim=-1)  # (B, V)
+        return draw_from_cumulative(cumulative, cumulative[:, -1:], generator).clamp(max=probs.shape[-1] - 1).squeeze(-1)  # (B,)
+    if probs.device.type == "cpu":
+        return sample_top_p_by_rejection(probs, top_p, generator)
+    return sample_top_p_sorted(probs, top_p, generator)
 
 
 @torch.no_grad()
@@ -453,43 +551,55 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
 
     Example, eos 0, max_new_tokens 4: a row drawing 5, 0 then stops -> tokens [5, 0, 0, 0],
     mask [1, 1, 0, 0]; a row drawing 7, 8, 9, 6 -> mask [1, 1, 1, 1] (truncated, no EOS).
+
+    Per decode step the loop does no work that does not depend on the step: the cache holds the
+    rotary table, the attention bias is one buffer whose next slot is opened in place, positions
+    are the prompt lengths plus the step. It runs under inference_mode (no autograd bookkeeping at
+    all); every tensor it returns was allocated outside it, so they are ordinary tensors that a
+    training forward may use.
     """
     device = model.lm_head.weight.device
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     fill_id = int(eos_ids[0]) if len(eos_ids) else 0  # what finished rows hold; masked out anyway
     B, P = len(prompts), max(len(p) for p in prompts)
     prompt_ids = torch.zeros(B, P, dtype=torch.long, device=device)  # (B, P) left-padded
-    key_mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)  # (B, S) real slots
+    prompt_mask = torch.zeros(B, P, dtype=torch.bool, device=device)  # (B, P) real prompt slots
     for row, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {row} is empty; every prompt needs at least one token")
         prompt_ids[row, P - len(prompt) :] = torch.tensor(prompt, device=device)
-        key_mask[row, P - len(prompt) : P] = True
+        prompt_mask[row, P - len(prompt) :] = True
     cache = KVCache(model.config, B, P + max_new_tokens, device, model.lm_head.weight.dtype)
+    # Decode-step attention bias (B, 1, 1, S): 0 on real slots, -inf on padding and on slots not yet
+    # written. One query row broadcasts over the G folded heads; keys padded to 16 (see attention_bias).
+    key_bias = torch.full((B, 1, 1, -(-(P + max_new_tokens) // 16) * 16), float("-inf"), device=device, dtype=cache.keys.dtype)
+    key_bias[:, 0, 0, :P].masked_fill_(prompt_mask, 0.0)
+    first_position = prompt_mask.sum(dim=1, keepdim=True)  # (B, 1) position of each row's first new token
 
     tokens = torch.full((B, max_new_tokens), fill_id, dtype=torch.long, device=device)  # (B, N)
     mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # (B, N)
     logprobs = torch.zeros(B, max_new_tokens, device=device)  # (B, N)
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
 
-    hidden = model(prompt_ids, key_mask[:, :P], kv_cache=cache)[:, -1]  # (B, hidden): last slot is real in every row
-    steps = 0
-    for step in range(max_new_tokens):
-        logits = model.lm_head(hidden).float()  # (B, V)
-        if vocab_size is not None and vocab_size < logits.shape[-1]:
-            logits[:, vocab_size:] = float("-inf")
-        next_token = sample_next_token(logits, temperature, top_p, generator)  # (B,)
-        next_token = next_token.masked_fill(finished, fill_id)  # (B,)
-        tokens[:, step] = next_token
-        mask[:, step] = ~finished
-        if return_logprobs:
-            logprobs[:, step] = token_logprobs(logits, next_token)[0]
-        finished |= torch.isin(next_token, eos_ids)
-        steps = step + 1
-        if steps == max_new_tokens or (steps % check_every == 0 and bool(finished.all())):
-            break
-        key_mask[:, P + step] = True
-        hidden = model(next_token[:, None], key_mask[:, : P + step + 1], kv_cache=cache)[:, -1]  # (B, hidden)
+    with torch.inference_mode():
+        hidden = model(prompt_ids, prompt_mask, kv_cache=cache)[:, -1]  # (B, hidden): last slot is real in every row
+        for step in range(max_new_tokens):
+            logits = model.lm_head(hidden).float()  # (B, V)
+            if vocab_size is not None and vocab_size < logits.shape[-1]:
+                logits[:, vocab_size:] = float("-inf")
+            next_token = sample_next_token(logits, temperature, top_p, generator)  # (B,)
+            next_token = next_token.masked_fill(finished, fill_id)  # (B,)
+            tokens[:, step] = next_token
+            mask[:, step] = ~finished
+            if return_logprobs:
+                logprobs[:, step] = token_logprobs(logits, next_token)[0]
+            if len(eos_ids):
+                finished |= torch.isin(next_token, eos_ids)
+            if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(finished.all())):
+                break
+            key_bias[..., P + step] = 0.0  # the slot this token is written to
+            hidden = model(next_token[:, None], key_bias[..., : P + step + 1], kv_cache=cache,
+                           position_ids=first_position + step)[:, -1]  # (B, hidden)
     steps = int(mask.sum(dim=1).max())  # drop trailing slots that no row used
     tokens, mask, logprobs = tokens[:, :steps], mask[:, :steps], logprobs[:, :steps] * mask[:, :steps]
     return (tokens, mask, logprobs) if return_logprobs else (tokens, mask)

@@ -11,7 +11,8 @@ import pytest
 import torch
 import transformers
 
-from model import Qwen3, Qwen3Config, apply_rotary, generate, load_tokenizer, rotary_cos_sin, sample_next_token
+from model import (Qwen3, Qwen3Config, apply_rotary, generate, load_tokenizer, rotary_cos_sin, sample_next_token,
+                   sample_top_p_by_rejection, sample_top_p_sorted)
 import os
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,7 +27,8 @@ from credit import (arca_scores, credit_diagnostics, credit_html, credit_scores,
                     effective_token_ratio, entropy_reduction_scores, gini, surprisal_scores, token_weights,
                     top_mass, uniform_scores)
 
-SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+REPO = Path(__file__).resolve().parent
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 # ================================================================================================
 # Shared fixtures: tiny random Qwen3 checkpoints saved by transformers
@@ -1184,3 +1186,113 @@ def test_math_download_offline_from_an_archive_of_the_same_layout(tmp_path):
     assert train.download_math(tmp_path / "cache", url=url, split_sizes={"train": 3, "test": 2}) == paths
     with pytest.raises(OSError, match="--data"):
         train.download_math(tmp_path / "other", url=url, split_sizes={"train": 3, "test": 2})
+
+
+# ================================================================================================
+# bench.py --quick
+
+
+def test_bench_quick_prints_every_measurement():
+    result = subprocess.run([sys.executable, "bench.py", "--quick"], cwd=REPO, capture_output=True, text=True, timeout=240,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    for line in lines:
+        assert set(line) == {"what", "shape", "batch", "device", "ours", "reference", "ratio", "unit", "note"}
+        assert line["shape"] == "tiny" and line["device"].startswith("cpu")
+    kinds = {line["what"] for line in lines}
+    assert kinds >= {"rollout", "train_step", "train_peak_memory", "sampler_trainer_gap", "grpo_step_checkpointed",
+                     "grpo_step_arca_over_uniform_beta0", "grpo_step_arca_over_uniform_beta0.04",
+                     "grpo_update_arca_over_uniform_beta0", "grpo_update_arca_over_uniform_beta0.04"}
+    rollouts = [line for line in lines if line["what"] == "rollout"]
+    assert sorted(line["batch"] for line in rollouts) == [1, 16, 64]
+    for line in rollouts + [line for line in lines if line["what"].startswith(("train_step", "grpo_step_arca"))]:
+        assert line["ours"] > 0 and line["reference"] > 0
+        assert line["ratio"] == pytest.approx(line["ours"] / line["reference"])
+    gap = next(line for line in lines if line["what"] == "sampler_trainer_gap")
+    assert 0 <= gap["ours"] < 1e-4  # fp32 on the CPU: the sampler and the training forward agree
+    assert "| what | shape | batch |" in result.stdout  # the Markdown table follows the JSON lines
+
+
+# ================================================================================================
+# model.py: the two top-p samplers
+
+
+def in_nucleus(probs, top_p):
+    """Brute force, (..., V) -> (..., V) bool: token i is kept iff the mass of strictly likelier tokens is below p."""
+    likelier = (probs[..., None, :] > probs[..., :, None]) * probs[..., None, :]  # (..., V, V): [i, j] = p_j if p_j > p_i
+    return likelier.sum(dim=-1) < top_p
+
+
+def nucleus(probs, top_p):
+    return set(in_nucleus(probs, top_p).nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("sampler", [sample_top_p_sorted, sample_top_p_by_rejection])
+def test_top_p_samplers_draw_the_nucleus_with_its_probabilities(sampler):
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    generator = torch.Generator().manual_seed(0)
+    n = 40000
+    for top_p in (0.4, 0.6, 0.9, 0.97):
+        kept = sorted(nucleus(probs, top_p))
+        drawn = sampler(probs.expand(n, 4).contiguous(), top_p, generator)  # (n,)
+        assert set(drawn.tolist()) == set(kept), top_p
+        frequency = torch.bincount(drawn, minlength=4).float() / n  # (4,)
+        expected = torch.zeros(4)
+        expected[kept] = probs[kept] / probs[kept].sum()
+        torch.testing.assert_close(frequency, expected, atol=0.01, rtol=0)  # 4 sigma at n = 40000
+
+
+@pytest.mark.parametrize("sampler", [sample_top_p_sorted, sample_top_p_by_rejection])
+def test_top_p_samplers_stay_in_the_nucleus_of_random_distributions(sampler):
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 300, generator=generator) * 3  # (B, V), a few nats wide
+    probs = logits.softmax(dim=-1)
+    for top_p in (0.5, 0.95):
+        kept = in_nucleus(probs, top_p)  # (B, V)
+        assert (kept.sum(dim=-1) > 1).float().mean() > 0.5 and (kept.sum(dim=-1) < 300).all()  # the test can fail
+        for _ in range(20):
+            drawn = sampler(probs, top_p, generator)  # (B,)
+            assert kept.gather(-1, drawn[:, None]).all()
+
+
+def test_rejection_sampler_ends_on_a_one_hot_distribution_and_tiny_p():
+    probs = torch.zeros(3, 50)
+    probs[:, 7] = 1.0
+    assert sample_top_p_by_rejection(probs, 0.5).tolist() == [7, 7, 7]
+    spread = torch.full((2, 50), 1 / 50)
+    spread[:, 3] += 0.01
+    spread /= spread.sum(dim=-1, keepdim=True)
+    assert sample_top_p_by_rejection(spread, 1e-6).tolist() == [3, 3]  # only the top token is kept
+
+
+# ================================================================================================
+# model.py: attention with the query heads folded, and generate's outputs
+
+
+@pytest.fixture(scope="module")
+def gqa_model(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+                                      initializer_range=0.2)
+    directory = tmp_path_factory.mktemp("tiny")
+    transformers.Qwen3ForCausalLM(config).save_pretrained(directory)
+    return Qwen3.from_pretrained(directory, dtype=torch.float32)
+
+
+def test_folded_masked_attention_equals_sdpa_gqa(gqa_model):
+    ids = torch.randint(0, 96, (3, 11), generator=torch.Generator().manual_seed(0))  # (B, T)
+    with torch.no_grad():
+        plain = gqa_model(ids)  # no mask: SDPA's causal GQA path
+        folded = gqa_model(ids, torch.ones_like(ids))  # a mask: G = 4 query heads folded per KV head
+    torch.testing.assert_close(folded, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_returns_ordinary_tensors(gqa_model):
+    tokens, mask, logprobs = generate(gqa_model, [[5, 9, 2], [4]], 6, temperature=1.0, top_p=0.9, eos_token_id=[],
+                                      generator=torch.Generator().manual_seed(0), return_logprobs=True)
+    assert not any(torch.is_inference(t) for t in (tokens, mask, logprobs))
+    weight = torch.ones(mask.shape, requires_grad=True)
+    (weight * mask * logprobs).sum().backward()  # an inference tensor could not be saved for backward
+    assert torch.equal(weight.grad, logprobs * mask)
