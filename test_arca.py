@@ -20,7 +20,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from lora import (LoRALinear, apply_lora, disable_adapter, load_adapter, lora_layers, merge_adapter,
                   save_adapter, unmerge_adapter)
-from model import Qwen3, Qwen3Config
 import math
 import re
 from credit import (arca_scores, credit_diagnostics, credit_html, credit_scores, divergence_scores,
@@ -1296,3 +1295,574 @@ def test_generate_returns_ordinary_tensors(gqa_model):
     weight = torch.ones(mask.shape, requires_grad=True)
     (weight * mask * logprobs).sum().backward()  # an inference tensor could not be saved for backward
     assert torch.equal(weight.grad, logprobs * mask)
+
+
+# ================================================================================================
+# demo.py: the CPU demo's model, tokenizer, task and warm-up
+
+import demo
+from math_reward import math_reward
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    """A demo checkpoint built with a short warm-up (the full one takes a minute; the demo run shows it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(demo.WARMUP, "target_accuracy", 0.0)
+        yield demo.build_demo_checkpoint(tmp_path_factory.mktemp("demo") / "demo-qwen3")
+
+
+@pytest.fixture
+def quick_recipe(monkeypatch):
+    """The warm-up stops at its first check (5 steps): a build in about a second."""
+    monkeypatch.setitem(demo.WARMUP, "target_accuracy", 0.0)
+
+
+def test_splits_are_disjoint_and_cover_every_pair():
+    train = demo.demo_problems("train", 9000, seed=0)
+    test = demo.demo_problems("test", 1000, seed=0)
+    train_texts, test_texts = {p["problem"] for p in train}, {p["problem"] for p in test}
+    assert len(train_texts) == 9000 and len(test_texts) == 1000
+    assert not train_texts & test_texts
+    assert len(train_texts | test_texts) == (demo.MAX_OPERAND + 1) ** 2
+
+
+def test_problems_are_seeded_samples_of_their_split():
+    assert demo.demo_problems("train", 50, seed=3) == demo.demo_problems("train", 50, seed=3)
+    assert demo.demo_problems("train", 50, seed=3) != demo.demo_problems("train", 50, seed=4)
+    for p in demo.demo_problems("test", 100, seed=1):
+        a, b = p["problem"].removesuffix("=").split("+")
+        assert int(p["answer"]) == int(a) + int(b)
+    with pytest.raises(ValueError, match="split 'valid'"):
+        demo.demo_problems("valid", 10, seed=0)
+    with pytest.raises(ValueError, match="count 1001"):
+        demo.demo_problems("test", 1001, seed=0)
+
+
+def test_gold_answers_score_one_and_wrong_answers_zero():
+    for p in demo.demo_problems("test", 200, seed=0):
+        assert math_reward(demo.completion_text(p["answer"]), p["answer"]) == 1.0
+        assert math_reward(demo.completion_text(int(p["answer"]) + 1), p["answer"]) == 0.0
+    assert math_reward("12+30=", "42") == 0.0  # no \boxed{}: no reward
+
+
+def test_tokenizer_round_trips_every_problem_and_completion(demo_checkpoint):
+    tokenizer = load_tokenizer(demo_checkpoint)
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id == 0
+    assert tokenizer.vocab_size == len(demo.VOCAB)
+    problems = demo.demo_problems("train", 9000, seed=0) + demo.demo_problems("test", 1000, seed=0)
+    texts = [demo.DEMO_PROMPT_TEMPLATE.format(problem=p["problem"]) + demo.completion_text(p["answer"]) + demo.EOS
+             for p in problems]
+    for text, encoding in zip(texts, tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False)):
+        assert tokenizer.decode(encoding.ids) == text
+        assert encoding.ids[-1] == tokenizer.eos_token_id
+        assert encoding.ids.count(tokenizer.tokenizer.token_to_id(demo.BOXED)) == 1  # \boxed{ is one token
+    completions = [len(tokenizer.encode(demo.completion_text(p["answer"]))) + 1 for p in problems]
+    assert min(completions) == 4 and max(completions) == 6  # \boxed{ digits } EOS
+    with pytest.raises(Exception, match="UNK|unk"):
+        tokenizer.encode("12/4=")  # a character outside the task is an error, not a silent token
+
+
+def test_checkpoint_loads_like_a_real_one(demo_checkpoint):
+    config = json.loads((demo_checkpoint / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["eos_token_id"] == 0 and config["tie_word_embeddings"]
+    model = Qwen3.from_pretrained(demo_checkpoint)
+    assert model.lm_head.weight.dtype == torch.float32
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.config.hidden_size == demo.MODEL["hidden_size"]
+    assert model.config.num_hidden_layers == demo.MODEL["num_hidden_layers"]
+    assert not list(demo_checkpoint.parent.glob(f".{demo_checkpoint.name}.building-*"))  # the staging directory is gone
+
+
+def test_cached_checkpoint_is_reused(demo_checkpoint):
+    weights = demo_checkpoint / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert demo.build_demo_checkpoint(demo_checkpoint) == demo_checkpoint
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_build_is_deterministic_given_the_seed(tmp_path, quick_recipe):
+    rng_before = torch.get_rng_state()
+    first = demo.build_demo_checkpoint(tmp_path / "a", seed=5)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # its own generator; the global RNG is untouched
+    second = demo.build_demo_checkpoint(tmp_path / "b", seed=5)
+    other = demo.build_demo_checkpoint(tmp_path / "c", seed=6)
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    assert (first / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
+
+
+def test_stale_or_incomplete_checkpoint_is_rebuilt(tmp_path, quick_recipe):
+    directory = demo.build_demo_checkpoint(tmp_path / "demo", seed=0)
+    weights = directory / "model.safetensors"
+    assert demo.is_built(directory, seed=0) and not demo.is_built(directory, seed=1)
+    recipe = json.loads((directory / "recipe.json").read_text())
+    (directory / "recipe.json").write_text(json.dumps({**recipe, "hash": "an older recipe"}))
+    assert not demo.is_built(directory, seed=0)
+    before = weights.stat().st_mtime_ns
+    demo.build_demo_checkpoint(directory, seed=0)
+    assert demo.is_built(directory, seed=0) and weights.stat().st_mtime_ns != before
+    weights.unlink()  # an interrupted copy by hand, say
+    assert not demo.is_built(directory, seed=0)
+    demo.build_demo_checkpoint(directory, seed=0)
+    assert demo.is_built(directory, seed=0)
+
+
+# ================================================================================================
+# math_reward.py: labelled answers, adversarial inputs, the MATH solutions, worker timeouts
+
+import signal
+import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from math_reward import extract_boxed, is_equiv, normalize_answer, score_batch
+
+MATH_DATA_DIR = SHARED_DATA / "math"
+PWNED_FILE = Path("/tmp/arca_math_reward_pwned")  # created only if model text were executed
+
+
+def boxed(answer):
+    return f"The answer is $\\boxed{{{answer}}}$."
+
+
+# (predicted answer, gold answer, equivalent?) -- the prediction is put in a box.
+LABELLED = [
+    # plain numbers and near-misses
+    ("3", "3", True),
+    ("3", "3.1", False),
+    ("10", "100", False),
+    ("1/2", "2", False),
+    ("-3", "3", False),
+    ("3.0", "3", True),
+    ("03", "3", True),
+    ("2.50", "2.5", True),
+    ("0.5", "\\frac{1}{2}", True),
+    (".5", "0.5", True),
+    ("-.5", "-\\frac12", True),
+    ("0.333", "\\frac{1}{3}", False),
+    ("0.3333333333", "\\frac{1}{3}", False),  # exact numbers compare exactly
+    ("1.4142135623731", "\\sqrt{2}", True),  # a decimal vs an irrational: relative 1e-9
+    ("1.414", "\\sqrt{2}", False),
+    ("3.14", "\\pi", False),
+    # thousands separators
+    ("12441600", "12,\\!441,\\!600", True),
+    ("12,441,600", "12441600", True),
+    ("23000", "\\$23{,}000", True),
+    ("1,000", "1000", True),
+    ("1,000", "100", False),
+    ("11,\\! 111,\\! 111,\\! 100", "11111111100", True),
+    # fractions: \dfrac, \tfrac, shorthand, slash
+    ("\\dfrac{1}{2}", "\\frac12", True),
+    ("\\tfrac{3}{4}", "\\frac{3}{4}", True),
+    ("\\cfrac{3}{4}", "0.75", True),
+    ("\\frac 54", "\\frac{5}{4}", True),
+    ("\\frac1{72}", "\\frac{1}{72}", True),
+    ("5/4", "\\frac{5}{4}", True),
+    ("4/5", "\\frac{5}{4}", False),
+    ("\\frac{2}{4}", "\\frac{1}{2}", True),
+    ("-\\frac{1}{9}", "\\frac{-1}{9}", True),
+    ("\\frac{1}{9}", "-\\frac{1}{9}", False),
+    ("8\\frac47", "\\frac{60}{7}", True),  # mixed numbers
+    ("1\\frac{1}{4}", "1.25", True),
+    ("-8\\frac47", "-\\frac{60}{7}", True),
+    ("8\\frac47", "\\frac{32}{7}", False),
+    # roots and pi
+    ("2\\sqrt{2}", "\\sqrt{8}", True),
+    ("\\sqrt8", "2\\sqrt2", True),
+    ("2\\sqrt{3}", "\\sqrt{8}", False),
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}", True),
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", True),
+    ("\\frac{2\\sqrt{35}}{35}", "\\frac{2}{\\sqrt{35}}", True),
+    ("\\sqrt[3]{8}", "2", True),
+    ("\\sqrt[3]{4}", "\\sqrt{4}", False),
+    ("2\\pi", "\\pi \\cdot 2", True),
+    ("72\\pi", "72 \\pi", True),
+    ("\\frac{9\\pi}{2}", "4.5\\pi", True),
+    ("\\frac{81}{32}\\pi", "\\frac{81\\pi}{32}", True),
+    ("3\\pi", "3", False),
+    ("18+2\\pi", "2\\pi+18", True),
+    ("\\sqrt{185} - 4", "-4+\\sqrt{185}", True),
+    ("\\sqrt3-\\sqrt2", "\\sqrt2-\\sqrt3", False),
+    ("\\pi r^2", "r^2 \\pi", True),
+    # powers
+    ("2^{10}", "1024", True),
+    ("2^{2008}-2", "2^{2008} -2", True),
+    ("2^{2008}-1", "2^{2008}-2", False),
+    ("5^{12}", "244140625", True),
+    ("5^{12}", "5^{13}", False),
+    ("2**10", "1024", True),
+    ("x^{-1}", "\\frac{1}{x}", True),
+    # factorials, binomials, logs, trig
+    ("5!", "120", True),
+    ("\\binom{5}{2}", "10", True),
+    ("\\dbinom{6}{3}", "20", True),
+    ("\\log_2 8", "3", True),
+    ("\\ln(e^2)", "2", True),
+    ("\\sin^2 x + \\cos^2 x", "1", True),
+    ("\\tan 15^\\circ", "2-\\sqrt{3}", True),
+    ("\\cos 60^\\circ", "\\frac12", True),
+    ("\\cot x", "\\frac{\\cos x}{\\sin x}", True),
+    ("\\cot x", "\\tan x", False),
+    ("|-3|", "3", True),
+    # complex numbers
+    ("6-3i", "6 - 3i", True),
+    ("-3i+6", "6-3i", True),
+    ("6+3i", "6-3i", False),
+    ("\\frac{3}{2} + \\frac{3}{2} i", "1.5+1.5i", True),
+    ("i^2", "-1", True),
+    # polynomials and rational functions
+    ("x^2+2x+1", "(x+1)^2", True),
+    ("x^2", "x^3", False),
+    ("x^2+2x", "(x+1)^2", False),
+    ("(t-7)(t+7)", "t^2-49", True),
+    ("-6t^4 +11t^3 -19t^2 +17t -10", "11t^3-6t^4-19t^2+17t-10", True),
+    ("-6t^4 +11t^3 -19t^2 +17t -10", "-6t^4 +11t^3 -19t^2 +17t +10", False),
+    ("4x(8x^2-x+5)", "32x^3-4x^2+20x", True),
+    ("\\frac{1}{y} + y", "\\frac{y^2+1}{y}", True),
+    ("\\frac{11+9a}{20}", "\\frac{11}{20}+\\frac{9a}{20}", True),
+    ("\\frac{11+9a}{20}", "\\frac{11+9b}{20}", False),
+    ("10p^3 \\sqrt{3p}", "10\\sqrt{3}p^{7/2}", True),
+    ("x+y", "y+x", True),
+    ("xy", "yx", True),
+    ("x-y", "y-x", False),
+    ("a_1 + a_2", "a_2 + a_1", True),
+    ("a_1", "a_2", False),
+    ("\\frac{1}{4m}", "\\frac{1}{4}m", False),
+    ("29b(5b+1)", "145b^2+29b", True),
+    # tuples, points, vectors
+    ("(1,2)", "(1, 2)", True),
+    ("(1,2)", "(2,1)", False),
+    ("(1,2)", "[1,2]", False),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi/2)", True),
+    ("(3, \\frac{\\pi}{2})", "(3, \\frac{3\\pi}{2})", False),
+    ("\\left( \\frac{170}{49}, \\frac{78}{49}, \\frac{10}{49} \\right)", "(170/49, 78/49, 10/49)", True),
+    ("(1,2,3)", "(1,2)", False),
+    ("(0.5, 2)", "(\\frac12, 2)", True),
+    ("(-\\tfrac52, -\\tfrac52)", "(-2.5, -2.5)", True),
+    # intervals and unions: open and closed ends matter
+    ("[0,1)", "[0,1)", True),
+    ("[0,1)", "[0,1]", False),
+    ("(0,1]", "[0,1]", False),
+    ("[-2,2]", "\\left[ -2, 2 \\right]", True),
+    ("(-\\infty, 0]", "(-\\infty,0]", True),
+    ("(-\\infty, 0)", "(-\\infty,0]", False),
+    ("(-\\infty,-5]\\cup[5,\\infty)", "[5,\\infty) \\cup (-\\infty,-5]", True),
+    ("(-\\infty,-5)\\cup[5,\\infty)", "(-\\infty,-5]\\cup[5,\\infty)", False),
+    ("x \\in [2, 5)", "[2,5)", True),
+    ("\\left[ \\frac{1}{2}, \\frac{3}{2} \\right]", "[0.5, 1.5]", True),
+    # sets and lists of solutions (order-free)
+    ("\\{1,2\\}", "\\{2,1\\}", True),
+    ("\\{1,2\\}", "\\{1,3\\}", False),
+    ("2,-2", "-2, 2", True),
+    ("2, -1", "-1,2", True),
+    ("2, -1", "2", False),
+    ("1, 1, 2", "1, 2", False),
+    ("-2,-1,1,2", "1,2,-1,-2", True),
+    ("1 \\pm \\sqrt{19}", "1+\\sqrt{19}, 1-\\sqrt{19}", True),
+    ("1 \\pm \\sqrt{19}", "1+\\sqrt{19}", False),
+    ("\\{1\\pm\\sqrt{5},-2\\}", "\\{-2, 1+\\sqrt5, 1-\\sqrt5\\}", True),
+    ("3 - i, -2 + i", "-2+i, 3-i", True),
+    ("6, 8, and 10", "6,8,10", True),
+    ("19 \\text{ and } 43", "43, 19", True),
+    ("4^\\circ, 20^\\circ", "20, 4", True),
+    # matrices
+    ("\\begin{pmatrix} 1 \\\\ 4 \\\\ 3 \\end{pmatrix}", "\\begin{pmatrix}1\\\\4\\\\3\\end{pmatrix}", True),
+    ("\\begin{pmatrix} 1 \\\\ 4 \\\\ 3 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 3 \\\\ 4 \\end{pmatrix}", False),
+    ("\\begin{bmatrix} 1/5 \\\\ -3/5 \\end{bmatrix}", "\\begin{pmatrix} 0.2 \\\\ -0.6 \\end{pmatrix}", True),
+    ("\\begin{pmatrix} 1/\\sqrt{2} & 1/\\sqrt{2} \\\\ -1/\\sqrt{2} & 1/\\sqrt{2} \\end{pmatrix}",
+     "\\begin{pmatrix} \\frac{\\sqrt2}{2} & \\frac{\\sqrt2}{2} \\\\ -\\frac{\\sqrt2}{2} & \\frac{\\sqrt2}{2} \\end{pmatrix}", True),
+    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix} 1 & 3 \\\\ 2 & 4 \\end{pmatrix}", False),
+    ("\\begin{pmatrix} 1 & 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", False),
+    # equations
+    ("y = 1-2x", "y=-2x+1", True),
+    ("y = 1+2x", "y=-2x+1", False),
+    ("x + 2y - 2z - 9 = 0", "2z - x - 2y + 9 = 0", True),
+    ("x + 2y - 2z - 9 = 0", "x + 2y - 2z + 9 = 0", False),
+    ("20x + 23y + 26z - 69 = 0", "20x+23y+26z=69", True),
+    ("3x - y = 2", "y = 3x - 2", True),
+    ("3+y = 2x", "y = 2x + 3", False),
+    ("x = 5", "5", True),
+    ("k=6", "6", True),
+    ("b=\\frac{1}{49}", "\\frac{1}{49}", True),
+    ("x = \\frac{3}{2}", "1.5", True),
+    ("x = 2", "3", False),
+    # units, text, degrees, percent, dollars
+    ("441", "441\\text{ pounds}", True),
+    ("441 pounds", "441", True),
+    ("5 inches", "5\\text{ inches}", True),
+    ("45", "45 \\text{ units}^2", True),
+    ("8\\sqrt{3}", "8\\sqrt{3} \\text { square inches}", True),
+    ("480 + 480\\sqrt{3}", "480 + 480\\sqrt{3}\\text{ feet}", True),
+    ("20\\text{ miles}", "21", False),
+    ("117^\\circ", "117", True),
+    ("117^{\\circ}", "117", True),
+    ("117°", "117", True),
+    ("117 degrees", "117", True),
+    ("118^\\circ", "117", False),
+    ("44\\%", "44", True),
+    ("44%", "44\\%", True),
+    ("45\\%", "44\\%", False),
+    ("\\$0.25", "0.25", True),
+    ("\\$ 139", "139", True),
+    ("\\$4813.24", "4813.24", True),
+    ("\\$4813.25", "4813.24", False),
+    ("\\text{Sunday}", "Sunday", True),
+    ("sunday", "\\text{Sunday}", True),
+    ("\\text{Monday}", "\\text{Sunday}", False),
+    ("\\text{odd}", "odd", True),
+    ("\\text{dod}", "\\text{odd}", False),
+    ("\\mbox{four}", "four", True),
+    ("\\text{(E)}", "E", True),
+    ("(E)", "\\text{(E)}", True),
+    ("D", "\\text{(E)}", False),
+    ("\\textbf{13}", "13", True),
+    # spacing, \left/\right, trailing period, dollars around the answer
+    ("\\! 1 \\, 2 \\; 3", "123", True),
+    ("\\left(1,2\\right)", "(1,2)", True),
+    ("5.", "5", True),
+    ("$5$", "5", True),
+    ("\\displaystyle\\frac{1}{2}", "\\frac12", True),
+    ("5\\ \\text{cm}", "5", True),
+    # bases
+    ("11011100_2", "11011100", True),
+    ("141_{13}", "141_{13}", True),
+    ("141_{13}", "142", False),
+    ("2021_3", "2021", True),
+    ("4210_{5}", "4210_{7}", False),
+    ("1_6", "1_7", False),
+    # repeating decimals
+    ("\\frac{1}{3}", "0.\\overline{3}", True),
+    ("\\frac16", "0.1\\overline{6}", True),
+    ("-\\frac{14}{11}", "-1.\\overline{27}", True),
+    ("\\frac{1}{3}", "0.\\overline{6}", False),
+    # plain-text math a model may write
+    ("sqrt(2)/2", "\\frac{\\sqrt{2}}{2}", True),
+    ("3*pi", "3\\pi", True),
+    ("1/(2*sqrt(3))", "\\frac{\\sqrt3}{6}", True),
+    ("(3 + sqrt(5))/2", "\\frac{3+\\sqrt{5}}{2}", True),
+    ("x^2 - 2x + 2", "x^2-10x+41", False),
+    # infinity
+    ("\\infty", "\\infty", True),
+    ("-\\infty", "\\infty", False),
+    # no answer
+    ("", "5", False),
+    ("5", "", False),
+]
+
+
+def test_labelled_cases():
+    wrong = [(pred, gold, expected) for pred, gold, expected in LABELLED
+             if math_reward(boxed(pred), gold) != float(expected)]
+    print(f"\nlabelled cases: {len(LABELLED) - len(wrong)}/{len(LABELLED)} right")
+    assert len(LABELLED) >= 150
+    assert not wrong
+
+
+def test_is_equiv_is_symmetric_on_labelled_cases():
+    for pred, gold, expected in LABELLED:
+        if pred and gold:
+            assert is_equiv(gold, pred) == expected, (pred, gold)
+
+
+EXTRACTION = [
+    ("so $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+    ("first \\boxed{1}, then \\boxed{2}", "2"),
+    ("answer: $\\boxed 9$.", "9"),
+    ("\\boxed {17}.", "17"),
+    ("\\fbox{5}", "5"),
+    ("\\boxed{\\{1\\pm\\sqrt{5},-2\\}}", "\\{1\\pm\\sqrt{5},-2\\}"),
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("no box here", None),
+    ("\\boxed{1} then \\boxed{2", None),
+    ("\\boxed{", None),
+    ("\\boxed", None),
+    ("\\boxed{}", ""),
+]
+
+
+@pytest.mark.parametrize("text, expected", EXTRACTION)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+NORMALISATION = [
+    ("\\left( 3, \\dfrac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+    ("\\$12,\\!441.50", "12441.50"),
+    ("x = \\frac12.", "\\frac{1}{2}"),
+    ("117^\\circ", "117"),
+    ("\\text{(E)}", "E"),
+    ("441\\text{ pounds}", "441"),
+    ("\\sqrt3", "\\sqrt{3}"),
+    (".5", "0.5"),
+    ("\\pi r^2", "\\pi r^2"),
+    ("a \\leq b", "a\\leq b"),
+    ("141_13", "141_{13}"),
+    ("0.\\overline{3}", "\\frac{3}{9}"),
+]
+
+
+@pytest.mark.parametrize("answer, expected", NORMALISATION)
+def test_normalize_answer(answer, expected):
+    assert normalize_answer(answer) == expected
+
+
+def test_gold_may_be_a_full_solution():
+    solution = "Adding, $(2+2)+(1+3)i=\\boxed{4+4i}$."
+    assert math_reward(boxed("4+4i"), solution) == 1.0
+    assert math_reward(boxed("4-4i"), solution) == 0.0
+
+
+ADVERSARIAL = {
+    "exponent tower": boxed("9^{9^{9^9}}"),
+    "exponent tower with a variable": boxed("x^{x^{x^{x^{x}}}}"),
+    "e tower": boxed("e^{e^{e^{e^{100}}}}"),
+    "exp tower": boxed("\\exp(\\exp(\\exp(100)))"),
+    "sinh tower": boxed("\\sinh(\\cosh(\\sinh(100)))"),
+    "huge power of a power": boxed("(10^{10000})^{10000}"),
+    "nested powers": boxed("((((2^{100})^{100})^{100})^{100})"),
+    "power of a root": boxed("(\\sqrt{2^{9999}})^{9999}"),
+    "big integer power": boxed("*".join(["9" * 100] * 9) + "^{9999}"),
+    "factorial tower": boxed("(((3!)!)!)!"),
+    "double factorial": boxed("1000!!"),
+    "factorial of a huge number": boxed("(10^{100})!"),
+    "factorial of a variable tower": boxed("((x!)!)!"),
+    "big binomial": boxed("\\binom{10^{9}}{5}"),
+    "sin of a huge number": boxed("\\sin(10^{10000})"),
+    "root of huge index": boxed("\\sqrt[" + "9" * 99 + "]{2}"),
+    "million-character answer": boxed("1" * 10**6),
+    "million-character sum": boxed("+".join(["x"] * 300_000)),
+    "million characters, no box": "a" * 10**6,
+    "thousands of nested braces": boxed("{" * 5000 + "1" + "}" * 5000),
+    "thousands of nested parentheses": boxed("(" * 5000 + "1" + ")" * 5000),
+    "thousands of nested fracs": boxed("\\frac" * 3000 + "1" * 3000),
+    "nested tuples": boxed("(" * 40 + "1,2" + ")" * 40),
+    "unbalanced braces": "\\boxed{" * 10000,
+    "unbalanced inside": boxed("{{{{{1") + "}" * 3,
+    "NUL bytes": boxed("1\x002") + "\x00" * 1000,
+    "only a NUL in the box": "\x00" * 1000 + boxed("\x00"),
+    "python os.system": boxed(f"__import__('os').system('touch {PWNED_FILE}')"),
+    "python open": boxed(f"open('{PWNED_FILE}', 'w').write('x')"),
+    "python exec": boxed(f"exec(\"open('{PWNED_FILE}', 'w')\")"),
+    "sympify lambda": boxed(f"(lambda: open('{PWNED_FILE}', 'w'))()"),
+    "many elements": boxed(",".join(str(i) for i in range(2000))),
+    "big set": boxed("\\{" + ",".join(f"x^{i}" for i in range(32)) + "\\}"),
+    "big matrix": boxed("\\begin{pmatrix}" + "\\\\".join("&".join(["1"] * 32) for _ in range(32)) + "\\end{pmatrix}"),
+    "many plus-minus": boxed("\\pm" * 500),
+    "long subscript": boxed("x_{" + "1" * 900 + "}"),
+    "division by zero": boxed("1/0"),
+    "zero to a negative power": boxed("0^{-1}"),
+    "tan of pi/2": boxed("\\tan(\\pi/2)"),
+    "unicode": boxed("π√∞±" * 100),
+    # found by fuzzing: each took sympy seconds to minutes before its guard
+    "binomial with a huge k": boxed("\\binom{x}{99999999999}"),
+    "999th root": boxed("\\frac{\\log_{y}{-1}}{\\sqrt[999]{i\\cdot 99999999999}}"),
+    "root of a factorial": boxed("\\sqrt{99999999999+(1000+9)!}"),
+    "complex power of a power": boxed("\\frac{\\sqrt[y]{{{y}^{1000}}^{\\sqrt{i}}}}{2}"),
+    "tiny exponent": boxed("\\frac{\\sinh(-10^{4})}{99999999999^{1/99999999999^{9}}}"),
+}
+ADVERSARIAL_GOLDS = ["1", "x", "\\frac{\\sqrt3}{2}", "(1,2)", "\\{1,2\\}", "y = 2x+3",
+                     "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"]
+
+
+def test_adversarial_inputs_are_fast_and_harmless():
+    slowest = (0.0, "")
+    for name, completion in ADVERSARIAL.items():
+        for gold in ADVERSARIAL_GOLDS + [completion]:
+            start = time.perf_counter()
+            reward = math_reward(completion, gold)
+            elapsed = time.perf_counter() - start
+            assert reward in (0.0, 1.0), name
+            slowest = max(slowest, (elapsed, name))
+            assert elapsed < 2.0, (name, elapsed)
+    print(f"\nslowest adversarial call: {slowest[0] * 1000:.0f} ms ({slowest[1]})")
+    assert not PWNED_FILE.exists()
+
+
+def test_math_solutions_score_one_against_their_own_answer():
+    if not MATH_DATA_DIR.is_dir():
+        pytest.skip(f"{MATH_DATA_DIR} not found")
+    n_checks, failures = 0, []
+    start = time.perf_counter()
+    for name in ("test500.jsonl", "test5000.jsonl", "train.jsonl"):
+        with open(MATH_DATA_DIR / name) as f:
+            for line in f:
+                row = json.loads(line)
+                assert extract_boxed(row["solution"]) == row["answer"], row["unique_id"]
+                if not row["answer"]:  # two train rows have an empty \boxed{}
+                    continue
+                n_checks += 1
+                if math_reward(row["solution"], row["answer"]) != 1.0:
+                    failures.append(row["unique_id"])
+    elapsed = time.perf_counter() - start
+    print(f"\nMATH solutions: {n_checks} checks in {elapsed:.2f} s ({n_checks / elapsed:.0f} per second)")
+    assert n_checks == 17_498
+    assert not failures
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200), st.text(max_size=50))
+def test_math_reward_never_raises_on_arbitrary_text(completion, gold):
+    assert math_reward(completion, gold) in (0.0, 1.0)
+
+
+MATH_ALPHABET = st.sampled_from(list("0123456789xyie+-*/^_!.,=()[]{}| ") + [
+    "\\frac", "\\sqrt", "\\pi", "\\infty", "\\pm", "\\cup", "\\{", "\\}", "\\left(", "\\right)",
+    "\\text{", "\\sin", "\\exp", "\\log", "\\binom", "^\\circ", "\\%", "\\$", "\\\\", "&",
+    "\\begin{pmatrix}", "\\end{pmatrix}", "\\boxed{", "}"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(MATH_ALPHABET, max_size=40).map("".join), st.lists(MATH_ALPHABET, max_size=20).map("".join))
+def test_math_reward_never_raises_on_math_like_text(completion, gold):
+    start = time.perf_counter()
+    assert math_reward(boxed(completion), gold) in (0.0, 1.0)
+    assert time.perf_counter() - start < 2.0
+
+
+HANG_SCORER = """
+import time
+from math_reward import math_reward
+
+def hang_on_marker(completion, gold):
+    if completion == "hang":  # never returns: only the pool's timeout gets past it
+        time.sleep(3600)
+    return math_reward(completion, gold)
+"""
+
+
+@pytest.fixture
+def hang_on_marker(tmp_path, monkeypatch):
+    """A scorer that never returns on the completion "hang", in a small module the spawned workers
+    can import by name (workers unpickle the scorer by importing its module; this file is heavy)."""
+    (tmp_path / "hang_scorer.py").write_text(HANG_SCORER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    return importlib.import_module("hang_scorer").hang_on_marker
+
+
+def test_score_batch_scores_and_survives_a_hanging_item(hang_on_marker):
+    completions = [boxed("\\frac12"), "hang", boxed("3"), boxed("(1,2)")] * 2
+    golds = ["0.5", "1", "4", "(1,2)"] * 2
+    scores, n_timeouts = score_batch(completions, golds, timeout=1.0, n_workers=2, scorer=hang_on_marker)
+    assert scores == [1.0, 0.0, 0.0, 1.0] * 2
+    assert n_timeouts == 2
+    start = time.perf_counter()  # the stuck workers were replaced: the pool still works, and fast
+    scores, n_timeouts = score_batch([boxed("x+x")] * 32, ["2x"] * 32, n_workers=2)
+    elapsed = time.perf_counter() - start
+    assert scores == [1.0] * 32 and n_timeouts == 0
+    print(f"\nscore_batch, 32 items on a warm pool: {elapsed * 1000:.0f} ms")
+    assert elapsed < 5.0
+
+
+def test_score_batch_workers_ignore_ctrl_c():
+    import math_reward as module
+
+    score_batch([boxed("1")], ["1"], n_workers=3)  # a new pool: its workers may still be importing
+    for worker in module._pool.workers:
+        os.kill(worker.process.pid, signal.SIGINT)  # what Ctrl-C sends to the process group
+    time.sleep(0.5)
+    assert all(worker.process.is_alive() for worker in module._pool.workers)
+    assert score_batch([boxed("1")] * 6, ["1"] * 6, n_workers=3) == ([1.0] * 6, 0)
