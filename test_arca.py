@@ -1374,6 +1374,19 @@ def test_checkpoint_loads_like_a_real_one(demo_checkpoint):
     assert not list(demo_checkpoint.parent.glob(f".{demo_checkpoint.name}.building-*"))  # the staging directory is gone
 
 
+def test_warm_up_leaves_the_model_neither_hopeless_nor_perfect(tmp_path):
+    checkpoint = demo.build_demo_checkpoint(tmp_path / "demo-qwen3")  # the full warm-up: 10-20 s
+    model, tokenizer = Qwen3.from_pretrained(checkpoint), load_tokenizer(checkpoint)
+    problems = demo.demo_problems("test", 400, seed=0)
+    prompts = [tokenizer.encode(demo.DEMO_PROMPT_TEMPLATE.format(problem=p["problem"])) for p in problems]
+    tokens, mask = generate(model, prompts, 8, temperature=0.0, top_p=1.0, eos_token_id=tokenizer.eos_token_id)
+    texts = [tokenizer.decode(row[valid].tolist()) for row, valid in zip(tokens, mask)]
+    accuracy = sum(math_reward(text, p["answer"]) for text, p in zip(texts, problems)) / len(problems)
+    assert 0.1 <= accuracy <= 0.6
+    well_formed = [text.startswith(demo.BOXED) and text.endswith("}" + demo.EOS) for text in texts]
+    assert sum(well_formed) / len(texts) > 0.95  # the format is learnt; the digits are what is left to learn
+
+
 def test_cached_checkpoint_is_reused(demo_checkpoint):
     weights = demo_checkpoint / "model.safetensors"
     before = weights.stat().st_mtime_ns

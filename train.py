@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from credit import credit_html
 from grpo import all_method_weights, grpo_step
@@ -105,11 +106,11 @@ DEMO = dataclasses.replace(
     group_size=8,
     prompts_per_micro_batch=16,
     micro_batches=1,
-    steps=200,
+    steps=300,
     lr=2e-3,
     warmup_steps=3,
     max_prompt_tokens=32,
-    max_new_tokens=16,
+    max_new_tokens=8,  # answers need 6; more lets a run drift into junk after the box, which the reward cannot see
     eval_problems=200,
     eval_every=50,
     eval_batch_size=200,
@@ -481,14 +482,12 @@ def run(config, resume=False):
     def record_eval(step):
         evals.append(evaluate(model, tokenizer, eval_rows, config, step, out))
         write_atomically(out / "eval.json", json.dumps(evals, indent=1))
-        print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in evals[-1].items() if k != "step"))
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in evals[-1].items() if k != "step"))
 
     if start_step == 0:
         record_eval(0)
     prompts_per_step = config.prompts_per_micro_batch * config.micro_batches
     step = start_step
-    from tqdm import tqdm
-
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", dynamic_ncols=True)
     try:
         for step_index in bar:
