@@ -1303,6 +1303,8 @@ def test_generate_returns_ordinary_tensors(gqa_model):
 import demo
 from math_reward import math_reward
 
+DEMO_TARGET_ACCURACY = demo.WARMUP["target_accuracy"]
+
 
 @pytest.fixture(scope="module")
 def demo_checkpoint(tmp_path_factory):
@@ -1374,7 +1376,8 @@ def test_checkpoint_loads_like_a_real_one(demo_checkpoint):
     assert not list(demo_checkpoint.parent.glob(f".{demo_checkpoint.name}.building-*"))  # the staging directory is gone
 
 
-def test_warm_up_leaves_the_model_neither_hopeless_nor_perfect(tmp_path):
+def test_warm_up_leaves_the_model_neither_hopeless_nor_perfect(tmp_path, monkeypatch):
+    monkeypatch.setitem(demo.WARMUP, "target_accuracy", DEMO_TARGET_ACCURACY)  # the real recipe, whatever fixtures patched
     checkpoint = demo.build_demo_checkpoint(tmp_path / "demo-qwen3")  # the full warm-up: 10-20 s
     model, tokenizer = Qwen3.from_pretrained(checkpoint), load_tokenizer(checkpoint)
     problems = demo.demo_problems("test", 400, seed=0)
