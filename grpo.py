@@ -198,7 +198,8 @@ def train_micro_batch(model, prompts, tokens, mask, advantages, config, num_comp
     )  # (B, T)
     weights = token_weights(scores, mask, eps=config.credit_eps, power=config.power)  # (B, T)
     loss = policy_loss(logprobs, advantages, weights, num_completions, old_logprobs, config.clip_eps)
-    kl = k3_kl(logprobs, ref_logprobs, mask, num_completions) if ref_logprobs is not None else torch.zeros(())
+    policy_logprobs = logprobs if config.beta > 0 else logprobs.detach()  # beta 0: KL is only logged, kept off the graph
+    kl = k3_kl(policy_logprobs, ref_logprobs, mask, num_completions) if ref_logprobs is not None else torch.zeros(())
     (loss + config.beta * kl).backward()
 
     valid = mask.float()  # (B, T)
