@@ -162,6 +162,31 @@ class Rollout:
     tokens: torch.Tensor  # (N, T) completion ids
     mask: torch.Tensor  # (N, T) valid completion tokens (up to and including the first EOS)
     sampler_logprobs: torch.Tensor  # (N, T) log pi of each drawn token, from the sampler
+    ends_with_eos: torch.Tensor  # (N,) the completion stopped on EOS (False: truncated at the length limit)
+
+
+def eos_positions(tokens, mask, eos_token_id):
+    """Which completions end with EOS, read at each row's last valid position (not by scanning ids).
+
+    tokens [[5, 0, 0], [7, 8, 9]], mask [[1, 1, 0], [1, 1, 1]], eos 0 -> [True, False]
+    """
+    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=tokens.device)
+    lengths = mask.sum(dim=1)  # (N,)
+    last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (N,) each row's last valid token
+    return (lengths > 0) & torch.isin(last, eos_ids)  # (N,)
+
+
+def loss_mask(rollout, credit_eos):
+    """The tokens that are trained, weighted, KL-penalised and diagnosed: every valid token, or with
+    credit_eos False every valid token but a final EOS (the reference code's mask, ARCA.md §4).
+
+    mask [[1, 1, 0], [1, 1, 1]], ends_with_eos [True, False], credit_eos False -> [[1, 0, 0], [1, 1, 1]]
+    """
+    if credit_eos:
+        return rollout.mask
+    last = rollout.mask.sum(dim=1, keepdim=True) - 1  # (N, 1) position of each row's last valid token
+    columns = torch.arange(rollout.mask.shape[1], device=rollout.mask.device)  # (T,)
+    return rollout.mask & ~((columns == last) & rollout.ends_with_eos[:, None])  # (N, T)
 
 
 def sample_rollouts(model, prompts, config, eos_token_id, vocab_size, generator):
@@ -169,11 +194,11 @@ def sample_rollouts(model, prompts, config, eos_token_id, vocab_size, generator)
     model.eval()
     repeated = [prompt for prompt in prompts for _ in range(config.group_size)]
     tokens, mask, logprobs = generate(
-        model, repeated, config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+        model, repeated, config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
         eos_token_id=eos_token_id, generator=generator, vocab_size=vocab_size, return_logprobs=True,
     )
     prompt_index = torch.arange(len(prompts), device=tokens.device).repeat_interleave(config.group_size)  # (N,)
-    return Rollout(repeated, prompt_index, tokens, mask, logprobs)
+    return Rollout(repeated, prompt_index, tokens, mask, logprobs, eos_positions(tokens, mask, eos_token_id))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +268,8 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
 
     model.train()
     N = len(rollout.prompts)
+    trained = loss_mask(rollout, config.credit_eos)  # (N, T)
+    lr = scheduler.get_last_lr()[0]  # the lr of this step's update(s)
     per_micro_batch = config.prompts_per_micro_batch * config.group_size
     trainable = [p for p in model.parameters() if p.requires_grad]
     old_logprobs = {}  # first pass's log-probs per micro-batch, for the clipped ratio of later updates
@@ -252,7 +279,7 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
         for start in range(0, N, per_micro_batch):
             rows = slice(start, start + per_micro_batch)
             width = max(int(rollout.mask[rows].sum(dim=1).max()), 1)  # trim padding columns of this micro-batch
-            tokens, mask = rollout.tokens[rows, :width], rollout.mask[rows, :width]
+            tokens, mask = rollout.tokens[rows, :width], trained[rows, :width]
             stats, logprobs = train_micro_batch(
                 model, rollout.prompts[rows], tokens, mask, advantages[rows], config, N, tokenizer.vocab_size, old_logprobs.get(start)
             )
@@ -274,6 +301,7 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
     train_done = time.perf_counter()
 
     tokens_in_step = int(rollout.mask.sum())
+    trained_tokens = max(int(trained.sum()), 1)  # per-token statistics are over the trained tokens
     rows = max(first_totals["rows"], 1)
     group_rewards = rewards.view(-1, config.group_size)  # (P, K): completions are grouped in order
     metrics = {
@@ -283,18 +311,18 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
         "reward_timeouts": timeouts,
         "loss": first_totals["loss"],
         "kl": first_totals["kl"],
-        "logprob_gap": first_totals["logprob_gap_sum"] / max(tokens_in_step, 1),
-        "entropy": first_totals["entropy_sum"] / max(tokens_in_step, 1),
+        "logprob_gap": first_totals["logprob_gap_sum"] / trained_tokens,
+        "entropy": first_totals["entropy_sum"] / trained_tokens,
         "completion_len": tokens_in_step / N,
-        "truncated": (rollout.mask.sum(dim=1) == config.max_new_tokens).float().mean().item(),
+        "truncated": (~rollout.ends_with_eos).float().mean().item(),
         "weight_gini": first_totals.get("weight_gini", 0.0) / rows,
         "effective_token_ratio": first_totals.get("effective_token_ratio", 0.0) / rows,
         "top10_mass": first_totals.get("top10_mass", 0.0) / rows,
-        "arca_norm_mean": first_totals["arca_norm_sum"] / max(tokens_in_step, 1) if "arca_norm_sum" in first_totals else None,
+        "arca_norm_mean": first_totals["arca_norm_sum"] / trained_tokens if "arca_norm_sum" in first_totals else None,
         "arca_norm_max": first_totals.get("arca_norm_max"),
         "grad_norm": grad_norm,
         "skipped_update": skipped,
-        "lr": scheduler.get_last_lr()[0],
+        "lr": lr,
         "rollout_s": rollout_done - started,
         "reward_s": reward_done - rollout_done,
         "train_s": train_done - reward_done,

@@ -923,6 +923,43 @@ def math_reward(completion, gold):
         return 0.0
 
 
+def _last_boxed_strict(text):
+    """The content of the last `\\boxed{` with balanced braces, as the reference code reads it:
+    None when there is none or that last one never closes (no fallback to an earlier box)."""
+    start = text.rfind("\\boxed{")
+    if start == -1:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    while i < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    return text[start + len("\\boxed{") : i - 1] if depth == 0 else None
+
+
+def _normalize_strict(s):
+    """The reference code's light normalisation, in its order (its docstring says lowercase; its
+    code does not, and neither does this): strip, whitespace runs to one space, trailing periods
+    dropped, `\\left` `\\right` `\\,` `\\;` `\\!` `\\text` deleted, `\\dfrac` `\\tfrac` -> `\\frac`, strip."""
+    s = re.sub(r"\s+", " ", s.strip()).rstrip(".")
+    for command in ("\\left", "\\right", "\\,", "\\;", "\\!", "\\text"):
+        s = s.replace(command, "")
+    return s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").strip()
+
+
+def strict_match(completion, gold):
+    """1.0 if the completion's last `\\boxed{}` equals the gold answer as a string after
+    `_normalize_strict`, else 0.0: the reward of the paper's reference code (ARCA.md §4).
+
+    gold is a bare answer or a full solution (its last box is used). Linear time, never raises.
+        strict_match("so \\boxed{\\dfrac{1}{2}}.", "\\frac{1}{2}") -> 1.0
+        strict_match("\\boxed{0.5}", "\\frac{1}{2}") -> 0.0      (math_reward: 1.0)
+    """
+    pred = _last_boxed_strict(completion)
+    if "\\boxed{" in gold:
+        gold = _last_boxed_strict(gold)
+    return 1.0 if pred is not None and gold is not None and _normalize_strict(pred) == _normalize_strict(gold) else 0.0
+
+
 # ----------------------------------------------------------------------------
 # 5. Batch scoring in worker processes with a hard timeout
 

@@ -492,7 +492,7 @@ def sample_top_p_sorted(probs, top_p, generator=None):
     return ids.gather(-1, choice.clamp(max=kept - 1)).squeeze(-1)  # (B,)
 
 
-def sample_top_p_by_rejection(probs, top_p, generator=None):
+def sample_top_p_by_rejection(probs, top_p, generator=None, max_rounds=64):
     """Top-p without sorting the vocabulary, exact: the path used on the CPU, where a sort is slow.
 
     probs (B, V) -> tokens (B,). Draw a token from probs restricted to the tokens above a floor
@@ -502,33 +502,53 @@ def sample_top_p_by_rejection(probs, top_p, generator=None):
     distribution of probs restricted to the nucleus; the most likely token is always accepted.
     A round is three passes over the vocabulary (a sort costs ~50 on the CPU); at p = 0.95 a
     row is accepted in the first round with probability >= 0.95. Reading back which rows are
-    still drawing syncs with the device, free on the CPU but not on a GPU.
+    still drawing syncs with the device, free on the CPU but not on a GPU. A drawn token with no
+    likelier token is always accepted (so p = 0 keeps the top token), and rows still drawing after
+    max_rounds (only NaN probabilities get there) go to the sorting sampler: it never loops forever.
     """
     tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)  # (B,)
     rows = torch.arange(probs.shape[0], device=probs.device)  # (R,) rows still drawing
     floor = torch.zeros(probs.shape[0], 1, device=probs.device)  # (R, 1)
-    while len(rows):
+    for _ in range(max_rounds):
+        if not len(rows):
+            return tokens
         cumulative = torch.where(probs > floor, probs, 0.0).cumsum(dim=-1)  # (R, V)
         draw = draw_from_cumulative(cumulative, cumulative[:, -1:], generator).clamp(max=probs.shape[-1] - 1)  # (R, 1)
         drawn_prob = probs.gather(-1, draw)  # (R, 1)
         likelier = torch.where(probs > drawn_prob, probs, 0.0).sum(dim=-1)  # (R,) mass of strictly likelier tokens
-        accepted = likelier < top_p  # (R,)
+        accepted = (likelier < top_p) | (likelier == 0)  # (R,)
         tokens[rows[accepted]] = draw[accepted, 0]
         floor = torch.maximum(floor, drawn_prob)[~accepted]  # (R', 1)
         rows, probs = rows[~accepted], probs[~accepted]  # (R',), (R', V)
+    if len(rows):
+        tokens[rows] = sample_top_p_sorted(probs, top_p, generator)
     return tokens
 
 
-def sample_next_token(logits, temperature, top_p, generator=None):
-    """One token per row from fp32 logits (B, V): greedy at temperature 0, else temperature + top-p.
+def top_k_filter(logits, top_k):
+    """Logits (B, V) with every token below the k-th largest of its row set to -inf (ties with the
+    k-th kept, as transformers' TopKLogitsWarper does). top_k 0 or >= V: unchanged.
 
-    Top-p keeps the smallest set of most likely tokens whose mass reaches p, including the token
-    that crosses p (and any token tied with it, on the CPU). Example, probs [0.5, 0.3, 0.2],
-    p = 0.6: keeps 0.5 and 0.3. With p >= 1 every token is kept and nothing is sorted.
+    logits [[1.0, 3.0, 2.0, 0.5]], top_k 2 -> [[-inf, 3.0, 2.0, -inf]]
+    """
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))  # (B, V)
+
+
+def sample_next_token(logits, temperature, top_p, generator=None, top_k=0):
+    """One token per row from fp32 logits (B, V): greedy at temperature 0, else temperature, then
+    top-k, then top-p, in the order of transformers' sampling warpers.
+
+    Top-k keeps the k most likely tokens (0: all). Top-p then keeps the smallest set of the most
+    likely remaining tokens whose mass reaches p, including the token that crosses p (and any
+    token tied with it, on the CPU). Example, probs [0.5, 0.3, 0.2], p = 0.6: keeps 0.5 and 0.3.
+    With p >= 1 every token top-k left is kept and nothing is sorted.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
-    probs = (logits / temperature).softmax(dim=-1)  # (B, V)
+    probs = top_k_filter(logits / temperature, top_k).softmax(dim=-1)  # (B, V)
     if top_p >= 1:
         cumulative = probs.cumsum(dim=-1)  # (B, V)
         return draw_from_cumulative(cumulative, cumulative[:, -1:], generator).clamp(max=probs.shape[-1] - 1).squeeze(-1)  # (B,)
@@ -539,11 +559,12 @@ def sample_next_token(logits, temperature, top_p, generator=None):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id, generator=None,
-             vocab_size=None, return_logprobs=False, check_every=8):
+             vocab_size=None, return_logprobs=False, check_every=8, top_k=0):
     """Sample completions for a batch of prompts of different lengths.
 
     prompts: list of token-id lists. eos_token_id: an id or a list of ids that end a completion (an empty list: none does).
     vocab_size: the tokenizer's number of real ids; embedding rows past it are never sampled.
+    temperature, top_k, top_p: see sample_next_token (temperature 0: greedy).
     Returns tokens (B, N) and mask (B, N), N <= max_new_tokens: mask is True up to and including a
     row's first EOS, False after it (those slots hold the EOS id). With return_logprobs, also the
     fp32 log-probs (B, N) of the drawn tokens under the untempered model distribution (what the
@@ -587,7 +608,7 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
             logits = model.lm_head(hidden).float()  # (B, V)
             if vocab_size is not None and vocab_size < logits.shape[-1]:
                 logits[:, vocab_size:] = float("-inf")
-            next_token = sample_next_token(logits, temperature, top_p, generator)  # (B,)
+            next_token = sample_next_token(logits, temperature, top_p, generator, top_k)  # (B,)
             next_token = next_token.masked_fill(finished, fill_id)  # (B,)
             tokens[:, step] = next_token
             mask[:, step] = ~finished

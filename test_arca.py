@@ -910,7 +910,7 @@ class StepConfig:
 
     def __init__(self, **overrides):
         self.__dict__.update(dict(
-            group_size=4, max_new_tokens=6, temperature=1.0, top_p=1.0, advantage="grpo", prompts_per_micro_batch=1,
+            group_size=4, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, credit_eos=True, advantage="grpo", prompts_per_micro_batch=1,
             updates_per_batch=1, credit="arca", credit_eps=1e-8, power=2.0, clip_eps=0.2, beta=0.0, grad_clip=1.0,
         ), **overrides)
 
@@ -1089,7 +1089,7 @@ def test_three_step_run_writes_every_output(char_run_setup, tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="credit: 'arca' -> 'uniform'"):  # resume refuses a different config
         train.main(run_args(char_run_setup, out, "--steps", "4", "--credit", "uniform", "--resume"))
     report = train.report([out])
-    assert "| arca | 4 |" in report and "Gini" in report and "pass@4" in report
+    assert f"| `{out}` | arca | 4 |" in report and "Gini" in report and "pass@k strict" in report and "unfinished" not in report
 
 
 KILLER = """
@@ -1854,6 +1854,11 @@ def hang_on_marker(tmp_path, monkeypatch):
     can import by name (workers unpickle the scorer by importing its module; this file is heavy)."""
     (tmp_path / "hang_scorer.py").write_text(HANG_SCORER)
     monkeypatch.syspath_prepend(str(tmp_path))
+    import math_reward as math_reward_module
+
+    if math_reward_module._pool is not None:  # workers spawned earlier could not import the new module
+        math_reward_module._pool.close()
+        math_reward_module._pool = None
     import importlib
 
     return importlib.import_module("hang_scorer").hang_on_marker

@@ -34,13 +34,10 @@ from tqdm import tqdm
 from credit import credit_html
 from grpo import all_method_weights, grpo_step
 from lora import apply_lora, load_adapter, save_adapter
-from math_reward import extract_boxed, score_batch
+from math_reward import extract_boxed, score_batch, strict_match
 from model import Qwen3, generate, load_tokenizer
 
-PAPER_PROMPT = (
-    "Solve the following math problem step by step. Put your final answer within \\boxed{{}}.\n\n"
-    "Problem: {problem}\n\nSolution:"
-)
+PAPER_PROMPT = "Solve this math problem step by step. Put your final answer in \\boxed{{}}.\n\nProblem: {problem}\n"  # the reference code's
 CACHE_DIR = Path(os.environ.get("ARCA_CACHE", Path.home() / ".cache" / "arca"))
 
 
@@ -62,6 +59,8 @@ class TrainConfig:
     credit: str = option("arca", "token credit: uniform, surprisal, entropy, divergence or arca (ARCA.md §2)")
     power: float = option(2.0, "sharpening power p of w = (alpha + eps)^p / sum")
     credit_eps: float = option(1e-8, "eps of the credit weights")
+    credit_eos: bool = option(False, "train and weight the EOS token that ends a completion (the reference code leaves it out)")
+    reward: str = option("strict", "training reward: strict (the reference code's string match) or symbolic (math_reward's equivalence)")
     advantage: str = option("grpo", "advantage estimator: grpo or rloo (ARCA.md §1)")
     rank: int = option(64, "LoRA rank r")
     lora_alpha: float | None = option(None, "LoRA alpha; default 2 r")
@@ -78,10 +77,12 @@ class TrainConfig:
     max_new_tokens: int = option(512, "completion length limit")
     temperature: float = option(1.0, "sampling temperature of training rollouts and pass@k")
     top_p: float = option(0.95, "nucleus mass of training rollouts and pass@k")
+    top_k: int = option(50, "keep only the k most likely tokens before top-p, 0 = off (transformers' default 50)")
     beta: float = option(0.0, "coefficient of the k3 KL to the base model")
     updates_per_batch: int = option(1, "optimiser updates per batch of rollouts; > 1 uses the PPO clipped ratio")
     clip_eps: float = option(0.2, "PPO clip range, used when updates-per-batch > 1")
-    eval_problems: int = option(200, "held-out problems for evaluation")
+    eval_problems: int = option(200, "held-out problems for evaluation: the first ones of the evaluation data, in file order")
+    eval_sample: bool = option(False, "evaluate on a fixed seeded sample (seed 0) of the evaluation data instead of its first rows")
     eval_every: int = option(20, "evaluate every this many steps (and at step 0 and the end)")
     pass_k: int = option(4, "k of pass@k (sampled)")
     eval_batch_size: int = option(64, "sequences per generate call in evaluation")
@@ -101,6 +102,10 @@ DEMO = dataclasses.replace(
     preset="demo",
     model=str(CACHE_DIR / "demo-qwen3"),
     prompt_template="{problem}",
+    reward="symbolic",
+    credit_eos=True,  # completions are 4-6 tokens: learning to stop matters
+    top_k=0,
+    eval_sample=True,
     rank=8,
     lora_dropout=0.0,
     group_size=8,
@@ -151,17 +156,27 @@ def parse_args(argv=None):
 
 
 def check_config(config, parser):
-    if config.credit not in ("uniform", "surprisal", "entropy", "divergence", "arca"):
-        parser.error(f"--credit {config.credit!r}: expected uniform, surprisal, entropy, divergence or arca")
-    if config.advantage not in ("grpo", "rloo"):
-        parser.error(f"--advantage {config.advantage!r}: expected grpo or rloo")
-    if config.group_size < 2:
-        parser.error(f"--group-size {config.group_size}: a group baseline needs at least 2 completions per prompt")
-    if config.dtype not in ("bfloat16", "float32"):
-        parser.error(f"--dtype {config.dtype!r}: expected bfloat16 or float32")
-    for name in ("steps", "rank", "prompts_per_micro_batch", "micro_batches", "max_new_tokens", "updates_per_batch", "pass_k"):
-        if getattr(config, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} {getattr(config, name)}: expected a positive integer")
+    """Every option in its valid range, or parser.error naming the flag, the value and the range."""
+    choices = {"credit": ("uniform", "surprisal", "entropy", "divergence", "arca"), "advantage": ("grpo", "rloo"),
+               "reward": ("strict", "symbolic"), "dtype": ("bfloat16", "float32")}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            parser.error(f"--{name.replace('_', '-')} {getattr(config, name)!r}: expected one of {', '.join(allowed)}")
+    at_least_1, at_least_0, above_0 = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0"), (lambda v: v > 0, "> 0")
+    ranges = {  # flag: (test, the valid range as the error states it)
+        "steps": at_least_1, "rank": at_least_1, "group_size": (lambda v: v >= 2, ">= 2 (a group baseline needs 2 completions)"),
+        "prompts_per_micro_batch": at_least_1, "micro_batches": at_least_1, "max_prompt_tokens": at_least_1,
+        "max_new_tokens": at_least_1, "updates_per_batch": at_least_1, "pass_k": at_least_1, "eval_problems": at_least_1,
+        "eval_every": at_least_1, "save_every": at_least_1, "eval_batch_size": at_least_1, "top_k": at_least_0,
+        "warmup_steps": at_least_0, "html_completions": at_least_0, "power": at_least_0, "credit_eps": at_least_0,
+        "lora_alpha": above_0, "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "lr": above_0, "weight_decay": at_least_0,
+        "grad_clip": above_0, "temperature": at_least_0, "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "beta": at_least_0,
+        "clip_eps": above_0, "reward_timeout": above_0,
+    }
+    for name, (valid, described) in ranges.items():
+        value = getattr(config, name)
+        if not (math.isfinite(value) and valid(value)):
+            parser.error(f"--{name.replace('_', '-')} {value}: expected a value {described}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,11 +213,20 @@ def read_problems(path):
     return rows, skipped
 
 
+def math_file_order(member):
+    """Sort key of MATH's files: subject directory alphabetically, then numeric file id (as in
+    ../shared/data/math): MATH/test/algebra/2.json before MATH/test/algebra/10.json."""
+    *directories, name = member.name.split("/")
+    stem = name.removesuffix(".json")
+    return directories, not stem.isdigit(), int(stem) if stem.isdigit() else 0, name
+
+
 def download_math(cache_dir=CACHE_DIR / "math", url=MATH_URL, split_sizes=MATH_SPLIT_SIZES):
     """MATH's train and test splits as cached JSON lines; downloads and validates the archive once.
 
-    The archive holds MATH/<split>/<subject>/<id>.json with problem, level, type and solution.
-    Returns {split: path}.
+    The archive holds MATH/<split>/<subject>/<id>.json with problem, level, type and solution; rows
+    are written in math_file_order, so the first 200 test rows (the paper preset's evaluation set)
+    are the 200 lowest-numbered Algebra ones (test/algebra/1.json, 2, 6, 10, ... 498). Returns {split: path}.
     """
     cache_dir = Path(cache_dir)
     paths = {split: cache_dir / f"{split}.jsonl" for split in split_sizes}
@@ -218,7 +242,7 @@ def download_math(cache_dir=CACHE_DIR / "math", url=MATH_URL, split_sizes=MATH_S
             raise OSError(f"could not download MATH from {url} ({err}); pass local JSON-lines files with --data and --eval-data") from None
         rows = {split: [] for split in split_sizes}
         with tarfile.open(archive) as tar:
-            for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            for member in sorted(tar.getmembers(), key=math_file_order):
                 parts = member.name.split("/")
                 if not member.isfile() or len(parts) != 4 or parts[0] != "MATH" or parts[1] not in rows or not parts[3].endswith(".json"):
                     continue
@@ -252,31 +276,52 @@ def load_data(config):
         if skipped:
             print(f"{given}: skipped {skipped} rows with an empty answer")
         sources[name] = rows
-    eval_rows = sources["eval"]
-    if len(eval_rows) > config.eval_problems:  # a fixed sample, the same for every run and seed
-        keep = sorted(random.Random(0).sample(range(len(eval_rows)), config.eval_problems))
-        eval_rows = [eval_rows[i] for i in keep]
-    return sources["train"], eval_rows
+    return sources["train"], sources["eval"]
 
 
-def encode_prompts(rows, tokenizer, config):
-    """Token ids of each row's prompt; rows whose prompt is longer than max_prompt_tokens are dropped."""
+def encode_prompts(rows, tokenizer, config, what):
+    """Token ids of each row's prompt; rows whose prompt is longer than max_prompt_tokens are dropped and counted."""
     kept = []
     for row in rows:
         ids = tokenizer.encode(config.prompt_template.format(problem=row["problem"]))
         if len(ids) <= config.max_prompt_tokens:
             kept.append({**row, "prompt_ids": ids})
     if not kept:
-        raise ValueError(f"every prompt is longer than --max-prompt-tokens {config.max_prompt_tokens}")
+        raise ValueError(f"every {what} prompt is longer than --max-prompt-tokens {config.max_prompt_tokens}")
+    if len(kept) < len(rows):
+        print(f"{what}: dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than --max-prompt-tokens {config.max_prompt_tokens}")
     return kept
+
+
+def select_eval_rows(rows, config):
+    """The evaluation problems: the first eval_problems rows in file order (the reference code's
+    protocol), or with eval_sample a fixed sample (seed 0), the same for every run and seed.
+    Taken after the length filter, so a run evaluates on exactly eval_problems problems when the data has them."""
+    if len(rows) <= config.eval_problems:
+        return rows
+    if not config.eval_sample:
+        return rows[: config.eval_problems]
+    keep = sorted(random.Random(0).sample(range(len(rows)), config.eval_problems))
+    return [rows[i] for i in keep]
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
 
-def score(texts, golds, config):
+def score_strict(texts, golds):
+    """The reference code's reward (strict_match): linear-time string work, scored in this process."""
+    return [strict_match(text, gold) for text, gold in zip(texts, golds)], 0
+
+
+def score_symbolic(texts, golds, config):
+    """math_reward's symbolic equivalence, in worker processes bounded by --reward-timeout."""
     return score_batch(texts, golds, timeout=config.reward_timeout)
+
+
+def score(texts, golds, config):
+    """(rewards, timeouts) under the run's --reward."""
+    return score_strict(texts, golds) if config.reward == "strict" else score_symbolic(texts, golds, config)
 
 
 def generate_texts(model, tokenizer, prompts, config, temperature, generator):
@@ -284,7 +329,7 @@ def generate_texts(model, tokenizer, prompts, config, temperature, generator):
     results = []
     for start in range(0, len(prompts), config.eval_batch_size):
         batch = prompts[start : start + config.eval_batch_size]
-        tokens, mask = generate(model, batch, config.max_new_tokens, temperature=temperature, top_p=config.top_p,
+        tokens, mask = generate(model, batch, config.max_new_tokens, temperature=temperature, top_p=config.top_p, top_k=config.top_k,
                                 eos_token_id=tokenizer.eos_token_id, generator=generator, vocab_size=tokenizer.vocab_size)
         for row in range(len(batch)):
             ids = tokens[row][mask[row]].tolist()
@@ -294,17 +339,29 @@ def generate_texts(model, tokenizer, prompts, config, temperature, generator):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, eval_rows, config, step, out):
-    """Greedy accuracy and pass@k on the held-out rows; writes credit.html for a few completions."""
+    """Greedy accuracy and pass@k on the held-out rows under both rewards; writes credit.html for a few completions.
+
+    greedy_accuracy and pass@k are under the run's --reward; the _strict and _symbolic keys give
+    both checkers whatever trains (strict compares with the paper, symbolic counts right answers).
+    """
     model.eval()
     device = model.lm_head.weight.device
     prompts = [row["prompt_ids"] for row in eval_rows]
     golds = [row["answer"] for row in eval_rows]
     greedy = generate_texts(model, tokenizer, prompts, config, 0.0, None)
-    greedy_scores, _ = score([text for _, text in greedy], golds, config)
     generator = torch.Generator(device).manual_seed(config.seed * 1000 + step)  # apart from training's RNG
     sampled = generate_texts(model, tokenizer, [p for p in prompts for _ in range(config.pass_k)], config, config.temperature, generator)
-    sampled_scores, _ = score([text for _, text in sampled], [g for g in golds for _ in range(config.pass_k)], config)
-    passed = torch.tensor(sampled_scores).view(len(prompts), config.pass_k).amax(dim=1)  # (problems,)
+    result, timeouts = {"step": step}, 0
+    for reward, scorer in (("strict", score_strict), ("symbolic", lambda texts, golds: score_symbolic(texts, golds, config))):
+        greedy_scores, greedy_timeouts = scorer([text for _, text in greedy], golds)
+        sampled_scores, sampled_timeouts = scorer([text for _, text in sampled], [g for g in golds for _ in range(config.pass_k)])
+        passed = torch.tensor(sampled_scores).view(len(prompts), config.pass_k).amax(dim=1)  # (problems,)
+        result[f"greedy_accuracy_{reward}"] = sum(greedy_scores) / len(golds)
+        result[f"pass@{config.pass_k}_{reward}"] = passed.mean().item()
+        timeouts += greedy_timeouts + sampled_timeouts
+    result["greedy_accuracy"] = result[f"greedy_accuracy_{config.reward}"]
+    result[f"pass@{config.pass_k}"] = result[f"pass@{config.pass_k}_{config.reward}"]
+    result["reward_timeouts"] = timeouts
 
     shown = [(prompt, ids) for prompt, (ids, _) in zip(prompts, greedy) if ids][: config.html_completions]
     if shown:
@@ -319,7 +376,7 @@ def evaluate(model, tokenizer, eval_rows, config, step, out):
             for row, (_, ids) in enumerate(shown)
         ]
         write_atomically(Path(out) / "credit.html", join_pages(pages, step))
-    return {"step": step, "greedy_accuracy": sum(greedy_scores) / len(golds), f"pass@{config.pass_k}": passed.mean().item()}
+    return result
 
 
 def join_pages(pages, step):
@@ -405,13 +462,15 @@ def truncate_logs(out, step):
 
 
 def cosine_with_warmup(warmup_steps, total_steps):
-    """lr multiplier: linear warm-up to 1 over warmup_steps (step 0 already > 0), then cosine to 0."""
+    """lr multiplier of transformers' get_cosine_schedule_with_warmup (the reference code's):
+    step / warmup_steps during warm-up, so the first update runs at lr 0, then a half cosine to 0.
+    warmup 2, total 4 -> steps 0..4: 0, 0.5, 1, 0.5, 0."""
 
     def multiplier(step):
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return step / max(1, warmup_steps)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # held at 0 past the end (resume with more --steps)
 
     return multiplier
 
@@ -447,7 +506,8 @@ def run(config, resume=False):
     model.gradient_checkpointing = config.gradient_checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     train_rows, eval_rows = load_data(config)
-    train_rows, eval_rows = encode_prompts(train_rows, tokenizer, config), encode_prompts(eval_rows, tokenizer, config)
+    train_rows = encode_prompts(train_rows, tokenizer, config, "training")
+    eval_rows = select_eval_rows(encode_prompts(eval_rows, tokenizer, config, "evaluation"), config)
     generator = torch.Generator(device).manual_seed(config.seed)
 
     start_step = 0
@@ -482,7 +542,9 @@ def run(config, resume=False):
     def record_eval(step):
         evals.append(evaluate(model, tokenizer, eval_rows, config, step, out))
         write_atomically(out / "eval.json", json.dumps(evals, indent=1))
-        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in evals[-1].items() if k != "step"))
+        shown = ("greedy_accuracy", f"pass@{config.pass_k}") if config.reward == "symbolic" else (
+            "greedy_accuracy_strict", f"pass@{config.pass_k}_strict", "greedy_accuracy_symbolic", f"pass@{config.pass_k}_symbolic")
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {evals[-1][k]:.3f}" for k in shown))
 
     if start_step == 0:
         record_eval(0)
@@ -524,7 +586,11 @@ def run(config, resume=False):
 
 
 def report(directories):
-    """Markdown tables (ARCA.md §4): accuracy and concentration of each run."""
+    """Markdown tables (ARCA.md §4) of the runs in `directories`: accuracy under both checkers, and concentration.
+
+    Each row names its run directory; a run whose last evaluation is before its --steps, or that
+    has no adapter/ yet, is marked unfinished. Runs from before the strict checker show "-" there.
+    """
     rows = []
     for directory in directories:
         directory = Path(directory)
@@ -533,20 +599,33 @@ def report(directories):
             evals = json.loads((directory / "eval.json").read_text())
             metrics = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
         except (OSError, json.JSONDecodeError) as err:
-            raise SystemExit(f"--report: {directory} is not a finished run ({err})") from None
+            raise SystemExit(f"--report: {directory} is not a run directory ({err})") from None
         config, final = info["config"], evals[-1]
-        mean = lambda key: sum(m[key] for m in metrics) / len(metrics) if metrics else float("nan")
-        rows.append([config["credit"], config["rank"], f"{info['trainable_parameters']:,}", f"{final['greedy_accuracy']:.3f}",
-                     f"{final.get('pass@' + str(config['pass_k']), float('nan')):.3f}", f"{mean('reward_mean'):.3f}",
-                     f"{mean('weight_gini'):.3f}", f"{mean('effective_token_ratio'):.3f}", final["step"]])
-    table = lambda header, columns: "\n".join(
-        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
-    )
+        mean = lambda key: f"{sum(m[key] for m in metrics) / len(metrics):.3f}" if metrics else "-"
+        value = lambda key: f"{final[key]:.3f}" if key in final else "-"
+        pass_k = f"pass@{config['pass_k']}"
+        finished = final["step"] >= config["steps"] and (directory / "adapter").is_dir()
+        rows.append({
+            "run": f"`{directory}`" + ("" if finished else " (unfinished)"), "method": config["credit"], "rank": config["rank"],
+            "trainable params": f"{info['trainable_parameters']:,}", "reward": config.get("reward", "symbolic"),
+            "k": config["pass_k"], "greedy acc": value("greedy_accuracy"), "pass@k": value(pass_k),
+            "greedy strict": value("greedy_accuracy_strict"), "pass@k strict": value(f"{pass_k}_strict"),
+            "greedy symbolic": value("greedy_accuracy_symbolic"), "pass@k symbolic": value(f"{pass_k}_symbolic"),
+            "avg train reward": mean("reward_mean"), "Gini G(w)": mean("weight_gini"), "EffN/T": mean("effective_token_ratio"),
+            "steps": final["step"],
+        })
+
+    def table(columns):
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "-")) for c in columns) + " |" for row in rows])
+
     return (
-        "Accuracy (final evaluation)\n\n"
-        + table(["method", "rank", "trainable params", "greedy acc", "pass@4", "avg train reward", "steps"], [0, 1, 2, 3, 4, 5, 8])
+        "Accuracy (final evaluation; greedy acc and pass@k under the run's training reward)\n\n"
+        + table(["run", "method", "rank", "trainable params", "reward", "greedy acc", "k", "pass@k", "avg train reward", "steps"])
+        + "\n\nBoth checkers (strict: the reference code's string match, compare with the paper; symbolic: equivalent answers)\n\n"
+        + table(["run", "method", "rank", "greedy strict", "pass@k strict", "greedy symbolic", "pass@k symbolic"])
         + "\n\nCredit concentration (mean over steps)\n\n"
-        + table(["method", "rank", "Gini G(w)", "EffN/T"], [0, 1, 6, 7])
+        + table(["run", "method", "rank", "Gini G(w)", "EffN/T"])
     )
 
 
