@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from model import (Qwen3, Qwen3Config, apply_rotary, generate, load_tokenizer, rotary_cos_sin, sample_next_token,
-                   sample_top_p_by_rejection, sample_top_p_sorted)
+                   sample_top_p_by_rejection, sample_top_p_sorted, top_k_filter)
 import os
 import torch.nn as nn
 import torch.nn.functional as F
@@ -208,6 +208,9 @@ def test_mask_stops_at_first_eos(tiny_checkpoint):
         if len(first_eos):
             assert length == first_eos[0].item() + 1  # up to and including the first EOS
     assert (logprobs[mask] < 0).all() and (logprobs[~mask] == 0).all()
+    # drawn at T = 2, scored under the untempered model: what the training forward recomputes
+    forward_logprobs, _, _ = grpo.completion_forward(model, [[5, 9]] * 16, tokens, mask)
+    torch.testing.assert_close(logprobs[mask], forward_logprobs[mask], atol=1e-5, rtol=0)
 
 
 def test_top_p_keeps_exactly_the_nucleus():
@@ -229,6 +232,87 @@ def test_rows_past_the_real_vocabulary_are_never_drawn(tiny_checkpoint):
     assert (unmasked >= 80).any()  # the test can fail
     tokens, _ = generate(model, [[5, 9]] * 4, 8, temperature=1.0, top_p=1.0, eos_token_id=[], generator=g, vocab_size=80)
     assert (tokens < 80).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling details a bug would silently change: temperature, top-k, the entropy's sign, RMSNorm's eps
+
+
+def test_temperature_divides_the_logits():
+    logits = torch.tensor([2.0, 1.0, 0.0]).expand(20000, 3)
+    g = torch.Generator().manual_seed(0)
+    for top_p in (1.0, 0.999):  # the plain draw and the CPU top-p sampler
+        drawn = sample_next_token(logits, 2.0, top_p, g)
+        frequencies = torch.bincount(drawn, minlength=3).float() / len(drawn)
+        expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0]) / 2.0, dim=0)  # [0.506, 0.307, 0.186]; T * logits: [0.867, ...]
+        torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)
+
+
+def test_top_k_then_top_p_keeps_the_hand_computed_set():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log().expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    cases = [  # (top_k, top_p, kept)
+        (2, 1.0, {1, 3}), (3, 1.0, {1, 3, 2}), (0, 1.0, {0, 1, 2, 3}), (9, 1.0, {0, 1, 2, 3}),
+        (2, 0.6, {1}),  # top-k first: renormalised [0.625, 0.375], so 0.5's token alone reaches 0.6 ...
+        (0, 0.6, {1, 3}),  # ... which without top-k needs two tokens
+        (3, 0.8, {1, 3}), (1, 0.95, {1}),
+    ]
+    for top_k, top_p, kept in cases:
+        drawn = set(sample_next_token(logits, 1.0, top_p, g, top_k=top_k).tolist())
+        assert drawn == kept, (top_k, top_p, drawn)
+    assert top_k_filter(torch.tensor([[1.0, 3.0, 2.0, 0.5]]), 2).tolist() == [[float("-inf"), 3.0, 2.0, float("-inf")]]
+
+
+def test_seeded_draws_stay_in_transformers_warpers_kept_set():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 300, generator=g) * 3  # (B, V)
+    for temperature, top_k, top_p in [(1.0, 50, 0.95), (0.7, 10, 0.5), (1.3, 50, 1.0), (1.0, 0, 0.9)]:
+        warped = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            warped = TopKLogitsWarper(top_k)(None, warped)
+        if top_p < 1:
+            warped = TopPLogitsWarper(top_p)(None, warped)
+        kept = torch.isfinite(warped)  # (B, V) transformers' kept set, in its order: temperature, top-k, top-p
+        for _ in range(50):
+            drawn = sample_next_token(logits, temperature, top_p, g, top_k=top_k)  # (B,)
+            assert kept.gather(1, drawn[:, None]).all(), (temperature, top_k, top_p)
+        if top_k:
+            assert (kept.sum(dim=1) <= top_k).all()  # the test can fail: far fewer than 300 kept
+
+
+def test_sampler_never_loops_forever():
+    probs = torch.softmax(torch.randn(4, 50), dim=-1)
+    assert torch.equal(sample_top_p_by_rejection(probs, 0.0), probs.argmax(dim=-1))  # p = 0: the top token
+    probs[0, 3] = float("nan")  # garbage in: an answer, not a hang
+    assert sample_top_p_by_rejection(probs, 0.5).shape == (4,)
+
+
+def test_entropy_is_positive_and_hand_computed():
+    from model import token_logprobs
+
+    logprobs, entropies = token_logprobs(torch.zeros(2, 4), torch.tensor([0, 3]))  # uniform over 4
+    torch.testing.assert_close(entropies, torch.full((2,), math.log(4)))  # 1.386; a flipped sign gives -1.386
+    torch.testing.assert_close(logprobs, torch.full((2,), -math.log(4)))
+    p = torch.tensor([0.7, 0.2, 0.1])
+    _, entropy = token_logprobs(p.log()[None], torch.tensor([0]))
+    torch.testing.assert_close(entropy, -(p * p.log()).sum()[None])
+
+
+def test_rms_norm_puts_eps_inside_the_root():
+    from model import RMSNorm
+
+    norm = RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    x = torch.randn(3, 8) * 1e-3  # mean(x^2) ~ 1e-6 ~ eps, where the placement matters
+    expected = norm.weight * x / torch.sqrt((x ** 2).mean(dim=-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(norm(x), expected)
+    reference = transformers.models.qwen3.modeling_qwen3.Qwen3RMSNorm(8, eps=1e-6)
+    reference.weight.data.copy_(norm.weight.data)
+    torch.testing.assert_close(norm(x), reference(x))
 
 
 # ================================================================================================
@@ -374,6 +458,32 @@ def test_lora_linear_computes_the_formula():
     expected = x @ base.weight.T + base.bias + (x @ layer.lora_A.T @ layer.lora_B.T) * 6 / 3
     torch.testing.assert_close(layer(x), expected)
     assert not base.weight.requires_grad and layer.lora_A.requires_grad and layer.lora_B.requires_grad
+
+
+def test_lora_dropout_drops_the_input_not_the_update():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    layer = LoRALinear(base, rank=4, alpha=8, dropout=0.5).train()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 16)
+    torch.manual_seed(1)
+    ours = layer(x)
+    torch.manual_seed(1)  # the same mask, drawn by hand on the input (PEFT: lora_B(lora_A(dropout(x))) * scaling)
+    expected = base(x) + F.linear(F.linear(F.dropout(x, 0.5, training=True), layer.lora_A), layer.lora_B) * 2.0
+    torch.testing.assert_close(ours, expected)
+    # and PEFT's own layer, same weights, same random numbers
+    peft_model = get_peft_model(nn.Sequential(nn.Linear(16, 8)), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["0"]))
+    peft_layer = peft_model.base_model.model[0]
+    with torch.no_grad():
+        peft_layer.base_layer.weight.copy_(base.weight)
+        peft_layer.base_layer.bias.copy_(base.bias)
+        peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
+        peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+    peft_model.train()
+    torch.manual_seed(1)
+    torch.testing.assert_close(ours, peft_model(x))
+    layer.eval()
+    torch.testing.assert_close(layer(x), base(x) + F.linear(F.linear(x, layer.lora_A), layer.lora_B) * 2.0)  # eval: no dropout
 
 
 def test_adapter_stays_fp32_on_a_bf16_base():
@@ -677,6 +787,13 @@ def test_token_weights_hand_values():
     torch.testing.assert_close(token_weights(scores, mask, power=2.0), torch.tensor([[0.1, 0.9, 0.0]]))
 
 
+def test_token_weights_add_eps_before_the_power():
+    mask = full_mask(1, 2)
+    # ARCA.md §2: (alpha + eps)^p; with eps 1, p 2: (0 + 1)^2 : (1 + 1)^2 = 1 : 4 (eps after the power: 1 : 2)
+    torch.testing.assert_close(token_weights(torch.tensor([[0.0, 1.0]]), mask, eps=1.0, power=2.0), torch.tensor([[0.2, 0.8]]))
+    torch.testing.assert_close(token_weights(torch.tensor([[1.0, 3.0]]), mask, eps=1.0, power=1.0), torch.tensor([[1 / 3, 2 / 3]]))
+
+
 def test_token_weights_sum_to_one_on_every_valid_row():
     g = torch.Generator().manual_seed(2)
     scores = torch.rand(5, 9, generator=g) * 10  # (5, 9)
@@ -852,9 +969,8 @@ def test_group_advantages_hand_values():
     s = 0.5 / (1 / 3) ** 0.5  # (1 - 0.5) / sample std of [1, 0, 0, 1]
     torch.testing.assert_close(grpo_adv[:4], torch.tensor([s, -s, -s, s]))
     assert grpo_adv[4:8].tolist() == [0.0] * 4  # zero spread: 0, not NaN
-    q = 0.75 / (0.25 ** 0.5)  # [0, 0, 0, 1]: mean 0.25, sample std 0.5
+    # [0, 0, 0, 1]: mean 0.25, sample std 0.5 (population std 0.433 would give [-0.577, ..., 1.732])
     torch.testing.assert_close(grpo_adv[8:], torch.tensor([-0.5, -0.5, -0.5, 1.5]))
-    assert abs(q - 1.5) < 1e-6
     rloo = group_advantages(rewards, index, "rloo")
     torch.testing.assert_close(rloo[:4], torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
     torch.testing.assert_close(rloo[8:], torch.tensor([-1 / 3, -1 / 3, -1 / 3, 1.0]))
@@ -895,6 +1011,27 @@ def test_clipped_loss_equals_plain_with_one_update():
     # the clip does bite once the ratio leaves [1 - eps, 1 + eps] in the direction of the advantage
     far = policy_loss(logprobs, advantages, weights, 3, old_logprobs=logprobs.detach() - 1.0)
     assert not torch.allclose(torch.autograd.grad(far, logprobs)[0], plain_grad)
+
+
+def test_k3_kl_hand_value():
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    # r = ref - logp = -2 - (-1) = -1: exp(-1) + 1 - 1 = 0.3679 (the reversed ratio gives e - 2 = 0.7183)
+    assert k3_kl(torch.tensor([[-1.0]]), torch.tensor([[-2.0]]), mask, 1).item() == pytest.approx(math.exp(-1), abs=1e-6)
+    two = torch.tensor([[-1.0, -3.0, 0.0]]), torch.tensor([[-2.0, -3.0, 5.0]]), torch.tensor([[1, 1, 0]]).bool()
+    assert k3_kl(*two, 2).item() == pytest.approx(math.exp(-1) / 2 / 2, abs=1e-6)  # mean over 2 valid tokens, over N = 2
+
+
+def test_clipped_surrogate_takes_the_minimum():
+    weights = torch.ones(1, 1)
+    logprobs, old = torch.tensor([[0.0]], requires_grad=True), torch.tensor([[-1.0]])  # ratio e
+    # A = 1: min(e * 1, clip(e, 0.8, 1.2) * 1) = 1.2 (max would give e); loss = -1.2, no gradient through the clip
+    loss = policy_loss(logprobs, torch.tensor([1.0]), weights, 1, old_logprobs=old, clip_eps=0.2)
+    assert loss.item() == pytest.approx(-1.2)
+    assert torch.autograd.grad(loss, logprobs)[0].item() == 0.0
+    # A = -1: min(-e, -1.2) = -e, loss e, gradient -(-e) = e through the ratio
+    loss = policy_loss(logprobs, torch.tensor([-1.0]), weights, 1, old_logprobs=old, clip_eps=0.2)
+    assert loss.item() == pytest.approx(math.e)
+    assert torch.autograd.grad(loss, logprobs)[0].item() == pytest.approx(math.e)
 
 
 def test_k3_kl_nonnegative_and_zero_when_equal():
@@ -965,6 +1102,91 @@ def test_micro_batch_without_completion_tokens_does_not_crash(tiny_checkpoint):
         assert stats["loss"] == 0.0 and stats["rows"] == 0
 
 
+def perturbed_lora_model(directory, seed=0):
+    """A LoRA model whose adapter changes the output (B random), dropout 0, in train mode."""
+    return randomise_adapter(lora_tiny_model(directory), seed).train()
+
+
+STEP_BATCH = dict(
+    prompts=[[5, 9, 2], [4, 11]],
+    tokens=torch.tensor([[7, 8, 9, 1], [3, 4, 1, 1]]),
+    mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool(),
+    advantages=torch.tensor([1.0, -1.0]),
+)
+
+
+def test_reference_pass_switches_the_adapter_off(tiny_checkpoint):
+    """ARCA's h_base and the KL's pi_ref must come from the base model: checked against a model loaded without LoRA."""
+    b = STEP_BATCH
+    model = perturbed_lora_model(tiny_checkpoint[0])
+    stats, _ = grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], StepConfig(credit="arca", beta=0.1), 2)
+    base_model = Qwen3.from_pretrained(tiny_checkpoint[0], dtype=torch.float32)  # the oracle: no adapter at all
+    with torch.no_grad():
+        logprobs, _, h_adapted = grpo.completion_forward(model, b["prompts"], b["tokens"], b["mask"])
+        ref_logprobs, _, h_base = grpo.completion_forward(base_model, b["prompts"], b["tokens"], b["mask"])
+    expected_norms = arca_scores(h_adapted, h_base)[b["mask"]]  # (valid tokens,)
+    expected_kl = k3_kl(logprobs, ref_logprobs, b["mask"], 2).item()
+    assert expected_norms.sum() > 1.0 and expected_kl > 1e-3  # the adapter matters: with it on, both would be 0
+    assert stats["arca_norm_sum"] == pytest.approx(expected_norms.sum().item(), rel=1e-5)
+    assert stats["arca_norm_max"] == pytest.approx(expected_norms.max().item(), rel=1e-5)
+    assert stats["kl"] == pytest.approx(expected_kl, rel=1e-4)
+
+
+def lora_gradient(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+def test_beta_adds_the_kl_gradient(tiny_checkpoint):
+    b = STEP_BATCH
+    grads = {}
+    for beta in (0.0, 1.0):
+        model = perturbed_lora_model(tiny_checkpoint[0])
+        grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], StepConfig(credit="uniform", beta=beta), 2)
+        grads[beta] = lora_gradient(model)
+    model = perturbed_lora_model(tiny_checkpoint[0])  # the KL term's gradient alone, by autograd
+    logprobs, _, _ = grpo.completion_forward(model, b["prompts"], b["tokens"], b["mask"])
+    with torch.no_grad(), disable_adapter(model):
+        ref_logprobs, _, _ = grpo.completion_forward(model, b["prompts"], b["tokens"], b["mask"])
+    k3_kl(logprobs, ref_logprobs, b["mask"], 2).backward()
+    kl_grad = lora_gradient(model)
+    assert kl_grad.abs().sum() > 1e-3
+    torch.testing.assert_close(grads[1.0] - grads[0.0], kl_grad, atol=1e-6, rtol=1e-4)
+
+
+def eos_rollout():
+    """Two completions: one stops on EOS (id 1) at its third token, one is truncated at 4 tokens."""
+    tokens = torch.tensor([[7, 8, 1, 1], [3, 4, 5, 6]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
+    return grpo.Rollout([[5, 9, 2], [4, 11]], torch.tensor([0, 0]), tokens, mask, torch.zeros(2, 4), grpo.eos_positions(tokens, mask, 1))
+
+
+def test_eos_positions_are_read_at_the_last_valid_token():
+    rollout = eos_rollout()
+    assert rollout.ends_with_eos.tolist() == [True, False]
+    # a completion whose EOS falls in the last slot stopped; it is not truncated
+    assert grpo.eos_positions(torch.tensor([[3, 4, 5, 1]]), torch.ones(1, 4, dtype=torch.bool), 1).tolist() == [True]
+    assert grpo.eos_positions(torch.tensor([[3, 1, 1]]), torch.ones(1, 3, dtype=torch.bool), []).tolist() == [False]
+
+
+def test_no_credit_eos_leaves_eos_out_of_weights_and_gradient(tiny_checkpoint):
+    rollout = eos_rollout()
+    with_eos, without_eos = grpo.loss_mask(rollout, True), grpo.loss_mask(rollout, False)
+    assert torch.equal(with_eos, rollout.mask)
+    assert without_eos.tolist() == [[True, True, False, False], [True, True, True, True]]  # the truncated row is unchanged
+    weights = token_weights(torch.rand(2, 4), without_eos)
+    assert weights[0, 2] == 0 and weights.sum(dim=1).tolist() == pytest.approx([1.0, 1.0])
+
+    def gradient(eos_id, mask, credit="surprisal"):  # the EOS slot holds eos_id; its log-prob changes with it
+        model = perturbed_lora_model(tiny_checkpoint[0])
+        tokens = rollout.tokens.clone()
+        tokens[0, 2] = eos_id
+        grpo.train_micro_batch(model, rollout.prompts, tokens, mask, torch.tensor([1.0, -1.0]), StepConfig(credit=credit, beta=0.1), 2)
+        return lora_gradient(model)
+
+    assert torch.equal(gradient(1, without_eos), gradient(12, without_eos))
+    assert not torch.allclose(gradient(1, with_eos), gradient(12, with_eos))  # the test can fail
+
+
 class CharTokenizer:
     """The model.Tokenizer surface over single characters, for GRPO steps on the tiny checkpoint."""
 
@@ -1004,6 +1226,7 @@ def test_grpo_step_updates_lora_only_and_skips_non_finite(tiny_checkpoint):
 # ================================================================================================
 # train.py: the CLI, data, outputs, resume
 
+import dataclasses
 import subprocess
 import sys
 import tarfile
@@ -1058,13 +1281,19 @@ def parity_reward(texts, golds, config):
 def test_three_step_run_writes_every_output(char_run_setup, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "score", parity_reward)
     out = tmp_path / "run"
-    train.main(run_args(char_run_setup, out, "--steps", "3", "--eval-every", "2", "--save-every", "2"))
+    train.main(run_args(char_run_setup, out, "--steps", "3", "--eval-every", "2", "--save-every", "2", "--lora-dropout", "0"))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(METRIC_FIELDS <= set(m) for m in metrics)
-    assert all(m["arca_norm_mean"] is not None and m["logprob_gap"] < 0.5 for m in metrics)
+    assert all(m["logprob_gap"] < 1e-5 for m in metrics)  # dropout 0, fp32: the sampler's log-probs are the trainer's
+    assert [m["lr"] for m in metrics] == pytest.approx([0.0, 5e-2 / 3, 2 * 5e-2 / 3])  # the lr each step ran at (warm-up 3)
+    # B = 0 until the first update at a non-zero lr (step 2's): ARCA is exactly 0 and uniform, then the adapter shows
+    assert all(m["arca_norm_mean"] == 0.0 and m["weight_gini"] < 1e-6 for m in metrics[:2])
+    assert metrics[2]["arca_norm_mean"] > 1e-4 and metrics[2]["weight_gini"] > 1e-3
     evals = json.loads((out / "eval.json").read_text())
-    assert [e["step"] for e in evals] == [0, 2, 3] and all({"greedy_accuracy", "pass@2"} <= set(e) for e in evals)
+    keys = {"greedy_accuracy", "pass@2", "greedy_accuracy_strict", "pass@2_strict", "greedy_accuracy_symbolic", "pass@2_symbolic"}
+    assert [e["step"] for e in evals] == [0, 2, 3] and all(keys <= set(e) for e in evals)
+    assert all(e["greedy_accuracy"] == e["greedy_accuracy_symbolic"] for e in evals)  # the demo preset trains on symbolic
     info = json.loads((out / "config.json").read_text())
     assert info["config"]["credit"] == "arca" and info["trainable_parameters"] > 0
     page = (out / "credit.html").read_text()
@@ -1137,11 +1366,59 @@ def test_dry_run_of_the_paper_preset_prints_arca_md_settings(capsys):
         "max_new_tokens": 512, "temperature": 1.0, "top_p": 0.95, "rank": 64, "lora_alpha": 128.0, "lora_dropout": 0.05,
         "power": 2.0, "credit_eps": 1e-8, "eval_problems": 200, "pass_k": 4, "save_every": 20, "seed": 1337,
         "credit": "arca", "advantage": "grpo", "beta": 0.0, "updates_per_batch": 1, "dtype": "bfloat16",
+        # the reference code's protocol (ARCA.md §4): prompt, strict reward, EOS out of the loss, top-k 50, first 200 rows
+        "prompt_template": "Solve this math problem step by step. Put your final answer in \\boxed{{}}.\n\nProblem: {problem}\n",
+        "reward": "strict", "credit_eos": False, "top_k": 50, "eval_sample": False,
     }
     assert {k: config[k] for k in expected} == expected
     train.main(["--preset", "paper", "--rank", "4", "--credit", "uniform", "--dry-run"])
     config = json.loads(capsys.readouterr().out)
     assert (config["rank"], config["lora_alpha"], config["credit"]) == (4, 8.0, "uniform")
+
+
+def test_warm_up_and_cosine_equal_transformers_schedule():
+    def lrs(make_scheduler, steps=30):
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = make_scheduler(optimizer)
+        values = []
+        for _ in range(steps + 1):
+            values.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    for warmup, total in ((10, 30), (3, 30), (0, 30)):
+        ours = lrs(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, train.cosine_with_warmup(warmup, total)))
+        theirs = lrs(lambda opt: transformers.get_cosine_schedule_with_warmup(opt, warmup, total))
+        assert ours == pytest.approx(theirs, abs=1e-12)
+    assert ours[0] == 1.0 and lrs(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, train.cosine_with_warmup(10, 30)))[:2] == [0.0, 0.1]
+
+
+def test_first_eval_rows_in_file_order_or_a_seeded_sample(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps({"problem": f"p{i}", "answer": str(i)}) + "\n" for i in range(50)))
+    rows, _ = train.read_problems(path)
+    paper = dataclasses.replace(train.PAPER, eval_problems=5)
+    assert [r["answer"] for r in train.select_eval_rows(rows, paper)] == ["0", "1", "2", "3", "4"]
+    sample = train.select_eval_rows(rows, dataclasses.replace(paper, eval_sample=True))
+    answers = [int(r["answer"]) for r in sample]
+    assert len(answers) == 5 and answers == sorted(answers) and answers != [0, 1, 2, 3, 4]
+    assert train.select_eval_rows(rows, dataclasses.replace(paper, eval_sample=True)) == sample  # fixed, whatever the run's seed
+
+
+def test_math_files_sort_by_subject_then_numeric_id():
+    names = ["MATH/test/algebra/10.json", "MATH/test/prealgebra/1.json", "MATH/test/algebra/2.json", "MATH/test/algebra/1.json"]
+    members = sorted((tarfile.TarInfo(name) for name in names), key=train.math_file_order)
+    assert [m.name for m in members] == ["MATH/test/algebra/1.json", "MATH/test/algebra/2.json", "MATH/test/algebra/10.json",
+                                         "MATH/test/prealgebra/1.json"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "math").exists(), reason="needs ../shared/data")
+def test_first_200_math_test_rows_are_the_documented_ones():
+    rows = [json.loads(line) for line in (SHARED_DATA / "math" / "test5000.jsonl").read_text().splitlines()[:200]]
+    ids = [row["unique_id"] for row in rows]
+    assert ids[:4] == ["test/algebra/1.json", "test/algebra/2.json", "test/algebra/6.json", "test/algebra/10.json"]
+    assert ids[-1] == "test/algebra/498.json" and {row["subject"] for row in rows} == {"Algebra"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
@@ -1433,7 +1710,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from math_reward import extract_boxed, is_equiv, normalize_answer, score_batch
+from math_reward import extract_boxed, is_equiv, normalize_answer, score_batch, strict_match
 
 MATH_DATA_DIR = SHARED_DATA / "math"
 PWNED_FILE = Path("/tmp/arca_math_reward_pwned")  # created only if model text were executed
@@ -1794,6 +2071,42 @@ def test_adversarial_inputs_are_fast_and_harmless():
             assert elapsed < 2.0, (name, elapsed)
     print(f"\nslowest adversarial call: {slowest[0] * 1000:.0f} ms ({slowest[1]})")
     assert not PWNED_FILE.exists()
+
+
+STRICT_CASES = [  # (completion, gold, strict_match, math_reward)
+    ("so \\boxed{\\dfrac{1}{2}}.", "\\frac{1}{2}", 1.0, 1.0),  # \dfrac -> \frac
+    ("\\boxed{\\tfrac{1}{2}}", "\\frac{1}{2}", 1.0, 1.0),
+    ("\\boxed{ 12. }", "12", 1.0, 1.0),  # strip, trailing period
+    ("\\boxed{x  +\n y}", "x + y", 1.0, 1.0),  # whitespace runs to one space
+    ("\\boxed{\\left(3, 4\\right)}", "(3, 4)", 1.0, 1.0),  # \left, \right deleted
+    ("\\boxed{5\\,\\text{cm}}", "5\\text{cm}", 1.0, 1.0),  # \, and \text deleted: both sides read "5{cm}"
+    ("\\boxed{1} then \\boxed{2}", "2", 1.0, 1.0),  # the last box
+    ("\\boxed{a\\{b\\}}", "a\\{b\\}", 1.0, 1.0),  # balanced braces
+    # where the reference rejects what the symbolic checker accepts
+    ("\\boxed{0.5}", "\\frac{1}{2}", 0.0, 1.0),
+    ("\\boxed{x = 5}", "5", 0.0, 1.0),
+    ("\\boxed{1,000}", "1000", 0.0, 1.0),
+    ("\\boxed{(1,2)}", "(1, 2)", 0.0, 1.0),
+    ("\\boxed{ABC}", "abc", 0.0, 1.0),  # no lowercasing (the reference's docstring says so, its code does not)
+    # no answer
+    ("no box at all", "5", 0.0, 0.0),
+    ("\\boxed{5", "5", 0.0, 0.0),  # the last box never closes
+    ("\\boxed{5} and \\boxed{6", "5", 0.0, 0.0),  # ... and neither falls back to an earlier one
+]
+
+
+@pytest.mark.parametrize("completion, gold, strict, symbolic", STRICT_CASES)
+def test_strict_match_is_the_reference_codes_check(completion, gold, strict, symbolic):
+    assert strict_match(completion, gold) == strict
+    assert strict_match(completion, "Solution: so \\boxed{" + gold + "}.") == strict  # a gold solution: its last box
+    assert math_reward(completion, gold) == symbolic  # the two checkers differ exactly where the table says
+
+
+def test_strict_match_is_linear_on_hostile_text():
+    start = time.perf_counter()
+    assert strict_match("\\boxed{" * 200_000 + "x", "x") == 0.0
+    assert strict_match("{" * 10**6 + "\\boxed{1}", "1") == 1.0
+    assert time.perf_counter() - start < 2.0
 
 
 def test_math_solutions_score_one_against_their_own_answer():
