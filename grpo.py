@@ -291,11 +291,11 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
                 totals[key] = max(totals.get(key, value), value) if key == "arca_norm_max" else totals.get(key, 0) + value
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip).item()
         skipped = not (math.isfinite(grad_norm) and math.isfinite(totals["loss"]))
-        if skipped:
+        if skipped:  # the schedule counts updates: a skipped step does not advance it
             optimizer.zero_grad(set_to_none=True)
         else:
             optimizer.step()
-        scheduler.step()
+            scheduler.step()
         if update == 0:
             first_totals = totals
     train_done = time.perf_counter()

@@ -75,10 +75,14 @@ Safety guards (model text is untrusted; each guard rejects, it never truncates):
   the numbers under a root have at most MAX_ROOT_BITS bits (sympy factors
   radicands, and for a 999th root computes 998th powers);
 - `n!` and `\\binom{n}{k}` only for integers n, k <= MAX_FACTORIAL, or symbols;
+- a function's argument (sin, cos, log, ...) has at most MAX_ARGUMENT_BITS bits
+  of magnitude: `\\cos(5000! \\cdot 60)` is refused, not evaluated;
 - a set holds at most MAX_ELEMENTS elements (the matching is quadratic).
 Parsed expressions are never formatted into strings (printing some sympy
 objects can itself take unbounded time). What slips past these is bounded by
-`score_batch`'s per-item timeout.
+`score_batch`'s per-item timeout, and each worker's address space by
+WORKER_MEMORY_BYTES (RLIMIT_AS), so a huge number raises MemoryError (scored 0)
+instead of waking the kernel's OOM killer.
 """
 
 import multiprocessing
@@ -102,6 +106,8 @@ MAX_RESULT_BITS = 100_000  # bits of a number built by a^b
 MAX_ROOT_BITS = 64  # bits of the numbers under a root
 MAX_ROOT_INDEX = 100  # n in the n-th root, or in a^{m/n}
 MAX_FACTORIAL = 5000  # n in n! and \binom{n}{k}
+MAX_ARGUMENT_BITS = 1024  # magnitude of a function's argument: sin, cos, log, ...
+WORKER_MEMORY_BYTES = 2 * 2**30  # address space a scoring worker may add to what it holds at start
 MAX_ELEMENTS = 32  # elements of one tuple, set or matrix
 REL_TOL = 1e-9  # numeric equality: |a - b| <= REL_TOL * max(|a|, |b|)
 ABS_TOL = 1e-20  # ... or below this (values that are zero up to rounding)
@@ -532,7 +538,15 @@ def _divide(a, b):
 
 def _apply(function, argument):
     """function(argument) as written, even on a number: sympy's log asks whether
-    a 4000-digit integer is prime."""
+    a 4000-digit integer is prime. Refused when the argument is huge (more than
+    MAX_ARGUMENT_BITS bits, exactly or at the sample points): cos(5000!) at 30
+    digits needs 16,000 digits of pi."""
+    if _number_bits(argument) > MAX_ARGUMENT_BITS:
+        raise _Unparsable
+    if not argument.is_Number:
+        values = _fingerprint(argument, digits=15)
+        if values is not None and any(abs(value) > 2**MAX_ARGUMENT_BITS for value in values):
+            raise _Unparsable
     return function(argument, evaluate=False)
 
 
@@ -964,10 +978,23 @@ def strict_match(completion, gold):
 # 5. Batch scoring in worker processes with a hard timeout
 
 
+def _limit_address_space(extra_bytes):
+    """RLIMIT_AS = what this process maps now + extra_bytes (Linux; elsewhere nothing)."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as statm:
+            mapped = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + extra_bytes, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    except (ImportError, OSError, ValueError):
+        pass
+
+
 def _worker_main(connection):
     """Loop of one worker: receive (scorer, completion, gold), send the score.
     Ctrl-C is for the trainer; the parent decides when a worker ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _limit_address_space(WORKER_MEMORY_BYTES)
     connection.send("ready")
     while True:
         try:
@@ -1022,17 +1049,37 @@ class _WorkerPool:
 
     def score(self, completions, golds, timeout, scorer):
         """Give each idle, ready worker one item; wait for a result or the nearest
-        deadline; kill and replace a worker whose item is past its deadline."""
+        deadline; kill and replace a worker whose item is past its deadline.
+
+        A worker found dead (killed while idle, or between items) is replaced; an
+        item it was given, or was being given, scores 0 and is counted like a hung
+        one. Workers that keep dying while starting (more than 2 per worker in one
+        call: the environment is broken, not one input) end the call with an error."""
         scores = [0.0] * len(completions)
         n_timeouts = 0
+        start_failures = 0
         todo = deque(range(len(completions)))
         running = {}  # slot -> (item, deadline)
+
+        def worker_died(slot):
+            nonlocal n_timeouts, start_failures
+            if not self.workers[slot].ready:
+                start_failures += 1
+                if start_failures > 2 * len(self.workers):
+                    raise RuntimeError(f"score_batch: worker processes keep exiting while starting ({start_failures} in this call)")
+            if running.pop(slot, None) is not None:
+                n_timeouts += 1
+            self.replace_worker(slot)
+
         while todo or running:
             for slot, worker in enumerate(self.workers):
                 if todo and worker.ready and slot not in running:
                     item = todo.popleft()
-                    worker.connection.send((scorer, completions[item], golds[item]))
                     running[slot] = (item, time.monotonic() + timeout)
+                    try:
+                        worker.connection.send((scorer, completions[item], golds[item]))
+                    except OSError:  # BrokenPipe / ConnectionReset: it died while idle
+                        worker_died(slot)
             next_deadline = min((deadline for _, deadline in running.values()), default=None)
             wait_s = None if next_deadline is None else max(0.0, next_deadline - time.monotonic())
             ready_connections = wait([worker.connection for worker in self.workers], timeout=wait_s)
@@ -1041,12 +1088,8 @@ class _WorkerPool:
                     continue
                 try:
                     message = worker.connection.recv()
-                except EOFError:  # the worker died: its item scores 0
-                    if not worker.ready:
-                        raise RuntimeError("a score_batch worker process exited while starting")
-                    if running.pop(slot, None) is not None:
-                        n_timeouts += 1
-                    self.replace_worker(slot)
+                except (EOFError, OSError):  # the worker died: its item, if any, scores 0
+                    worker_died(slot)
                     continue
                 if message == "ready":
                     worker.ready = True

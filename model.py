@@ -63,7 +63,7 @@ class Qwen3Config:
     max_position_embeddings: int = 32768
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = False  # transformers' default when config.json leaves it out; Qwen3-1.7B-Base says true
     attention_bias: bool = False
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151643
@@ -356,20 +356,22 @@ def resolve_checkpoint(path_or_hub_id):
 
 
 def checkpoint_files(directory):
-    """The safetensors files of a checkpoint: `model.safetensors`, or the shards of its index."""
+    """{file: names its index assigns to it, or None without an index}: `model.safetensors`, or the shards of its index."""
     index_path = directory / "model.safetensors.index.json"
     if index_path.exists():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as err:
             raise ValueError(f"{index_path}: expected JSON with a 'weight_map' object ({err})") from None
-        shard_names = sorted(set(weight_map.values()))
-        for name in shard_names:
-            if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
-                raise ValueError(f"{index_path}: shard name {name!r} must be a plain file name inside {directory}")
-        files = [directory / name for name in shard_names]
+        files = {}
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise ValueError(f"{index_path}: shard name {shard!r} must be a plain file name inside {directory}")
+            files.setdefault(directory / shard, set()).add(name)
+        files = dict(sorted(files.items()))
     else:
-        files = [directory / "model.safetensors"]
+        files = {directory / "model.safetensors": None}
     for file in files:
         if not file.exists():
             raise FileNotFoundError(f"{file}: missing weights file" + (f" (listed in {index_path.name})" if index_path.exists() else ""))
@@ -379,30 +381,64 @@ def checkpoint_files(directory):
     return files
 
 
+def some_names(names, shown=5):
+    names = sorted(names)
+    return f"{names[:shown]}{' ...' if len(names) > shown else ''} ({len(names)} in all)"
+
+
 def load_weights(model, directory, device, dtype):
-    """Read every tensor onto `device` as `dtype`, strictly: names and shapes must match the model.
+    """Read every tensor onto `device` as `dtype`, strictly: names, shapes and float dtypes must match the model,
+    each name in exactly one file (the one the index names).
 
     Tensors are read one at a time from memory-mapped files, so host memory stays near one tensor
-    beyond the weights themselves. A tied checkpoint has no `lm_head.weight` (it is the embedding);
-    one that stores it anyway has it ignored.
+    beyond the weights themselves. A tied checkpoint (tie_word_embeddings true) uses the embedding as
+    lm_head; a tied file that stores a different `lm_head.weight` is refused, and an untied config
+    (transformers' default when the key is missing) needs `lm_head.weight` in the files.
     """
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied lm_head appears once
     tied = model.config.tie_word_embeddings
-    loaded = {}
-    for file in checkpoint_files(directory):
-        with safe_open(file, framework="pt", device="cpu") as reader:
-            for name in reader.keys():
-                if tied and name == "lm_head.weight":
+    loaded, found_in, unexpected, stored_head = {}, {}, [], None
+    for file, assigned in checkpoint_files(directory).items():
+        try:
+            reader = safe_open(file, framework="pt", device="cpu")
+        except Exception as err:  # empty, truncated, HTML error page, ...
+            raise ValueError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+        with reader:
+            names = set(reader.keys())
+            if assigned is not None and names != assigned:
+                wrong = (names - assigned) | (assigned - names)
+                raise ValueError(f"{file}: its tensors differ from what model.safetensors.index.json assigns to it: {some_names(wrong)}")
+            for name in sorted(names):
+                if name in found_in:
+                    raise ValueError(f"{file}: tensor {name!r} is also in {found_in[name]}; each tensor must be in one file")
+                found_in[name] = file
+                if name not in expected and not (tied and name == "lm_head.weight"):
+                    unexpected.append(name)
                     continue
-                if name not in expected:
-                    raise ValueError(f"{file}: unexpected tensor {name!r}; is this a Qwen3 checkpoint? (expected names like model.layers.0.self_attn.q_proj.weight)")
-                shape = tuple(reader.get_slice(name).get_shape())
-                if shape != expected[name]:
-                    raise ValueError(f"{file}: tensor {name!r} has shape {shape}, expected {expected[name]} from config.json")
-                loaded[name] = reader.get_tensor(name).to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(loaded))
+                tensor_slice = reader.get_slice(name)
+                if not tensor_slice.get_dtype().startswith(("F", "BF")):
+                    raise ValueError(f"{file}: tensor {name!r} has dtype {tensor_slice.get_dtype()}, expected floating point weights")
+                shape = tuple(tensor_slice.get_shape())
+                wanted = expected["model.embed_tokens.weight" if name == "lm_head.weight" and tied else name]
+                if shape != wanted:
+                    raise ValueError(f"{file}: tensor {name!r} has shape {shape}, expected {wanted} from config.json")
+                if tied and name == "lm_head.weight":
+                    stored_head = (file, reader.get_tensor(name))
+                else:
+                    loaded[name] = reader.get_tensor(name).to(device=device, dtype=dtype)
+    if unexpected:
+        raise ValueError(f"{directory}: unexpected tensor(s) {some_names(unexpected)}; is this a Qwen3 checkpoint? "
+                         "(expected names like model.layers.0.self_attn.q_proj.weight)")
+    missing = set(expected) - set(loaded)
     if missing:
-        raise ValueError(f"{directory}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+        hint = (" config.json says the head is untied (tie_word_embeddings is false or missing, as in transformers), "
+                "but the files hold no lm_head.weight" if missing == {"lm_head.weight"} else "")
+        raise ValueError(f"{directory}: missing tensor(s) {some_names(missing)}.{hint}")
+    if stored_head is not None:
+        file, head = stored_head
+        if not torch.equal(head.to(device=device, dtype=dtype), loaded["model.embed_tokens.weight"]):
+            raise ValueError(f"{file}: config.json ties lm_head to the embedding (tie_word_embeddings true), but the file holds "
+                             "a different lm_head.weight; set tie_word_embeddings false if the head is its own")
     for name, tensor in loaded.items():
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor))

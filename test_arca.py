@@ -349,8 +349,23 @@ def test_loader_errors_name_the_problem(tmp_path, tiny_checkpoint):
 
     with pytest.raises(ValueError, match=r"missing tensor.*model\.norm\.weight"):
         Qwen3.from_pretrained(with_tensors("missing", lambda t: t.pop("model.norm.weight")))
-    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.extra\.weight'"):
-        Qwen3.from_pretrained(with_tensors("unexpected", lambda t: t.update({"model.extra.weight": torch.zeros(2)})))
+    extras = {f"model.extra{i}.weight": torch.zeros(2) for i in range(7)}
+    with pytest.raises(ValueError, match=r"unexpected tensor\(s\) \['model\.extra0\.weight', .*\.\.\. \(7 in all\)"):
+        Qwen3.from_pretrained(with_tensors("unexpected", lambda t: t.update(extras)))
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has dtype I32, expected floating point"):
+        Qwen3.from_pretrained(with_tensors("int", lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)})))
+    different_head = lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] + 1})
+    with pytest.raises(ValueError, match=r"ties lm_head.*different lm_head\.weight"):
+        Qwen3.from_pretrained(with_tensors("tied-with-head", different_head))
+    same_head = lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()})
+    Qwen3.from_pretrained(with_tensors("tied-with-same-head", same_head))  # a redundant copy is fine
+
+    for name, content in (("empty", b""), ("html", b"<!DOCTYPE html><html>404</html>"), ("truncated", None)):
+        directory = copy(name)
+        weights = directory / "model.safetensors"
+        weights.write_bytes(content if content is not None else weights.read_bytes()[:1000])
+        with pytest.raises(ValueError, match=re.escape(str(weights)) + ": not a readable safetensors file"):
+            Qwen3.from_pretrained(directory)
     bad_shape = lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(65, 32)})
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*\(65, 32\).*\(64, 32\)"):
         Qwen3.from_pretrained(with_tensors("shape", bad_shape))
@@ -370,12 +385,49 @@ def test_loader_errors_name_the_problem(tmp_path, tiny_checkpoint):
     with pytest.raises(ValueError, match="plain file name"):
         Qwen3.from_pretrained(directory)
 
+    # two shards: a tensor in both, or an index that names the wrong shard for a tensor
+    directory = copy("two-shards")
+    tensors = load_file(directory / "model.safetensors")
+    (directory / "model.safetensors").unlink()
+    first = {k: v for k, v in tensors.items() if k != "model.norm.weight"}
+    save_file(first, directory / "a.safetensors")
+    save_file({"model.norm.weight": tensors["model.norm.weight"], "model.embed_tokens.weight": tensors["model.embed_tokens.weight"]},
+              directory / "b.safetensors")
+    weight_map = {**{k: "a.safetensors" for k in first}, "model.norm.weight": "b.safetensors"}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=r"b\.safetensors: its tensors differ from what model\.safetensors\.index\.json assigns"):
+        Qwen3.from_pretrained(directory)  # b also holds the embedding, which the index puts in a
+    weight_map["model.embed_tokens.weight"] = "b.safetensors"
+    save_file({k: v for k, v in first.items()}, directory / "a.safetensors")  # ... and a still holds it too
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=r"a\.safetensors: its tensors differ"):
+        Qwen3.from_pretrained(directory)
+
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         Qwen3.from_pretrained(tmp_path / "does-not-exist")
 
 
 # ================================================================================================
 # model.py: tokenizer
+
+
+def test_config_without_tie_word_embeddings_is_untied_as_in_transformers(tmp_path):
+    directory, reference = save_tiny_checkpoint(tmp_path / "untied", tie_word_embeddings=False)
+    config = json.loads((directory / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (directory / "config.json").write_text(json.dumps(config))
+    ours = Qwen3.from_pretrained(directory, dtype=torch.float32)
+    assert not ours.config.tie_word_embeddings
+    ids = torch.tensor([[3, 11, 4, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.lm_head(ours(ids)), reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    # a tied checkpoint whose config lost the key: the missing head is named, with the reason
+    tied, _ = save_tiny_checkpoint(tmp_path / "tied")
+    config = json.loads((tied / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (tied / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"lm_head\.weight.*untied \(tie_word_embeddings is false or missing"):
+        Qwen3.from_pretrained(tied)
 
 
 def test_tokenizer_knows_eos_and_pad(tmp_path, tiny_checkpoint):

@@ -18,7 +18,9 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
+import signal
 import shutil
 import sys
 import tarfile
@@ -192,8 +194,12 @@ def read_problems(path):
     A row gives `answer`, or a `solution` whose last \\boxed{} is the answer. Returns (rows, skipped).
     """
     rows, skipped = [], 0
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -389,6 +395,13 @@ def join_pages(pages, step):
 
 # ----------------------------------------------------------------------------------------------
 # Files: atomic writes, checkpoints, resume
+#
+# A run directory holds only what this project writes (RUN_FILES, RUN_DIRECTORIES). A directory
+# that holds anything else is refused as --out, and nothing is ever deleted that is not one of these.
+
+RUN_FILES = ("config.json", "metrics.jsonl", "eval.json", "credit.html")
+RUN_DIRECTORIES = ("checkpoint", "checkpoint.tmp", "checkpoint.old", "adapter", "adapter.tmp")
+MAX_SKIPPED_IN_A_ROW = 3  # non-finite steps in a row before the run stops
 
 
 def write_atomically(path, text):
@@ -413,48 +426,151 @@ def set_rng_states(states, generator):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(out, model, optimizer, scheduler, step, data_position, generator, config):
-    """checkpoint/ = adapter (PEFT) + state.pt; written beside, then swapped in, never half-written."""
+def save_checkpoint(out, model, optimizer, scheduler, step, rng, config):
+    """checkpoint/ = adapter (PEFT) + state.pt, for the step boundary `step` with its RNG states `rng`.
+
+    Written to checkpoint.tmp, then swapped in: checkpoint -> checkpoint.old, checkpoint.tmp ->
+    checkpoint, checkpoint.old removed. A kill at any point leaves checkpoint/ or checkpoint.old/
+    complete (find_checkpoint takes the first), and each save first clears what a killed one left.
+    """
     out = Path(out)
     staged, current, previous = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir()
     save_adapter(model, staged / "adapter", config.model)
-    state = {"step": step, "data_position": data_position, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": rng_states(generator), "config": asdict(config)}
+    state = {"step": step, "data_position": step * config.prompts_per_micro_batch * config.micro_batches,
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng, "config": asdict(config)}
     torch.save(state, staged / "state.pt")
-    if current.exists():
+    if current.exists():  # complete (it was renamed into place whole), so a leftover checkpoint.old is stale
+        shutil.rmtree(previous, ignore_errors=True)
         current.rename(previous)
     staged.rename(current)
     shutil.rmtree(previous, ignore_errors=True)
 
 
 def find_checkpoint(out):
-    """The newest complete checkpoint directory, or None (a crash mid-swap leaves checkpoint.old)."""
+    """The newest complete checkpoint directory, or None (a kill mid-swap leaves checkpoint.old)."""
     for name in ("checkpoint", "checkpoint.old"):
         if (Path(out) / name / "state.pt").exists():
             return Path(out) / name
     return None
 
 
+def load_state(path, device):
+    """state.pt, read with weights_only=True: tensors, numbers, strings, lists, tuples and dicts, never code."""
+    try:
+        return torch.load(path, weights_only=True, map_location=device)
+    except pickle.UnpicklingError as err:
+        raise SystemExit(f"{path}: refused: it holds more than tensors, numbers, strings, lists and dicts, which a checkpoint "
+                         f"written by train.py never does, so loading it could run code ({str(err).splitlines()[0]})") from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise SystemExit(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def is_run_directory(out):
+    """Whether out/config.json is one that train.py wrote."""
+    try:
+        info = json.loads((Path(out) / "config.json").read_text())
+        return isinstance(info, dict) and isinstance(info.get("config"), dict) and "trainable_parameters" in info
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
 def check_resumable(out, config):
-    """The saved config must equal this one in everything but the step budget."""
+    """The saved config must equal this one in everything but the step budget and the output path."""
     saved = json.loads((Path(out) / "config.json").read_text())["config"]
     current = asdict(config)
-    differences = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if k != "steps" and saved.get(k) != current[k]]
+    differences = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if k not in ("steps", "out") and saved.get(k) != current[k]]
     if differences:
         raise SystemExit(f"--resume: the config differs from the run in {out} (only --steps may change):\n  " + "\n  ".join(differences))
 
 
+def prepare_out(out, resume):
+    """The checkpoint to resume from, or None for a fresh start in `out`; refuses what would lose a user's files.
+
+    - missing or empty: a fresh start;
+    - holding files this project did not write (no config.json of ours): refused, nothing touched;
+    - a run that stopped before its first checkpoint: started again (with or without --resume),
+      after removing only the files the project writes;
+    - a run with a checkpoint: needs --resume.
+    """
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        if resume:
+            raise SystemExit(f"--resume: no run in {out}")
+        return None
+    if not out.is_dir() or not is_run_directory(out):
+        found = sorted(p.name for p in out.iterdir())[:5] if out.is_dir() else ["(a file)"]
+        raise SystemExit(f"{out} exists and is not a run directory of this project (it holds {', '.join(found)}); "
+                         "nothing was touched: pass a new or empty --out")
+    checkpoint = find_checkpoint(out)
+    if checkpoint is None:
+        print(f"{out}: the run there stopped before its first checkpoint; starting it again")
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+            (out / (name + ".tmp")).unlink(missing_ok=True)
+        for name in ("checkpoint.tmp", "adapter.tmp"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        return None
+    if not resume:
+        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or --out for a new one (nothing was overwritten)")
+    return checkpoint
+
+
+def read_metrics(out):
+    """metrics.jsonl's rows; a torn last line (a kill or a full disk mid-write) is dropped, any other bad line is an error."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                print(f"{path}: dropped a torn last line ({len(line)} characters)")
+                break
+            raise SystemExit(f"{path}:{number}: not valid JSON; fix or remove that line to resume") from None
+    return rows
+
+
 def truncate_logs(out, step):
-    """Keep each step once: drop metrics and evaluations written after the checkpoint."""
-    metrics = Path(out) / "metrics.jsonl"
-    if metrics.exists():
-        lines = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        write_atomically(metrics, "".join(line + "\n" for line in lines))
+    """Keep each step once: drop metrics and evaluations written after the checkpoint (and a torn line)."""
+    rows = [row for row in read_metrics(out) if row["step"] <= step]
+    write_atomically(Path(out) / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     evals = Path(out) / "eval.json"
     if evals.exists():
         write_atomically(evals, json.dumps([e for e in json.loads(evals.read_text()) if e["step"] <= step], indent=1))
+
+
+def append_line(path, row):
+    """One JSON line, flushed to the disk before the step counts as done."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM during training: the first lets the step in progress finish, then
+    the run saves that step's checkpoint and exits (130, 143); a second stops at once."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        tqdm.write(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (send it again to stop now)")
+
+
+def save_final_adapter(out, model, config):
+    staged = out / "adapter.tmp"
+    shutil.rmtree(staged, ignore_errors=True)
+    save_adapter(model, staged, config.model)
+    shutil.rmtree(out / "adapter", ignore_errors=True)
+    staged.rename(out / "adapter")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,22 +592,30 @@ def cosine_with_warmup(warmup_steps, total_steps):
 
 
 def step_prompts(train_rows, step, prompts_per_step, seed):
-    """The prompts of one step: a fresh seeded permutation of the data each epoch. Returns (rows, data position)."""
-    position = step * prompts_per_step
+    """The prompts of one step: a fresh seeded permutation of the data each epoch."""
     rows = []
-    for index in range(position, position + prompts_per_step):
+    for index in range(step * prompts_per_step, (step + 1) * prompts_per_step):
         epoch, offset = divmod(index, len(train_rows))
         order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed + epoch))
         rows.append(train_rows[order[offset]])
-    return rows, position + prompts_per_step
+    return rows
+
+
+def is_eval_step(step, config):
+    return step == 0 or step % config.eval_every == 0 or step == config.steps
 
 
 def run(config, resume=False):
+    """Train (or resume) one run in config.out; returns the directory.
+
+    Durability: a step counts as done once its metrics line is on disk. SIGINT/SIGTERM let the
+    step in progress finish, save its checkpoint and exit 130/143. An error (or a second signal)
+    saves the last finished step's checkpoint when the adapter has not moved since, so a resume
+    from any of these is bit-identical to an uninterrupted run; the run also stops, with a
+    checkpoint, after MAX_SKIPPED_IN_A_ROW non-finite steps in a row.
+    """
     out = Path(config.out)
-    if (out / "config.json").exists() and not resume:
-        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or --out for a new one (nothing was overwritten)")
-    if resume and not (out / "config.json").exists():
-        raise SystemExit(f"--resume: no run in {out} (no config.json)")
+    checkpoint_dir = prepare_out(out, resume)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -509,28 +633,20 @@ def run(config, resume=False):
     train_rows = encode_prompts(train_rows, tokenizer, config, "training")
     eval_rows = select_eval_rows(encode_prompts(eval_rows, tokenizer, config, "evaluation"), config)
     generator = torch.Generator(device).manual_seed(config.seed)
-
-    start_step = 0
-    checkpoint_dir = find_checkpoint(out) if resume else None
-    if resume:
-        check_resumable(out, config)
-        if checkpoint_dir is None:
-            raise SystemExit(f"--resume: {out} has no checkpoint yet; start it again with a new --out")
-        load_adapter(model, checkpoint_dir / "adapter")
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config.warmup_steps, config.steps))
-    evals = []
+
+    start_step, evals = 0, []
     if checkpoint_dir is not None:
-        state = torch.load(checkpoint_dir / "state.pt", weights_only=False, map_location=device)
+        check_resumable(out, config)
+        state = load_state(checkpoint_dir / "state.pt", device)
+        load_adapter(model, checkpoint_dir / "adapter")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_states(state["rng"], generator)
         start_step = state["step"]
         truncate_logs(out, start_step)
         evals = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
-        if start_step >= config.steps:
-            print(f"{out}: already finished at step {start_step}; raise --steps to train further")
-            return out
         print(f"resuming {out} at step {start_step}")
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -546,37 +662,63 @@ def run(config, resume=False):
             "greedy_accuracy_strict", f"pass@{config.pass_k}_strict", "greedy_accuracy_symbolic", f"pass@{config.pass_k}_symbolic")
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {evals[-1][k]:.3f}" for k in shown))
 
-    if start_step == 0:
-        record_eval(0)
-    prompts_per_step = config.prompts_per_micro_batch * config.micro_batches
-    step = start_step
-    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", dynamic_ncols=True)
+    # The last finished step: its number, RNG states and scheduler position (the adapter and
+    # optimiser are the live ones, unchanged until the next update).
+    done, done_rng, done_updates = start_step, rng_states(generator), scheduler.last_epoch
+    saved = start_step if checkpoint_dir is not None else None  # the step of the newest checkpoint
+    stop = StopRequest()
+    handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    skipped_in_a_row = 0
     try:
+        if is_eval_step(done, config) and done not in [e["step"] for e in evals]:
+            record_eval(done)  # step 0, or an evaluation a stop interrupted
+        bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", dynamic_ncols=True)
         for step_index in bar:
-            rows, data_position = step_prompts(train_rows, step_index, prompts_per_step, config.seed)
+            if stop.signal is not None:
+                break
+            rows = step_prompts(train_rows, step_index, config.prompts_per_micro_batch * config.micro_batches, config.seed)
             metrics, _, _ = grpo_step(
                 model, optimizer, scheduler, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows],
                 tokenizer, lambda texts, golds: score(texts, golds, config), config, generator,
             )
-            step = step_index + 1
-            with open(out / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+            append_line(out / "metrics.jsonl", {"step": step_index + 1, **metrics})
+            done, done_rng, done_updates = step_index + 1, rng_states(generator), scheduler.last_epoch
             seconds = metrics["rollout_s"] + metrics["reward_s"] + metrics["train_s"]
             bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", gini=f"{metrics['weight_gini']:.2f}", s_per_step=f"{seconds:.1f}")
-            if step % config.eval_every == 0 or step == config.steps:
-                record_eval(step)
-            if step % config.save_every == 0 or step == config.steps:
-                save_checkpoint(out, model, optimizer, scheduler, step, data_position, generator, config)
-    except KeyboardInterrupt:
-        data_position = step * prompts_per_step
-        save_checkpoint(out, model, optimizer, scheduler, step, data_position, generator, config)
-        print(f"\ninterrupted: checkpoint saved at step {step} in {out}; continue with --resume")
-        raise SystemExit(130)
-    staged = out / "adapter.tmp"
-    shutil.rmtree(staged, ignore_errors=True)
-    save_adapter(model, staged, config.model)
-    shutil.rmtree(out / "adapter", ignore_errors=True)
-    staged.rename(out / "adapter")
+            skipped_in_a_row = skipped_in_a_row + 1 if metrics["skipped_update"] else 0
+            if is_eval_step(done, config):
+                record_eval(done)
+            if done % config.save_every == 0 or done == config.steps or skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                save_checkpoint(out, model, optimizer, scheduler, done, done_rng, config)
+                saved = done
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise SystemExit(f"stopping: {skipped_in_a_row} steps in a row had a non-finite loss or gradient and were skipped "
+                                 f"(steps {done - skipped_in_a_row + 1}-{done}); checkpoint at step {done} in {out}. Check the "
+                                 "rewards for NaN, or lower --lr; --dtype float32 rules out bf16 overflow")
+    except BaseException as err:
+        if isinstance(err, SystemExit):
+            raise
+        moved = scheduler.last_epoch != done_updates  # an update ran after the last finished step
+        if not moved:
+            save_checkpoint(out, model, optimizer, scheduler, done, done_rng, config)
+        what = "stopped" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__} during step {done + 1}"
+        print(f"\n{what}: " + (f"checkpoint saved at step {done} in {out}; continue with --resume" if not moved else
+                               f"the adapter had moved; {out}'s last checkpoint stands, continue with --resume"), file=sys.stderr)
+        if isinstance(err, KeyboardInterrupt):
+            raise SystemExit(130) from None
+        raise
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if stop.signal is not None and done < config.steps:
+        if saved != done:
+            save_checkpoint(out, model, optimizer, scheduler, done, done_rng, config)
+        print(f"\n{signal.Signals(stop.signal).name}: checkpoint saved at step {done} in {out}; continue with --resume")
+        raise SystemExit(128 + stop.signal)
+    if start_step >= config.steps:
+        print(f"{out}: already finished at step {start_step}; raise --steps to train further")
+    if not (out / "adapter" / "adapter_config.json").exists() or start_step < config.steps:
+        save_final_adapter(out, model, config)  # a resume also writes what a finished run lacks
     print(f"done: adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, evaluations in {out / 'eval.json'}")
     return out
 
@@ -638,8 +780,10 @@ def main(argv=None):
         print(json.dumps(asdict(config), indent=1))
         return
     if config.preset == "paper" and not torch.cuda.is_available():
-        raise SystemExit("the paper preset needs a CUDA GPU (Qwen3-1.7B, 100 GRPO steps). On this machine run the "
-                         "CPU demo instead: python train.py --preset demo")
+        if config.model == PAPER.model:
+            raise SystemExit("the paper preset with Qwen3-1.7B needs a CUDA GPU (100 GRPO steps of 32 completions of up to 512 tokens). "
+                             "On this machine run the CPU demo, python train.py --preset demo, or pass a small local --model DIR")
+        print(f"no CUDA GPU: running the paper preset on the CPU with {config.model}; expect it to be slow")
     if not preset_given:
         print("No CUDA GPU found: running the demo preset (a tiny Qwen3 learning synthetic arithmetic on the CPU, "
               "a few minutes). On a GPU, `python train.py` runs the paper's MATH experiment." if config.preset == "demo"
