@@ -1279,6 +1279,8 @@ def test_grpo_step_updates_lora_only_and_skips_non_finite(tiny_checkpoint):
 # train.py: the CLI, data, outputs, resume
 
 import dataclasses
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -1407,6 +1409,255 @@ def test_resume_after_sigkill_gives_the_identical_adapter(char_run_setup, tmp_pa
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------------------------
+# Durable runs: real signals to a real child process, real files on disk
+
+FAULTS = """
+import os, signal, sys, pathlib, shutil
+import torch
+sys.path.insert(0, {repo!r})
+import grpo, train
+plan = {plan!r}  # (hook, call number, what): what is a signal number, 'twice:<n>', 'kill' or 'raise'
+calls = {{}}
+
+def hit(hook):
+    calls[hook] = calls.get(hook, 0) + 1
+    if plan[0] != hook or calls[hook] != plan[1]:
+        return
+    what = plan[2]
+    if what == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif what == "raise":
+        raise RuntimeError("injected failure")
+    elif str(what).startswith("twice:"):
+        os.kill(os.getpid(), int(what[6:]))
+        os.kill(os.getpid(), int(what[6:]))
+    else:
+        os.kill(os.getpid(), what)
+
+def wrap(owner, name, hook):
+    real = getattr(owner, name)
+    def wrapped(*args, **kwargs):
+        hit(hook)
+        return real(*args, **kwargs)
+    setattr(owner, name, wrapped)
+
+parity = lambda texts, golds, *rest: ([float(len(text) % 2) for text in texts], 0)
+train.score = train.score_symbolic = lambda texts, golds, config: parity(texts, golds)
+train.score_strict = parity
+wrap(grpo, "sample_rollouts", "rollout")
+wrap(train, "score", "reward")
+wrap(train, "evaluate", "eval")
+real_step = torch.optim.AdamW.step
+def step_then_hit(self, *args, **kwargs):
+    result = real_step(self, *args, **kwargs)
+    hit("after_update")
+    return result
+torch.optim.AdamW.step = step_then_hit
+real_save = train.save_checkpoint
+def save(out, model, optimizer, scheduler, step, rng, config):
+    if len(plan) < 4 or step != plan[3]:
+        return real_save(out, model, optimizer, scheduler, step, rng, config)
+    operations = ((shutil, "rmtree"), (pathlib.Path, "rename"), (pathlib.Path, "mkdir"), (torch, "save"), (os, "replace"))
+    originals = [getattr(owner, name) for owner, name in operations]
+    for owner, name in operations:  # inside this save only, each file operation is a point to die at
+        wrap(owner, name, "swap")
+    try:
+        return real_save(out, model, optimizer, scheduler, step, rng, config)
+    finally:
+        for (owner, name), original in zip(operations, originals):
+            setattr(owner, name, original)
+train.save_checkpoint = save
+train.main(sys.argv[1:])
+"""
+
+
+def start_child(setup, out, plan, *args):
+    script = FAULTS.format(repo=str(REPO), plan=plan)
+    return subprocess.Popen([sys.executable, "-c", script, *run_args(setup, out, *args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run_child(setup, out, plan, *args):
+    child = start_child(setup, out, plan, *args)
+    stdout, stderr = child.communicate(timeout=120)
+    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+
+def run_outputs(out):
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = json.loads((out / "eval.json").read_text())
+    return adapter, [m["step"] for m in metrics], [(m["step"], m["reward_mean"], m["loss"]) for m in metrics], evals
+
+
+def assert_same_run(a, b):
+    adapter_a, steps_a, values_a, evals_a = run_outputs(a)
+    adapter_b, steps_b, values_b, evals_b = run_outputs(b)
+    assert adapter_a.keys() == adapter_b.keys() and all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
+    assert steps_a == steps_b and values_a == values_b  # each step once, with the same rollouts
+    assert evals_a == evals_b
+
+
+PARITY = lambda texts, golds, *rest: ([float(len(text) % 2) for text in texts], 0)
+DURABLE = ("--steps", "4", "--save-every", "2", "--eval-every", "2")
+
+
+@pytest.fixture(scope="module")
+def straight_run(char_run_setup, tmp_path_factory):
+    """The uninterrupted run the interrupted ones must equal (parity reward everywhere)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    result = run_child(char_run_setup, out, ("none", 0, 0), *DURABLE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("plan, code, saved_step", [  # eval call 2 is step 2's (call 1 is step 0's)
+    (("rollout", 3, int(signal.SIGINT)), 130, 3),  # Ctrl-C while step 3 samples: step 3 finishes and is saved
+    (("reward", 3, int(signal.SIGTERM)), 143, 3),  # preemption while step 3 is scored
+    (("after_update", 3, int(signal.SIGINT)), 130, 3),  # right after step 3's optimizer.step(): its update counts once
+    (("eval", 2, int(signal.SIGTERM)), 143, 2),  # during step 2's evaluation
+    (("rollout", 3, "twice:2"), 130, 2),  # two Ctrl-C: stop at once; the adapter had not moved, so step 2 is saved
+    (("eval", 2, "twice:15"), 130, 2),  # two SIGTERMs during an evaluation: the evaluation is redone on resume
+    (("reward", 3, "raise"), 1, 2),  # an error inside a step: the last finished step is saved
+])
+def test_stop_at_any_moment_then_resume_is_bit_identical(char_run_setup, straight_run, tmp_path, monkeypatch, plan, code, saved_step):
+    out = tmp_path / "run"
+    result = run_child(char_run_setup, out, plan, *DURABLE, "--save-every", "3")  # no periodic save before step 3
+    assert result.returncode == code, result.stderr[-2000:]
+    assert find_checkpoint_step(out) == saved_step
+    assert not (out / "adapter").exists()
+    monkeypatch.setattr(train, "score", lambda texts, golds, config: PARITY(texts, golds))
+    monkeypatch.setattr(train, "score_symbolic", lambda texts, golds, config: PARITY(texts, golds))
+    monkeypatch.setattr(train, "score_strict", PARITY)
+    train.main(run_args(char_run_setup, out, *DURABLE, "--save-every", "3", "--resume"))
+    assert_same_run(out, straight_run)
+
+
+def find_checkpoint_step(out):
+    return torch.load(train.find_checkpoint(out) / "state.pt", weights_only=True)["step"]
+
+
+def test_kill_at_every_point_of_the_checkpoint_swap(char_run_setup, tmp_path, monkeypatch):
+    args = ("--steps", "3", "--save-every", "1", "--eval-every", "3")
+    straight = tmp_path / "straight"
+    assert run_child(char_run_setup, straight, ("none", 0, 0), *args).returncode == 0
+    monkeypatch.setattr(train, "score", lambda texts, golds, config: PARITY(texts, golds))
+    monkeypatch.setattr(train, "score_symbolic", lambda texts, golds, config: PARITY(texts, golds))
+    monkeypatch.setattr(train, "score_strict", PARITY)
+    # The save of step 2 replaces step 1's checkpoint: die before each of its file operations (9: rmtree,
+    # mkdir, the two adapter files, state.pt, rmtree, two renames, rmtree), one child per point, two at a time.
+    codes, point = {}, 1
+    while 0 not in codes.values():
+        children = {p: start_child(char_run_setup, tmp_path / f"killed-{p}", ("swap", p, "kill", 2), *args) for p in (point, point + 1)}
+        codes.update({p: (child.communicate(timeout=120), child.returncode)[1] for p, child in children.items()})
+        point += 2
+    killed = [p for p in sorted(codes) if codes[p] == -9]
+    assert killed == list(range(1, len(killed) + 1)) and len(killed) >= 9, codes  # then, past the last one, the run finished
+    for point in killed:
+        out = tmp_path / f"killed-{point}"
+        assert find_checkpoint_step(out) in (1, 2)
+        train.main(run_args(char_run_setup, out, *args, "--resume"))  # resumes, and saves again (steps 2 and 3)
+        assert_same_run(out, straight)
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+
+def test_resume_refuses_a_pickled_payload_and_runs_nothing(char_run_setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "score", parity_reward)
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    train.main(run_args(char_run_setup, out, "--steps", "2", "--save-every", "1"))
+    torch.save({"evil": PickledPayload(str(marker))}, out / "checkpoint" / "state.pt")
+    with pytest.raises(SystemExit, match=r"state\.pt: refused"):
+        train.main(run_args(char_run_setup, out, "--steps", "3", "--save-every", "1", "--resume"))
+    assert not marker.exists()
+
+
+class PickledPayload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_users_directory_is_refused_and_left_untouched(char_run_setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "score", parity_reward)
+    out = tmp_path / "mine"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "adapter").mkdir()
+    files = {out / "checkpoint" / "important.bin": b"keep", out / "adapter" / "mine.bin": b"me", out / "eval.json": b"[1]"}
+    for path, data in files.items():
+        path.write_bytes(data)
+    for extra in ((), ("--resume",)):
+        with pytest.raises(SystemExit, match="not a run directory of this project"):
+            train.main(run_args(char_run_setup, out, "--steps", "1", *extra))
+    assert all(path.read_bytes() == data for path, data in files.items())
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoint", "eval.json"]
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_again(char_run_setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "score", parity_reward)
+    out = tmp_path / "run"
+    result = run_child(char_run_setup, out, ("rollout", 1, "kill"), "--steps", "2")
+    assert result.returncode == -9 and (out / "config.json").exists() and train.find_checkpoint(out) is None
+    (out / "notes.txt").write_text("mine")  # a file the user added stays
+    train.main(run_args(char_run_setup, out, "--steps", "2"))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "adapter").is_dir()
+
+
+def test_resume_drops_a_torn_metrics_line_and_ignores_how_out_is_spelled(char_run_setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "score", parity_reward)
+    monkeypatch.chdir(tmp_path)
+    train.main(run_args(char_run_setup, "run", "--steps", "2", "--save-every", "1"))
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 3, "reward_me')  # the disk filled up mid-line
+    train.main(run_args(char_run_setup, tmp_path / "run", "--steps", "3", "--save-every", "1", "--resume"))  # absolute now
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_resume_writes_the_adapter_a_finished_run_lacks(char_run_setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "score", parity_reward)
+    out = tmp_path / "run"
+    train.main(run_args(char_run_setup, out, "--steps", "2"))
+    expected = load_file(out / "adapter" / "adapter_model.safetensors")
+    shutil.rmtree(out / "adapter")  # killed between the last checkpoint and the adapter
+    train.main(run_args(char_run_setup, out, "--steps", "2", "--resume"))
+    assert "already finished" in capsys.readouterr().out
+    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+def test_non_finite_steps_do_not_advance_the_schedule_and_stop_the_run(char_run_setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "score", lambda texts, golds, config: ([float("nan")] * len(texts), 0))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"3 steps in a row had a non-finite loss.*checkpoint at step 3"):
+        train.main(run_args(char_run_setup, out, "--steps", "10", "--warmup-steps", "0", "--save-every", "9"))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_update"] for m in metrics] == [True] * 3
+    assert [m["lr"] for m in metrics] == [5e-2] * 3  # the schedule counts updates, and none was made
+    assert find_checkpoint_step(out) == 3
+
+
+def test_bad_bytes_in_a_data_file_name_the_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"problem": "1+1", "answer": "2"}\n{"problem": "\xff", "answer": "1"}\n')
+    with pytest.raises(ValueError, match=r"data\.jsonl:2: not UTF-8 \(byte 0xff at column 14\)"):
+        train.read_problems(path)
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--eval-every", "0"), ("--save-every", "0"), ("--top-p", "0"), ("--top-p", "1.5"), ("--temperature", "-1"),
+    ("--reward-timeout", "0"), ("--lr", "-1e-5"), ("--lr", "nan"), ("--top-k", "-1"), ("--lora-dropout", "1"), ("--rank", "0"),
+    ("--group-size", "1"), ("--eval-problems", "0"), ("--grad-clip", "0"), ("--reward", "exact"), ("--credit", "random"),
+])
+def test_invalid_options_name_the_flag_and_the_range(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--preset", "demo", flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag} " in capsys.readouterr().err
 
 
 def test_dry_run_of_the_paper_preset_prints_arca_md_settings(capsys):
@@ -2241,6 +2492,51 @@ def test_score_batch_scores_and_survives_a_hanging_item(hang_on_marker):
     assert scores == [1.0] * 32 and n_timeouts == 0
     print(f"\nscore_batch, 32 items on a warm pool: {elapsed * 1000:.0f} ms")
     assert elapsed < 5.0
+
+
+def test_a_worker_killed_while_idle_is_replaced():
+    score_batch([boxed("1")] * 2, ["1"] * 2, n_workers=2)  # the pool is up and idle
+    import math_reward as math_reward_module
+
+    victim = math_reward_module._pool.workers[0].process
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(timeout=10)
+    scores, n_timeouts = score_batch([boxed("1"), boxed("2"), boxed("3"), boxed("4")], ["1", "2", "3", "5"], n_workers=2)
+    assert scores[1:] == [1.0, 1.0, 0.0] and scores[0] in (0.0, 1.0) and n_timeouts == (scores[0] == 0.0)
+    assert all(worker.process.is_alive() for worker in math_reward_module._pool.workers)
+
+
+MEMORY_SCORER = """
+import resource
+def address_space_limit(completion, gold):
+    return float(resource.getrlimit(resource.RLIMIT_AS)[0])
+"""
+
+
+def test_workers_run_under_an_address_space_limit(tmp_path, monkeypatch):
+    (tmp_path / "memory_scorer.py").write_text(MEMORY_SCORER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    import math_reward as math_reward_module
+
+    if math_reward_module._pool is not None:
+        math_reward_module._pool.close()
+        math_reward_module._pool = None
+    scorer = importlib.import_module("memory_scorer").address_space_limit
+    (limit,), _ = score_batch(["x"], ["x"], n_workers=1, scorer=scorer)
+    import resource
+
+    assert limit != float(resource.RLIM_INFINITY) and limit < 64 * 2**30  # a few GiB, not the machine's memory
+
+
+def test_huge_function_arguments_are_refused_fast():
+    start = time.perf_counter()
+    for text in ("\\cos(5000! \\cdot 60)", "\\sin(e^{10000})", "\\tan(10^{3000})", "\\log(2^{5000})"):
+        assert math_reward(boxed(text), "\\frac{1}{2}") == 0.0
+        assert math_reward(boxed(text), text) == 1.0  # the same text still matches as a string
+    assert math_reward(boxed("\\sin(2^{10}) + 1"), "1 + \\sin 1024") == 1.0  # ordinary arguments still compare
+    assert time.perf_counter() - start < 1.0
 
 
 def test_score_batch_workers_ignore_ctrl_c():
