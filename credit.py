@@ -224,35 +224,61 @@ def _shade(w, n):
     return f"rgba({rgb}, {abs(s):.3f})"
 
 
-def credit_html(tokens, weights_by_method):
-    """A self-contained HTML page: the completion `tokens` once per method, shaded by weight.
+def _top_tokens(tokens, w, k=5):
+    """The k largest weights of a row as text: \u201ctok\u201d 0.310, \u201ctok\u201d 0.220, ..."""
+    top = torch.topk(w, min(k, w.numel()))
+    return ", ".join(f"\u201c{html.escape(tokens[i])}\u201d {x:.3f}" for x, i in zip(top.values.tolist(), top.indices.tolist()))
 
-    tokens: list of str, the T valid tokens of one completion.
-    weights_by_method: {method name: 1-D weights of length T}.
-    Hovering a token shows its weight; each row is headed by its Gini and EffN/T.
+
+def credit_section(tokens, weights_by_method, facts=None):
+    """HTML for one completion: its facts (e.g. problem, gold, reward, advantage), then per method
+    its Gini, EffN/T and top tokens as text, and the tokens shaded by weight, each in its own box.
+
+    tokens: list of str, the T valid tokens. weights_by_method: {method: 1-D weights of length T}.
+    facts: {label: text}, shown above the rows.
     """
     n = len(tokens)
-    rows = []
+    parts = [f'<p><b>{html.escape(str(k))}</b>: <span class="fact">{html.escape(str(v))}</span></p>' for k, v in (facts or {}).items()]
     for method, weights in weights_by_method.items():
         w = torch.as_tensor(weights).detach().float().flatten().cpu()  # (T,)
         if w.numel() != n:
             raise ValueError(f"credit_html: {method!r} has {w.numel()} weights for {n} tokens")
         w_row, m_row = w[None], torch.ones(1, n, dtype=torch.bool)  # (1, T), (1, T)
-        g = gini(w_row, m_row).item()
-        eff = effective_token_ratio(w_row, m_row).item()
         spans = "".join(
-            f'<span style="background:{_shade(x, n)}" title="w = {x:.4g} ({n * x:.2f}x uniform)">'
+            f'<span class="tok" style="background:{_shade(x, n)}" title="w = {x:.4g} ({n * x:.2f}x uniform)">'
             f"{html.escape(tok)}</span>"
             for tok, x in zip(tokens, w.tolist())
         )
-        rows.append(f"<h3>{html.escape(str(method))} &middot; Gini {g:.3f} &middot; EffN/T {eff:.3f}</h3>\n"
-                    f'<div class="row">{spans}</div>')
+        parts.append(f"<h3>{html.escape(str(method))} &middot; Gini {gini(w_row, m_row).item():.3f} &middot; "
+                     f"EffN/T {effective_token_ratio(w_row, m_row).item():.3f}</h3>\n"
+                     f'<p class="top">top: {_top_tokens(tokens, w)}</p>\n<div class="row">{spans}</div>')
+    return "\n".join(parts)
+
+
+def _legend(n):
+    """A colour scale for a completion of n tokens: blue (1/n^2) - white (uniform 1/n) - red (1)."""
+    stops = [(f"1/T\u00b2", 1 / n ** 2), ("", 1 / n ** 1.5), ("1/T (uniform)", 1 / n), ("", n ** -0.5), ("1", 1.0)]
+    cells = "".join(f'<span class="tok" style="background:{_shade(w, n)}">{html.escape(label) or "&nbsp;&nbsp;&nbsp;"}</span>'
+                    for label, w in stops)
+    return f'<p>weight scale (T = {n} tokens): {cells}</p>'
+
+
+def credit_page(title, sections, legend_tokens):
+    """A self-contained HTML page: a title, a colour legend, then the sections (from credit_section)."""
     return (
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>token credit</title>\n"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-        ".row{font-family:monospace;white-space:pre-wrap;line-height:1.6}"
-        "h3{font-size:1em;margin:1.5em 0 .3em}</style></head><body>\n"
-        f"<p>{n} tokens. Unshaded: uniform weight 1/T; red: more; blue: less. Hover a token for its weight.</p>\n"
-        + "\n".join(rows)
-        + "\n</body></html>\n"
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title>\n"
+        "<style>body{font-family:sans-serif;max-width:64em;margin:2em auto}"
+        ".row{font-family:monospace;white-space:pre-wrap;line-height:1.9}"
+        ".tok{border:1px solid #bbb;border-radius:2px;margin:0 1px;padding:0 1px;font-family:monospace}"
+        ".top{font-family:monospace;font-size:.9em;color:#333;margin:.2em 0}.fact{font-family:monospace;white-space:pre-wrap}"
+        "h3{font-size:1em;margin:1.2em 0 .2em}</style></head><body>\n"
+        f"<h1>{html.escape(title)}</h1>\n"
+        "<p>Each method's weights w_t over the completion's tokens (they sum to 1). Unshaded: the uniform 1/T; "
+        "red: more; blue: less; each box is one token. Hover a token for its weight.</p>\n"
+        + _legend(max(legend_tokens, 2)) + "\n<hr>\n" + "\n<hr>\n".join(sections) + "\n</body></html>\n"
     )
+
+
+def credit_html(tokens, weights_by_method, facts=None, title="token credit"):
+    """One completion's page: credit_page around credit_section."""
+    return credit_page(title, [credit_section(tokens, weights_by_method, facts)], len(tokens))

@@ -209,19 +209,23 @@ def needs_reference(config):
     return config.credit in ("divergence", "arca") or config.beta > 0
 
 
-def train_micro_batch(model, prompts, tokens, mask, advantages, config, num_completions, vocab_size=None, old_logprobs=None):
-    """Forward, credit weights, loss and backward for one micro-batch; returns its statistics."""
+def train_micro_batch(model, prompts, tokens, mask, advantages, config, num_completions, vocab_size=None, old_logprobs=None,
+                      diagnose_all=False):
+    """Forward, credit weights, loss and backward for one micro-batch; returns its statistics.
+
+    Besides the training method's own diagnostics (weight_gini, ...), the statistics hold every
+    method's on the same tokens (gini/<method>, ...) from the passes that ran: uniform, surprisal
+    and entropy always, divergence and ARCA when the adapter-off pass ran (diagnose_all forces it).
+    """
     mask = mask.bool()
     logprobs, entropies, hidden = completion_forward(model, prompts, tokens, mask, vocab_size)  # (B, T), (B, T), (B, T, H)
     ref_logprobs = h_base = None
-    if needs_reference(config):
+    if needs_reference(config) or diagnose_all:
         with torch.no_grad(), disable_adapter(model):
             ref_logprobs, _, h_base = completion_forward(model, prompts, tokens, mask, vocab_size)
-    scores = credit_scores(
-        config.credit, mask, token_logprobs=logprobs.detach(), entropies=entropies.detach(),
-        ref_token_logprobs=ref_logprobs, h_adapted=hidden.detach(), h_base=h_base,
-    )  # (B, T)
-    weights = token_weights(scores, mask, eps=config.credit_eps, power=config.power)  # (B, T)
+    signals = dict(token_logprobs=logprobs.detach(), entropies=entropies.detach(), ref_token_logprobs=ref_logprobs,
+                   h_adapted=hidden.detach(), h_base=h_base)
+    weights = token_weights(credit_scores(config.credit, mask, **signals), mask, eps=config.credit_eps, power=config.power)  # (B, T)
     loss = policy_loss(logprobs, advantages, weights, num_completions, old_logprobs, config.clip_eps)
     policy_logprobs = logprobs if config.beta > 0 else logprobs.detach()  # beta 0: KL is only logged, kept off the graph
     kl = k3_kl(policy_logprobs, ref_logprobs, mask, num_completions) if ref_logprobs is not None else torch.zeros(())
@@ -232,9 +236,16 @@ def train_micro_batch(model, prompts, tokens, mask, advantages, config, num_comp
     stats["rows"] = int(mask.any(dim=1).sum())
     if stats["rows"]:
         stats.update({k: v * stats["rows"] for k, v in credit_diagnostics(weights, mask).items()})
+        for method in METHODS if h_base is not None else ("uniform", "surprisal", "entropy"):
+            method_weights = weights if method == config.credit else token_weights(
+                credit_scores(method, mask, **signals), mask, eps=config.credit_eps, power=config.power)  # (B, T)
+            for key, value in credit_diagnostics(method_weights, mask).items():
+                stats[f"{key.removeprefix('weight_')}/{method}"] = value * stats["rows"]  # gini/arca, top10_mass/arca, ...
+            stats[f"rows/{method}"] = stats["rows"]
     if h_base is not None:
         residual = arca_scores(hidden.detach(), h_base)[mask]  # (valid tokens,) ||h_adapted - h_base||
         stats["arca_norm_sum"], stats["arca_norm_max"] = residual.sum().item(), residual.max().item() if residual.numel() else 0.0
+        stats["arca_tokens"] = residual.numel()
     return stats, logprobs.detach()
 
 
@@ -281,7 +292,8 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
             width = max(int(rollout.mask[rows].sum(dim=1).max()), 1)  # trim padding columns of this micro-batch
             tokens, mask = rollout.tokens[rows, :width], trained[rows, :width]
             stats, logprobs = train_micro_batch(
-                model, rollout.prompts[rows], tokens, mask, advantages[rows], config, N, tokenizer.vocab_size, old_logprobs.get(start)
+                model, rollout.prompts[rows], tokens, mask, advantages[rows], config, N, tokenizer.vocab_size, old_logprobs.get(start),
+                diagnose_all=config.diagnose_all and update == 0 and start == 0,  # the adapter-off pass on one micro-batch
             )
             if update == 0:
                 old_logprobs[start] = logprobs if config.updates_per_batch > 1 else None
@@ -318,8 +330,10 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
         "weight_gini": first_totals.get("weight_gini", 0.0) / rows,
         "effective_token_ratio": first_totals.get("effective_token_ratio", 0.0) / rows,
         "top10_mass": first_totals.get("top10_mass", 0.0) / rows,
-        "arca_norm_mean": first_totals["arca_norm_sum"] / trained_tokens if "arca_norm_sum" in first_totals else None,
+        "arca_norm_mean": first_totals["arca_norm_sum"] / max(first_totals["arca_tokens"], 1) if "arca_norm_sum" in first_totals else None,
         "arca_norm_max": first_totals.get("arca_norm_max"),
+        **{f"{key}/{method}": first_totals[f"{key}/{method}"] / first_totals[f"rows/{method}"]
+           for method in METHODS if first_totals.get(f"rows/{method}") for key in ("gini", "effective_token_ratio", "top10_mass")},
         "grad_norm": grad_norm,
         "skipped_update": skipped,
         "lr": lr,

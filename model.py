@@ -345,13 +345,15 @@ def resolve_checkpoint(path_or_hub_id):
         raise FileNotFoundError(f"{path_or_hub_id}: not a checkpoint directory (expected a folder with config.json and *.safetensors, or a hub id like Qwen/Qwen3-1.7B-Base)")
     from huggingface_hub import snapshot_download
 
+    print(f"{path_or_hub_id}: no such local directory ({path.resolve()}); fetching it from the Hugging Face hub", flush=True)
     try:
         return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:
         raise OSError(
-            f"could not fetch {path_or_hub_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
-            "Offline? Download it on a connected machine (huggingface-cli download <id>) and pass the "
-            "local directory, or set HF_HUB_OFFLINE=1 to use the local cache."
+            f"{path_or_hub_id!r} is not a local directory ({path.resolve()} does not exist), and the Hugging Face hub "
+            f"could not fetch it as a model id ({type(err).__name__}: {err}). A typo in a path? Offline? Download it "
+            "on a connected machine (huggingface-cli download <id>) and pass the local directory, or set "
+            "HF_HUB_OFFLINE=1 to use the local cache."
         ) from None
 
 

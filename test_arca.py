@@ -22,7 +22,7 @@ from lora import (LoRALinear, apply_lora, disable_adapter, load_adapter, lora_la
                   save_adapter, unmerge_adapter)
 import math
 import re
-from credit import (arca_scores, credit_diagnostics, credit_html, credit_scores, divergence_scores,
+from credit import (arca_scores, credit_diagnostics, credit_html, credit_page, credit_scores, credit_section, divergence_scores,
                     effective_token_ratio, entropy_reduction_scores, gini, surprisal_scores, token_weights,
                     top_mass, uniform_scores)
 
@@ -972,6 +972,18 @@ def test_credit_html_escapes_tokens_and_shades_uniform_neutral():
         credit_html(tokens, {"short": torch.ones(3) / 3})
 
 
+def test_credit_page_explains_itself():
+    tokens = ["\\boxed{", "1", "7", "3", "}"]
+    weights = {"uniform": torch.full((5,), 0.2), "arca": torch.tensor([0.05, 0.1, 0.6, 0.2, 0.05])}
+    facts = {"problem": "82+91=", "gold answer": "173", "reward (symbolic)": "1", "advantage (grpo)": "+1.500"}
+    page = credit_page("token credit: runs/x, step 20", [credit_section(tokens, weights, facts)], 5)
+    assert "<h1>token credit: runs/x, step 20</h1>" in page
+    for text in ("82+91=", "173", "reward (symbolic)", "+1.500", "weight scale (T = 5 tokens)", "1/T (uniform)"):
+        assert text in page, text
+    assert "top: \u201c7\u201d 0.600, \u201c3\u201d 0.200, \u201c1\u201d 0.100" in page  # the numbers as text, not only colour
+    assert page.count('class="tok"') == 2 * 5 + 5  # every token in its own box (2 methods), plus the 5 legend cells
+
+
 # ----------------------------------------------------------------------------
 # With a real model and lora.py
 
@@ -1099,7 +1111,7 @@ class StepConfig:
 
     def __init__(self, **overrides):
         self.__dict__.update(dict(
-            group_size=4, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, credit_eos=True, advantage="grpo", prompts_per_micro_batch=1,
+            group_size=4, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, credit_eos=True, diagnose_all=False, advantage="grpo", prompts_per_micro_batch=1,
             updates_per_batch=1, credit="arca", credit_eps=1e-8, power=2.0, clip_eps=0.2, beta=0.0, grad_clip=1.0,
         ), **overrides)
 
@@ -1239,6 +1251,23 @@ def test_no_credit_eos_leaves_eos_out_of_weights_and_gradient(tiny_checkpoint):
     assert not torch.allclose(gradient(1, with_eos), gradient(12, with_eos))  # the test can fail
 
 
+def test_every_signal_is_diagnosed_on_the_same_completions(tiny_checkpoint):
+    b = STEP_BATCH
+    model = perturbed_lora_model(tiny_checkpoint[0])
+    config = StepConfig(credit="uniform")
+    stats, _ = grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2)
+    assert {"gini/uniform", "gini/surprisal", "gini/entropy"} <= set(stats) and "gini/arca" not in stats  # no adapter-off pass ran
+    stats, _ = grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2, diagnose_all=True)
+    oracle = grpo.all_method_weights(model, b["prompts"], b["tokens"], b["mask"], power=2.0)  # eval mode, its own passes
+    model.train()
+    for method, weights in oracle.items():
+        expected = credit_diagnostics(weights, b["mask"])
+        assert stats[f"gini/{method}"] / stats["rows"] == pytest.approx(expected["weight_gini"], abs=1e-5), method
+        assert stats[f"effective_token_ratio/{method}"] / stats["rows"] == pytest.approx(expected["effective_token_ratio"], abs=1e-5)
+        assert stats[f"top10_mass/{method}"] / stats["rows"] == pytest.approx(expected["top10_mass"], abs=1e-5)
+    assert stats["gini/arca"] > 0.01 and stats["gini/uniform"] == 0.0  # the adapter shows in ARCA's weights
+
+
 class CharTokenizer:
     """The model.Tokenizer surface over single characters, for GRPO steps on the tiny checkpoint."""
 
@@ -1332,10 +1361,11 @@ def parity_reward(texts, golds, config):
     return [float(len(text) % 2) for text in texts], 0
 
 
-def test_three_step_run_writes_every_output(char_run_setup, tmp_path, monkeypatch):
+def test_three_step_run_writes_every_output(char_run_setup, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "score", parity_reward)
     out = tmp_path / "run"
     train.main(run_args(char_run_setup, out, "--steps", "3", "--eval-every", "2", "--save-every", "2", "--lora-dropout", "0"))
+    assert "step 3/3: reward" in capsys.readouterr().out  # not a terminal: plain progress lines, no bar
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(METRIC_FIELDS <= set(m) for m in metrics)
@@ -1724,6 +1754,29 @@ def test_first_200_math_test_rows_are_the_documented_ones():
     assert ids[-1] == "test/algebra/498.json" and {row["subject"] for row in rows} == {"Algebra"}
 
 
+def test_report_and_plot_show_every_run_and_signal(char_run_setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "score", parity_reward)
+    finished, unfinished = tmp_path / "finished", tmp_path / "unfinished"
+    train.main(run_args(char_run_setup, finished, "--steps", "2", "--credit", "uniform"))
+    train.main(run_args(char_run_setup, unfinished, "--steps", "2", "--save-every", "1"))
+    shutil.rmtree(unfinished / "adapter")  # as if killed before the end
+    report = train.report([finished, unfinished])
+    assert f"| `{finished}` | uniform |" in report and f"| `{unfinished}` (unfinished) | arca |" in report
+    signals = report.split("All five signals")[1]
+    assert signals.count("| uniform (trains) |") == 1 and signals.count("| arca (trains) |") == 1
+    assert signals.count("| divergence | 0.") == 2  # measured in both runs, the uniform one included (--diagnose-all)
+    pytest.importorskip("matplotlib")
+    train.main(["--report", str(finished), str(unfinished), "--plot", str(tmp_path / "runs.png")])
+    assert (tmp_path / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_help_shows_each_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(paper 'strict', demo 'symbolic')" in text and "(default 1337)" in text and "(paper 50, demo 0)" in text
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_paper_preset_without_cuda_says_what_to_run():
     with pytest.raises(SystemExit, match="--preset demo"):
@@ -1986,6 +2039,23 @@ def test_build_is_deterministic_given_the_seed(tmp_path, quick_recipe):
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     assert (first / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
+
+
+def test_build_runs_on_one_thread_whatever_the_machine_has(tmp_path, quick_recipe, monkeypatch):
+    threads_seen = []
+    real_warm_up = demo.warm_up
+    monkeypatch.setattr(demo, "warm_up", lambda *args: (threads_seen.append(torch.get_num_threads()), real_warm_up(*args))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = demo.build_demo_checkpoint(tmp_path / "two", seed=3)
+        torch.set_num_threads(1)
+        one = demo.build_demo_checkpoint(tmp_path / "one", seed=3)
+        assert torch.get_num_threads() == 1  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert threads_seen == [1, 1]
+    assert (two / "model.safetensors").read_bytes() == (one / "model.safetensors").read_bytes()
 
 
 def test_stale_or_incomplete_checkpoint_is_rebuilt(tmp_path, quick_recipe):

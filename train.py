@@ -15,6 +15,7 @@ The configuration is one dataclass; each field is a kebab-case flag. Presets are
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -33,8 +34,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from credit import credit_html
-from grpo import all_method_weights, grpo_step
+from credit import METHODS, credit_page, credit_section
+from grpo import all_method_weights, group_advantages, grpo_step
 from lora import apply_lora, load_adapter, save_adapter
 from math_reward import extract_boxed, score_batch, strict_match
 from model import Qwen3, generate, load_tokenizer
@@ -81,6 +82,7 @@ class TrainConfig:
     top_p: float = option(0.95, "nucleus mass of training rollouts and pass@k")
     top_k: int = option(50, "keep only the k most likely tokens before top-p, 0 = off (transformers' default 50)")
     beta: float = option(0.0, "coefficient of the k3 KL to the base model")
+    diagnose_all: bool = option(True, "log all five methods' Gini, EffN/T and top-10% mass on each step's completions (adds an adapter-off pass on one micro-batch when the method has none)")
     updates_per_batch: int = option(1, "optimiser updates per batch of rollouts; > 1 uses the PPO clipped ratio")
     clip_eps: float = option(0.2, "PPO clip range, used when updates-per-batch > 1")
     eval_problems: int = option(200, "held-out problems for evaluation: the first ones of the evaluation data, in file order")
@@ -94,6 +96,7 @@ class TrainConfig:
     seed: int = option(1337, "random seed")
     dtype: str = option("bfloat16", "base weight dtype: bfloat16 or float32 (LoRA weights are fp32)")
     gradient_checkpointing: bool = option(False, "recompute each layer in backward to save memory")
+    cpu_threads: int = option(0, "torch CPU threads, 0 = torch's default; the demo pins 1, so it prints the same numbers on every machine")
     out: str | None = option(None, "output directory; default runs/<preset>-<credit>-r<rank>")
 
 
@@ -108,6 +111,7 @@ DEMO = dataclasses.replace(
     credit_eos=True,  # completions are 4-6 tokens: learning to stop matters
     top_k=0,
     eval_sample=True,
+    cpu_threads=1,  # a CPU matmul's rounding depends on its thread count: one thread, the same result everywhere
     rank=8,
     lora_dropout=0.0,
     group_size=8,
@@ -134,13 +138,17 @@ def parse_args(argv=None):
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))  # X | None -> X
+        paper, demo = getattr(PAPER, f.name), getattr(DEMO, f.name)
+        defaults = f"default {paper!r}" if paper == demo else f"paper {paper!r}, demo {demo!r}"
+        help = f"{f.metadata['help']} ({defaults})".replace("%", "%%")  # argparse %-formats help
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
-            parser.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
+            parser.add_argument(flag, type=kind, default=None, help=help)
     parser.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("--report", nargs="+", metavar="DIR", help="print the paper's tables for these runs and exit")
+    parser.add_argument("--plot", metavar="FILE.png", help="with --report: also draw accuracy, reward and the five signals' Gini over steps (needs matplotlib)")
     args = parser.parse_args(argv)
 
     preset_given = args.preset is not None
@@ -170,7 +178,7 @@ def check_config(config, parser):
         "prompts_per_micro_batch": at_least_1, "micro_batches": at_least_1, "max_prompt_tokens": at_least_1,
         "max_new_tokens": at_least_1, "updates_per_batch": at_least_1, "pass_k": at_least_1, "eval_problems": at_least_1,
         "eval_every": at_least_1, "save_every": at_least_1, "eval_batch_size": at_least_1, "top_k": at_least_0,
-        "warmup_steps": at_least_0, "html_completions": at_least_0, "power": at_least_0, "credit_eps": at_least_0,
+        "warmup_steps": at_least_0, "html_completions": at_least_0, "cpu_threads": at_least_0, "power": at_least_0, "credit_eps": at_least_0,
         "lora_alpha": above_0, "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "lr": above_0, "weight_decay": at_least_0,
         "grad_clip": above_0, "temperature": at_least_0, "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "beta": at_least_0,
         "clip_eps": above_0, "reward_timeout": above_0,
@@ -357,10 +365,11 @@ def evaluate(model, tokenizer, eval_rows, config, step, out):
     greedy = generate_texts(model, tokenizer, prompts, config, 0.0, None)
     generator = torch.Generator(device).manual_seed(config.seed * 1000 + step)  # apart from training's RNG
     sampled = generate_texts(model, tokenizer, [p for p in prompts for _ in range(config.pass_k)], config, config.temperature, generator)
-    result, timeouts = {"step": step}, 0
+    result, timeouts, sampled_by_reward = {"step": step}, 0, {}
     for reward, scorer in (("strict", score_strict), ("symbolic", lambda texts, golds: score_symbolic(texts, golds, config))):
         greedy_scores, greedy_timeouts = scorer([text for _, text in greedy], golds)
         sampled_scores, sampled_timeouts = scorer([text for _, text in sampled], [g for g in golds for _ in range(config.pass_k)])
+        sampled_by_reward[reward] = sampled_scores
         passed = torch.tensor(sampled_scores).view(len(prompts), config.pass_k).amax(dim=1)  # (problems,)
         result[f"greedy_accuracy_{reward}"] = sum(greedy_scores) / len(golds)
         result[f"pass@{config.pass_k}_{reward}"] = passed.mean().item()
@@ -369,28 +378,42 @@ def evaluate(model, tokenizer, eval_rows, config, step, out):
     result[f"pass@{config.pass_k}"] = result[f"pass@{config.pass_k}_{config.reward}"]
     result["reward_timeouts"] = timeouts
 
-    shown = [(prompt, ids) for prompt, (ids, _) in zip(prompts, greedy) if ids][: config.html_completions]
-    if shown:
-        width = max(len(ids) for _, ids in shown)
-        tokens = torch.zeros(len(shown), width, dtype=torch.long, device=device)  # (n, T)
-        mask = torch.zeros(len(shown), width, dtype=torch.bool, device=device)  # (n, T)
-        for row, (_, ids) in enumerate(shown):
-            tokens[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids, device=device), True
-        weights = all_method_weights(model, [p for p, _ in shown], tokens, mask, config.power, config.credit_eps, tokenizer.vocab_size)
-        pages = [
-            credit_html([tokenizer.decode([t]) for t in ids], {m: w[row, : len(ids)] for m, w in weights.items()})
-            for row, (_, ids) in enumerate(shown)
-        ]
-        write_atomically(Path(out) / "credit.html", join_pages(pages, step))
+    if config.html_completions:
+        write_credit_page(model, tokenizer, eval_rows, sampled, sampled_by_reward[config.reward], config, step, out)
     return result
 
 
-def join_pages(pages, step):
-    """One page from several credit_html pages: each page's body, in order."""
-    bodies = [page.split("<body>", 1)[1].rsplit("</body>", 1)[0] for page in pages]
-    head = pages[0].split("<body>", 1)[0]
-    sections = "".join(f"<h2>Completion {i + 1} (step {step})</h2>{body}<hr>" for i, body in enumerate(bodies))
-    return f"{head}<body>{sections}</body></html>\n"
+def write_credit_page(model, tokenizer, eval_rows, sampled, scores, config, step, out):
+    """credit.html: the k sampled completions of the first evaluation problem whose rewards differ
+    (else the first problem), right and wrong ones alternating, up to html_completions of them, each
+    with its reward and the GRPO advantage its group gives it, and all five methods' weights."""
+    k, device = config.pass_k, model.lm_head.weight.device
+    groups = torch.tensor(scores).view(-1, k)  # (problems, k)
+    spread = (groups.amax(dim=1) > groups.amin(dim=1)).nonzero().flatten().tolist()
+    problem = spread[0] if spread else 0
+    rewards = groups[problem]  # (k,)
+    advantages = group_advantages(rewards, torch.zeros(k, dtype=torch.long), config.advantage) if k > 1 else torch.zeros(k)
+    right, wrong = [i for i in range(k) if rewards[i] > 0], [i for i in range(k) if rewards[i] <= 0]
+    order = [i for pair in itertools.zip_longest(right, wrong) for i in pair if i is not None]
+    shown = [i for i in order if sampled[problem * k + i][0]][: config.html_completions]
+    if not shown:
+        return
+    completions = [sampled[problem * k + i][0] for i in shown]
+    width = max(len(ids) for ids in completions)
+    tokens = torch.zeros(len(shown), width, dtype=torch.long, device=device)  # (n, T)
+    mask = torch.zeros(len(shown), width, dtype=torch.bool, device=device)  # (n, T)
+    for row, ids in enumerate(completions):
+        tokens[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids, device=device), True
+    prompt = eval_rows[problem]["prompt_ids"]
+    weights = all_method_weights(model, [prompt] * len(shown), tokens, mask, config.power, config.credit_eps, tokenizer.vocab_size)
+    sections = []
+    for row, (i, ids) in enumerate(zip(shown, completions)):
+        facts = {"completion": f"{i + 1} of {k} sampled at temperature {config.temperature}",
+                 "problem": eval_rows[problem]["problem"], "gold answer": eval_rows[problem]["answer"],
+                 f"reward ({config.reward})": f"{rewards[i].item():g}", f"advantage ({config.advantage})": f"{advantages[i].item():+.3f}"}
+        sections.append(credit_section([tokenizer.decode([t]) for t in ids], {m: w[row, : len(ids)] for m, w in weights.items()}, facts))
+    title = f"token credit: {out}, step {step} (training method: {config.credit}, rank {config.rank})"
+    write_atomically(Path(out) / "credit.html", credit_page(title, sections, max(len(ids) for ids in completions)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,6 +640,8 @@ def run(config, resume=False):
     out = Path(config.out)
     checkpoint_dir = prepare_out(out, resume)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
@@ -672,7 +697,10 @@ def run(config, resume=False):
     try:
         if is_eval_step(done, config) and done not in [e["step"] for e in evals]:
             record_eval(done)  # step 0, or an evaluation a stop interrupted
-        bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", dynamic_ncols=True)
+        # a live bar on a terminal; plain lines (every 5% of the run) in a log file
+        interactive, progress_every = sys.stderr.isatty(), max(1, config.steps // 20)
+        bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", dynamic_ncols=True,
+                   disable=not interactive)
         for step_index in bar:
             if stop.signal is not None:
                 break
@@ -685,6 +713,8 @@ def run(config, resume=False):
             done, done_rng, done_updates = step_index + 1, rng_states(generator), scheduler.last_epoch
             seconds = metrics["rollout_s"] + metrics["reward_s"] + metrics["train_s"]
             bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", gini=f"{metrics['weight_gini']:.2f}", s_per_step=f"{seconds:.1f}")
+            if not interactive and (done % progress_every == 0 or done == config.steps):
+                print(f"step {done}/{config.steps}: reward {metrics['reward_mean']:.3f}, gini {metrics['weight_gini']:.3f}, {seconds:.2f} s", flush=True)
             skipped_in_a_row = skipped_in_a_row + 1 if metrics["skipped_update"] else 0
             if is_eval_step(done, config):
                 record_eval(done)
@@ -727,54 +757,111 @@ def run(config, resume=False):
 # Report: the paper's tables from finished runs
 
 
+def read_run(directory):
+    """(info from config.json, evaluations, metrics rows) of a run directory, for --report and --plot."""
+    directory = Path(directory)
+    try:
+        info = json.loads((directory / "config.json").read_text())
+        evals = json.loads((directory / "eval.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"--report: {directory} is not a run directory ({err})") from None
+    return info, evals, read_metrics(directory)
+
+
+def mean_of(metrics, key):
+    values = [m[key] for m in metrics if m.get(key) is not None]
+    return f"{sum(values) / len(values):.3f}" if values else "-"
+
+
 def report(directories):
-    """Markdown tables (ARCA.md §4) of the runs in `directories`: accuracy under both checkers, and concentration.
+    """Markdown tables (ARCA.md §4) of the runs in `directories`: accuracy under both checkers,
+    concentration, and all five signals on each run's own rollouts.
 
     Each row names its run directory; a run whose last evaluation is before its --steps, or that
     has no adapter/ yet, is marked unfinished. Runs from before the strict checker show "-" there.
     """
-    rows = []
+    rows, signal_tables = [], []
     for directory in directories:
-        directory = Path(directory)
-        try:
-            info = json.loads((directory / "config.json").read_text())
-            evals = json.loads((directory / "eval.json").read_text())
-            metrics = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        except (OSError, json.JSONDecodeError) as err:
-            raise SystemExit(f"--report: {directory} is not a run directory ({err})") from None
+        info, evals, metrics = read_run(directory)
         config, final = info["config"], evals[-1]
-        mean = lambda key: f"{sum(m[key] for m in metrics) / len(metrics):.3f}" if metrics else "-"
         value = lambda key: f"{final[key]:.3f}" if key in final else "-"
         pass_k = f"pass@{config['pass_k']}"
-        finished = final["step"] >= config["steps"] and (directory / "adapter").is_dir()
+        finished = final["step"] >= config["steps"] and (Path(directory) / "adapter").is_dir()
+        run = f"`{directory}`" + ("" if finished else " (unfinished)")
         rows.append({
-            "run": f"`{directory}`" + ("" if finished else " (unfinished)"), "method": config["credit"], "rank": config["rank"],
+            "run": run, "method": config["credit"], "rank": config["rank"],
             "trainable params": f"{info['trainable_parameters']:,}", "reward": config.get("reward", "symbolic"),
             "k": config["pass_k"], "greedy acc": value("greedy_accuracy"), "pass@k": value(pass_k),
             "greedy strict": value("greedy_accuracy_strict"), "pass@k strict": value(f"{pass_k}_strict"),
             "greedy symbolic": value("greedy_accuracy_symbolic"), "pass@k symbolic": value(f"{pass_k}_symbolic"),
-            "avg train reward": mean("reward_mean"), "Gini G(w)": mean("weight_gini"), "EffN/T": mean("effective_token_ratio"),
-            "steps": final["step"],
+            "avg train reward": mean_of(metrics, "reward_mean"), "Gini G(w)": mean_of(metrics, "weight_gini"),
+            "EffN/T": mean_of(metrics, "effective_token_ratio"), "steps": final["step"],
         })
-
-    def table(columns):
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "-")) for c in columns) + " |" for row in rows])
+        signals = [{"signal": method + (" (trains)" if method == config["credit"] else ""), "Gini G(w)": mean_of(metrics, f"gini/{method}"),
+                    "EffN/T": mean_of(metrics, f"effective_token_ratio/{method}"), "top-10% mass": mean_of(metrics, f"top10_mass/{method}")}
+                   for method in METHODS]
+        signal_tables.append(f"{run} ({config['credit']}, rank {config['rank']})\n\n" + markdown_table(signals, ["signal", "Gini G(w)", "EffN/T", "top-10% mass"]))
 
     return (
         "Accuracy (final evaluation; greedy acc and pass@k under the run's training reward)\n\n"
-        + table(["run", "method", "rank", "trainable params", "reward", "greedy acc", "k", "pass@k", "avg train reward", "steps"])
+        + markdown_table(rows, ["run", "method", "rank", "trainable params", "reward", "greedy acc", "k", "pass@k", "avg train reward", "steps"])
         + "\n\nBoth checkers (strict: the reference code's string match, compare with the paper; symbolic: equivalent answers)\n\n"
-        + table(["run", "method", "rank", "greedy strict", "pass@k strict", "greedy symbolic", "pass@k symbolic"])
-        + "\n\nCredit concentration (mean over steps)\n\n"
-        + table(["run", "method", "rank", "Gini G(w)", "EffN/T"])
+        + markdown_table(rows, ["run", "method", "rank", "greedy strict", "pass@k strict", "greedy symbolic", "pass@k symbolic"])
+        + "\n\nCredit concentration of the training method (mean over steps)\n\n"
+        + markdown_table(rows, ["run", "method", "rank", "Gini G(w)", "EffN/T"])
+        + "\n\nAll five signals on this run's rollouts (mean over steps; ARCA.md §3)\n\n" + "\n\n".join(signal_tables)
     )
+
+
+def markdown_table(rows, columns):
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "-")) for c in columns) + " |" for row in rows])
+
+
+def plot(directories, path):
+    """--plot: per run, greedy accuracy and pass@k over steps, train reward over steps, and the five
+    signals' Gini over steps, in one PNG (matplotlib, an optional extra that training never imports)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib, an optional extra: pip install matplotlib") from None
+    figure, (accuracy, reward, concentration) = plt.subplots(1, 3, figsize=(15, 4.2))
+    styles = ["-", "--", ":", "-."]
+    for index, directory in enumerate(directories):
+        info, evals, metrics = read_run(directory)
+        config, style, name = info["config"], styles[index % len(styles)], f"{Path(directory).name}"
+        steps = [e["step"] for e in evals]
+        pass_k = f"pass@{config['pass_k']}"
+        line, = accuracy.plot(steps, [e["greedy_accuracy"] for e in evals], style, marker="o", label=f"{name} greedy")
+        accuracy.plot(steps, [e[pass_k] for e in evals], style, marker="s", color=line.get_color(), alpha=0.5, label=f"{name} {pass_k}")
+        window = max(1, len(metrics) // 20)  # a moving mean over 5% of the run
+        rewards = [m["reward_mean"] for m in metrics]
+        smooth = [sum(rewards[max(0, i - window + 1) : i + 1]) / len(rewards[max(0, i - window + 1) : i + 1]) for i in range(len(rewards))]
+        reward.plot([m["step"] for m in metrics], smooth, style, label=name)
+        for color, method in zip(("0.5", "tab:orange", "tab:green", "tab:purple", "tab:red"), METHODS):
+            points = [(m["step"], m[f"gini/{method}"]) for m in metrics if m.get(f"gini/{method}") is not None]
+            if points:
+                concentration.plot(*zip(*points), style, color=color, label=f"{method}" + (f" ({name})" if len(directories) > 1 else ""))
+    accuracy.set(title=f"evaluation ({config.get('reward', 'symbolic')} reward)", xlabel="step", ylabel="accuracy")
+    reward.set(title="train reward (moving mean)", xlabel="step", ylabel="mean reward")
+    concentration.set(title="Gini of each signal's weights, same rollouts", xlabel="step", ylabel="Gini G(w)", ylim=(0, 1))
+    for axes in (accuracy, reward, concentration):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    print(f"--plot: wrote {path}")
 
 
 def main(argv=None):
     config, args, preset_given = parse_args(argv)
     if args.report:
         print(report(args.report))
+        if args.plot:
+            plot(args.report, args.plot)
         return
     if args.dry_run:
         print(json.dumps(asdict(config), indent=1))
