@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from credit import arca_scores
 from model import Qwen3, Qwen3Config, generate, token_logprobs
 
 SHAPES = {  # Hugging Face config.json fields
@@ -67,7 +68,7 @@ COMMON = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], rope_theta
               tie_word_embeddings=True, attention_bias=False, hidden_act="silu", use_sliding_window=False,
               rope_scaling=None, bos_token_id=151643, eos_token_id=151643, torch_dtype="bfloat16")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-KINDS = ("rollout", "train", "grpo", "agreement")
+KINDS = ("rollout", "train", "grpo", "agreement", "precision")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,14 +79,17 @@ def sizes(device, quick):
     if device.type == "cuda" and not quick:
         return dict(prompt=256, new=512, batches=(1, 16, 64), train_batch=8, train_len=1024, repeats=3,
                     grpo=dict(prompts=8, group=4, per_micro=2, new=512, prompt=256, repeats=2),
-                    agreement=dict(batch=16, prompt=64, new=256))
+                    agreement=dict(batch=16, prompt=64, new=256),
+                    precision=dict(batch=8, prompt=256, new=512, scales=(0, 1e-7, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)))
     if quick:
         return dict(prompt=16, new=16, batches=(1, 16, 64), train_batch=2, train_len=64, repeats=3,
                     grpo=dict(prompts=2, group=2, per_micro=1, new=8, prompt=16, repeats=1),
-                    agreement=dict(batch=8, prompt=16, new=16))
+                    agreement=dict(batch=8, prompt=16, new=16),
+                    precision=dict(batch=1, prompt=8, new=8, scales=(1e-4, 1e-2)))
     return dict(prompt=32, new=32, batches=(1, 16, 64), train_batch=4, train_len=256, repeats=5,
                 grpo=dict(prompts=4, group=4, per_micro=2, new=32, prompt=32, repeats=3),
-                agreement=dict(batch=16, prompt=32, new=64))
+                agreement=dict(batch=16, prompt=32, new=64),
+                precision=dict(batch=4, prompt=32, new=64, scales=(0, 1e-7, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +352,8 @@ def bench_grpo(directory, device, dtype, size, records, shape):
     prompts = random_prompts(g["prompts"], g["prompt"], model.config.vocab_size, seed=2).tolist()
     golds = [""] * len(prompts)
     base = TrainConfig(rank=64, lora_alpha=128.0, group_size=g["group"], prompts_per_micro_batch=g["per_micro"],
-                       micro_batches=g["prompts"] // g["per_micro"], max_new_tokens=g["new"], temperature=1.0, top_p=0.95)
+                       micro_batches=g["prompts"] // g["per_micro"], max_new_tokens=g["new"], temperature=1.0, top_p=0.95,
+                       diagnose_all=False)
     generator = torch.Generator(device).manual_seed(0)
 
     def step(config):
@@ -363,6 +368,8 @@ def bench_grpo(directory, device, dtype, size, records, shape):
         return full, full - metrics["rollout_s"] - metrics["reward_s"], metrics
 
     variants = {(credit, beta): dataclasses.replace(base, credit=credit, beta=beta) for beta in (0.0, 0.04) for credit in ("uniform", "arca")}
+    variants["uniform", "diagnose_all"] = dataclasses.replace(base, credit="uniform", diagnose_all=True)
+    variants["arca", "exact"] = dataclasses.replace(base, credit="arca", arca_precision="exact")
     step(variants["arca", 0.04])  # warm-up
     full, update = {key: [] for key in variants}, {key: [] for key in variants}
     for _ in range(g["repeats"]):
@@ -377,6 +384,15 @@ def bench_grpo(directory, device, dtype, size, records, shape):
         records.append(record(f"grpo_step_arca_over_uniform_beta{beta:g}", shape, N, device, arca, uniform, "s per step", setting))
         arca, uniform = statistics.median(update["arca", beta]), statistics.median(update["uniform", beta])
         records.append(record(f"grpo_update_arca_over_uniform_beta{beta:g}", shape, N, device, arca, uniform, "s per update", setting + "; step minus rollout and reward"))
+    diagnosed, plain = statistics.median(update["uniform", "diagnose_all"]), statistics.median(update["uniform", 0.0])
+    records.append(record("grpo_update_diagnose_all_over_off", shape, N, device, diagnosed, plain, "s per update",
+                          setting + "; credit uniform, --diagnose-all (all five signals, one adapter-off pass on one micro-batch) over off"))
+    exact, bf16 = statistics.median(update["arca", "exact"]), statistics.median(update["arca", 0.0])
+    records.append(record("grpo_update_arca_exact_over_bf16", shape, N, device, exact, bf16, "s per update",
+                          setting + f"; credit arca, --arca-precision exact over bf16 (model dtype {str(dtype).removeprefix('torch.')})"))
+    exact_memory, _ = peak_memory(lambda: step(variants["arca", "exact"]), device)
+    bf16_memory, _ = peak_memory(lambda: step(variants["arca", 0.0]), device)
+    records.append(record("grpo_step_arca_exact_over_bf16_peak_memory", shape, N, device, exact_memory, bf16_memory, "GiB over weights", setting))
 
     model.gradient_checkpointing = True
     memory, total = peak_memory(lambda: step(variants["arca", 0.0]), device)
@@ -386,6 +402,50 @@ def bench_grpo(directory, device, dtype, size, records, shape):
                           f"{setting}; credit arca, beta 0, gradient checkpointing; rollout {metrics['rollout_s']:.2f} s"))
     records.append(record("grpo_step_checkpointed_peak_memory", shape, N, device, memory, None, "GiB over weights",
                           setting + (f"; {total:.2f} GiB allocated in all (weights, adapter, optimiser state included)" if total else "")))
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. ARCA's precision: how much of a bf16 ARCA score is the adapter
+
+
+PRECISION_SHAPE = dict(SHAPES["0.6b"], num_hidden_layers=4, vocab_size=4096, bos_token_id=4095, eos_token_id=4095)  # width 1024
+
+
+def bench_precision(device, size, records, shape, tmp):
+    """Pearson per token of bf16 ARCA (bf16 activations, adapter on vs off) with the exact score
+    (fp32 activations, grpo.exact_adapted_hidden's computation), and the mean bf16 score over the
+    exact one, for a LoRA r16 whose B = s * N(0, 1), at a realistic width: Qwen3-0.6B's layers (4 of
+    them) on the CPU, the run's shape on a GPU. bf16 weights in both."""
+    import grpo
+    from lora import apply_lora, disable_adapter, lora_layers
+
+    p = size["precision"]
+    name = shape if device.type == "cuda" else "precision"
+    if device.type != "cuda":
+        SHAPES["precision"] = PRECISION_SHAPE
+    directory = write_checkpoint(name, Path(tmp) / "precision", device, seed=4)
+    model = apply_lora(Qwen3.from_pretrained(directory, device=device, dtype=torch.bfloat16), 16, 32.0).eval()
+    prompts = random_prompts(p["batch"], p["prompt"], model.config.vocab_size, seed=5).tolist()
+    tokens = random_prompts(p["batch"], p["new"], model.config.vocab_size, seed=6).to(device)  # (B, T) as completions
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    generator = torch.Generator(device).manual_seed(0)
+    noise = {n: torch.randn(layer.lora_B.shape, generator=generator, device=device) for n, layer in lora_layers(model).items()}
+    for scale in p["scales"]:
+        with torch.no_grad():
+            for n, layer in lora_layers(model).items():
+                layer.lora_B.copy_(scale * noise[n])
+            h_adapted = grpo.completion_hidden(model, prompts, tokens, mask)  # bf16
+            exact_adapted = grpo.exact_adapted_hidden(model, prompts, tokens, mask)
+            with disable_adapter(model):
+                h_base = grpo.completion_hidden(model, prompts, tokens, mask)
+                exact_base = grpo.completion_hidden(model, prompts, tokens, mask, torch.float32)
+        bf16_scores = arca_scores(h_adapted, h_base)[mask]
+        exact_scores = arca_scores(exact_adapted, exact_base)[mask]
+        correlation = grpo.pearson(bf16_scores, exact_scores)
+        ratio = f"{bf16_scores.mean().item() / exact_scores.mean().item():.3g}" if exact_scores.sum() > 0 else "-"
+        records.append(record(f"arca_bf16_vs_exact_s{scale:g}", name, p["batch"], device, correlation, None, "Pearson per token",
+                              f"rms(B) = {scale:g}; mean bf16 score / exact {ratio}; exact mean {exact_scores.mean().item():.3g}, "
+                              f"bf16 mean {bf16_scores.mean().item():.3g}; {p['batch']} x {p['new']} tokens, LoRA r16 on 7 projections"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,6 +552,8 @@ def main(argv=None):
             bench_train(directory, device, dtype, size, records, shape)
         if "grpo" in args.only:
             bench_grpo(directory, device, dtype, size, records, shape)
+        if "precision" in args.only:
+            bench_precision(device, size, records, shape, tmp)
     print()
     print(f"python {' '.join(sys.argv)}  # torch {torch.__version__}, dtype {str(dtype).removeprefix('torch.')}")
     print()

@@ -104,6 +104,7 @@ def completion_logprobs(model, hidden, tokens, vocab_size=None, chunk_size=64):
     logprobs, entropies = [], []
     for start in range(0, tokens.shape[1], chunk_size):
         h, y = hidden[:, start : start + chunk_size], tokens[:, start : start + chunk_size]  # (B, C, H), (B, C)
+        h = h.to(model.lm_head.weight.dtype)  # an fp32 pass's states meet the head in its own dtype, no fp32 copy of it
         if torch.is_grad_enabled() and h.requires_grad:
             lp, ent = checkpoint(lambda h, y: token_logprobs(model.lm_head(h)[..., :vocab_size], y), h, y, use_reentrant=False)
         else:
@@ -113,10 +114,15 @@ def completion_logprobs(model, hidden, tokens, vocab_size=None, chunk_size=64):
     return torch.cat(logprobs, dim=1), torch.cat(entropies, dim=1)  # (B, T), (B, T)
 
 
-def completion_forward(model, prompts, tokens, mask, vocab_size=None):
-    """Log-probs, entropies (B, T) and last hidden states (B, T, H) at the completion positions."""
+def completion_hidden(model, prompts, tokens, mask, compute_dtype=None):
+    """Last hidden states (B, T, H) at the positions that score the completion tokens (B, T)."""
     input_ids, attention_mask, P = pack_sequences(prompts, tokens, mask)
-    hidden = model(input_ids[:, :-1], attention_mask[:, :-1])[:, P - 1 :]  # (B, T, H): the last token predicts nothing
+    return model(input_ids[:, :-1], attention_mask[:, :-1], compute_dtype=compute_dtype)[:, P - 1 :]  # the last token predicts nothing
+
+
+def completion_forward(model, prompts, tokens, mask, vocab_size=None, compute_dtype=None):
+    """Log-probs, entropies (B, T) and last hidden states (B, T, H) at the completion positions."""
+    hidden = completion_hidden(model, prompts, tokens, mask, compute_dtype)  # (B, T, H)
     logprobs, entropies = completion_logprobs(model, hidden, tokens, vocab_size)
     return logprobs, entropies, hidden
 
@@ -209,22 +215,71 @@ def needs_reference(config):
     return config.credit in ("divergence", "arca") or config.beta > 0
 
 
+@torch.no_grad()
+def exact_adapted_hidden(model, prompts, tokens, mask):
+    """ARCA's h_adapted (B, T, H) for --arca-precision exact: adapter on, dropout off, fp32 activations
+    (bf16 weights upcast one matmul at a time), so ||h_adapted - h_base|| is the adapter's change and
+    not bf16 rounding (ARCA.md §5, Precision)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return completion_hidden(model, prompts, tokens, mask, torch.float32)
+    finally:
+        model.train(was_training)
+
+
+def pearson(x, y):
+    """Pearson correlation of two 1-D tensors (0 when either is constant)."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denominator = (x.norm() * y.norm()).item()
+    return (x @ y).item() / denominator if denominator > 0 else 0.0
+
+
+def arca_fidelity(model, prompts, tokens, mask, hidden, h_base, exact):
+    """How much of ARCA's score is the adapter: (Pearson per token between the ARCA scores that train
+    and the exact ones, mean bf16-computed score / mean exact score), on this micro-batch.
+
+    hidden: the training forward's states; h_base: this step's adapter-off states (fp32 if exact).
+    The missing pair is computed here: the exact one in bf16 mode, the bf16 one in exact mode.
+    """
+    with torch.no_grad():
+        if exact:
+            exact_scores = arca_scores(exact_adapted_hidden(model, prompts, tokens, mask), h_base)[mask]  # (valid,)
+            with disable_adapter(model):
+                bf16_scores = arca_scores(hidden, completion_hidden(model, prompts, tokens, mask))[mask]
+            training_scores = exact_scores
+        else:
+            with disable_adapter(model):
+                exact_base = completion_hidden(model, prompts, tokens, mask, torch.float32)
+            exact_scores = arca_scores(exact_adapted_hidden(model, prompts, tokens, mask), exact_base)[mask]
+            bf16_scores = training_scores = arca_scores(hidden, h_base)[mask]
+    floor_ratio = bf16_scores.mean().item() / exact_scores.mean().item() if exact_scores.sum() > 0 else float("nan")
+    return pearson(training_scores, exact_scores), floor_ratio
+
+
 def train_micro_batch(model, prompts, tokens, mask, advantages, config, num_completions, vocab_size=None, old_logprobs=None,
-                      diagnose_all=False):
+                      diagnose_all=False, fidelity=False):
     """Forward, credit weights, loss and backward for one micro-batch; returns its statistics.
 
     Besides the training method's own diagnostics (weight_gini, ...), the statistics hold every
     method's on the same tokens (gini/<method>, ...) from the passes that ran: uniform, surprisal
     and entropy always, divergence and ARCA when the adapter-off pass ran (diagnose_all forces it).
+
+    With config.arca_precision "exact" the adapter-off pass runs with fp32 activations (it then
+    serves divergence and the KL too) and ARCA's h_adapted comes from one more no-grad fp32 pass
+    with dropout off, instead of the training forward's. With fidelity (and credit arca), the
+    statistics hold arca_exact_corr and arca_floor_ratio (see arca_fidelity).
     """
     mask = mask.bool()
+    exact = config.arca_precision == "exact"
     logprobs, entropies, hidden = completion_forward(model, prompts, tokens, mask, vocab_size)  # (B, T), (B, T), (B, T, H)
     ref_logprobs = h_base = None
     if needs_reference(config) or diagnose_all:
         with torch.no_grad(), disable_adapter(model):
-            ref_logprobs, _, h_base = completion_forward(model, prompts, tokens, mask, vocab_size)
+            ref_logprobs, _, h_base = completion_forward(model, prompts, tokens, mask, vocab_size, torch.float32 if exact else None)
+    h_adapted = exact_adapted_hidden(model, prompts, tokens, mask) if exact and h_base is not None else hidden.detach()
     signals = dict(token_logprobs=logprobs.detach(), entropies=entropies.detach(), ref_token_logprobs=ref_logprobs,
-                   h_adapted=hidden.detach(), h_base=h_base)
+                   h_adapted=h_adapted, h_base=h_base)
     weights = token_weights(credit_scores(config.credit, mask, **signals), mask, eps=config.credit_eps, power=config.power)  # (B, T)
     loss = policy_loss(logprobs, advantages, weights, num_completions, old_logprobs, config.clip_eps)
     policy_logprobs = logprobs if config.beta > 0 else logprobs.detach()  # beta 0: KL is only logged, kept off the graph
@@ -243,9 +298,12 @@ def train_micro_batch(model, prompts, tokens, mask, advantages, config, num_comp
                 stats[f"{key.removeprefix('weight_')}/{method}"] = value * stats["rows"]  # gini/arca, top10_mass/arca, ...
             stats[f"rows/{method}"] = stats["rows"]
     if h_base is not None:
-        residual = arca_scores(hidden.detach(), h_base)[mask]  # (valid tokens,) ||h_adapted - h_base||
+        residual = arca_scores(h_adapted, h_base)[mask]  # (valid tokens,) ||h_adapted - h_base||
         stats["arca_norm_sum"], stats["arca_norm_max"] = residual.sum().item(), residual.max().item() if residual.numel() else 0.0
         stats["arca_tokens"] = residual.numel()
+        if fidelity and config.credit == "arca" and residual.numel():
+            stats["arca_exact_corr"], stats["arca_floor_ratio"] = arca_fidelity(
+                model, prompts, tokens, mask, hidden.detach(), h_base, exact)
     return stats, logprobs.detach()
 
 
@@ -260,8 +318,11 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, config, generator):
+def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, config, generator, fidelity=False):
     """Rollout, reward, advantages, credit, loss, update. Returns (metrics dict, Rollout, rewards).
+
+    fidelity: also measure, on the first micro-batch, how much of ARCA's score is the adapter
+    (arca_exact_corr, arca_floor_ratio; credit arca only); train.py asks for it at evaluation steps.
 
     prompts: P token-id lists; golds: P gold answers; score_fn(completion_texts, golds) returns
     (rewards list, number of timeouts). config: the training config (train.TrainConfig).
@@ -294,6 +355,7 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
             stats, logprobs = train_micro_batch(
                 model, rollout.prompts[rows], tokens, mask, advantages[rows], config, N, tokenizer.vocab_size, old_logprobs.get(start),
                 diagnose_all=config.diagnose_all and update == 0 and start == 0,  # the adapter-off pass on one micro-batch
+                fidelity=fidelity and update == 0 and start == 0,
             )
             if update == 0:
                 old_logprobs[start] = logprobs if config.updates_per_batch > 1 else None
@@ -332,6 +394,8 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
         "top10_mass": first_totals.get("top10_mass", 0.0) / rows,
         "arca_norm_mean": first_totals["arca_norm_sum"] / max(first_totals["arca_tokens"], 1) if "arca_norm_sum" in first_totals else None,
         "arca_norm_max": first_totals.get("arca_norm_max"),
+        "arca_exact_corr": first_totals.get("arca_exact_corr"),  # with fidelity and credit arca: on the first micro-batch
+        "arca_floor_ratio": first_totals.get("arca_floor_ratio"),
         **{f"{key}/{method}": first_totals[f"{key}/{method}"] / first_totals[f"rows/{method}"]
            for method in METHODS if first_totals.get(f"rows/{method}") for key in ("gini", "effective_token_ratio", "top10_mass")},
         "grad_norm": grad_norm,

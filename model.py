@@ -137,6 +137,15 @@ def apply_rotary(x, cos, sin):
     return x * cos + rotated * sin
 
 
+class Linear(nn.Linear):
+    """nn.Linear computed in its input's dtype: a no-op cast for a bf16 input on bf16 weights; for an
+    fp32 input the weight is upcast for this one matmul (the exact-ARCA passes, grpo.py), so fp32
+    activations never need an fp32 copy of the model."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
 class KVCache:
     """Static key/value buffers for every layer, allocated once and written in place.
 
@@ -163,10 +172,10 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
@@ -199,9 +208,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -273,23 +282,25 @@ class Qwen3(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False  # recompute each layer in backward (non-reentrant)
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, position_ids=None, compute_dtype=None):
         """Last hidden states after the final norm.
 
         input_ids (B, T). attention_mask (B, S): 1 for real tokens; with a cache it covers the cached
         slots and the new ones (S = cache.length + T), else S = T. It may instead be a ready additive
         bias (B, 1, G * T or 1, S) as attention_bias builds it, used as is (the sampler's decode
         steps update one in place). position_ids (B, T): each token's position, counted from
-        attention_mask when not given (required with a ready bias). Returns (B, T, hidden).
+        attention_mask when not given (required with a ready bias). compute_dtype: the activations'
+        dtype (default: the weights'); float32 on a bf16 model upcasts each weight as it is used.
+        Returns (B, T, hidden).
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
-        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        x = self.model.embed_tokens(input_ids).to(compute_dtype or self.model.embed_tokens.weight.dtype)  # (B, T, hidden)
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         if attention_mask is None:
             mask = None if kv_cache is None or T == 1 else attention_bias(torch.ones(B, past + T, device=input_ids.device), T, groups, x.dtype)

@@ -1111,7 +1111,7 @@ class StepConfig:
 
     def __init__(self, **overrides):
         self.__dict__.update(dict(
-            group_size=4, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, credit_eos=True, diagnose_all=False, advantage="grpo", prompts_per_micro_batch=1,
+            group_size=4, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, credit_eos=True, diagnose_all=False, arca_precision="bf16", advantage="grpo", prompts_per_micro_batch=1,
             updates_per_batch=1, credit="arca", credit_eps=1e-8, power=2.0, clip_eps=0.2, beta=0.0, grad_clip=1.0,
         ), **overrides)
 
@@ -1268,6 +1268,61 @@ def test_every_signal_is_diagnosed_on_the_same_completions(tiny_checkpoint):
     assert stats["gini/arca"] > 0.01 and stats["gini/uniform"] == 0.0  # the adapter shows in ARCA's weights
 
 
+def bf16_and_rounded_fp32_models(directory, b_scale, seed=0):
+    """The same LoRA model twice: bf16 base weights, and fp32 holding exactly those bf16 values."""
+    models = []
+    for dtype in (torch.bfloat16, torch.float32):
+        model = Qwen3.from_pretrained(directory, dtype=dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().to(dtype))
+        torch.manual_seed(seed)
+        apply_lora(model, rank=4, alpha=8)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B.copy_(b_scale * torch.randn(layer.lora_B.shape, generator=generator))
+        models.append(model.train())
+    return models
+
+
+def exact_arca_oracle(model, prompts, tokens, mask):
+    """||h_adapted - h_base|| per valid token on an fp32 model, eval mode."""
+    model.eval()
+    with torch.no_grad():
+        h_adapted = grpo.completion_hidden(model, prompts, tokens, mask)
+        with disable_adapter(model):
+            h_base = grpo.completion_hidden(model, prompts, tokens, mask)
+    model.train()
+    return arca_scores(h_adapted, h_base)[mask]
+
+
+def test_exact_arca_equals_an_fp32_model_where_bf16_is_off(tiny_checkpoint):
+    b = STEP_BATCH
+    bf16_model, fp32_model = bf16_and_rounded_fp32_models(tiny_checkpoint[0], b_scale=1e-4)
+    expected = exact_arca_oracle(fp32_model, b["prompts"], b["tokens"], b["mask"])  # (valid tokens,)
+    stats = {}
+    for precision in ("exact", "bf16"):
+        config = StepConfig(credit="arca", arca_precision=precision)
+        stats[precision], _ = grpo.train_micro_batch(bf16_model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2, fidelity=True)
+    assert stats["exact"]["arca_norm_sum"] == pytest.approx(expected.sum().item(), rel=1e-5)
+    assert stats["exact"]["arca_norm_max"] == pytest.approx(expected.max().item(), rel=1e-5)
+    assert abs(stats["bf16"]["arca_norm_sum"] / expected.sum().item() - 1) > 0.5  # bf16 mostly measures rounding here
+    assert stats["exact"]["arca_exact_corr"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["bf16"]["arca_exact_corr"] < 0.9 and stats["bf16"]["arca_floor_ratio"] > 1.5
+    assert stats["exact"]["arca_floor_ratio"] == pytest.approx(stats["bf16"]["arca_floor_ratio"], rel=0.05)  # the same figure
+
+
+def test_exact_and_bf16_arca_are_zero_and_uniform_at_b_zero(tiny_checkpoint):
+    b = STEP_BATCH
+    bf16_model, _ = bf16_and_rounded_fp32_models(tiny_checkpoint[0], b_scale=0.0)
+    for precision in ("exact", "bf16"):
+        config = StepConfig(credit="arca", arca_precision=precision)
+        stats, _ = grpo.train_micro_batch(bf16_model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2)
+        assert stats["arca_norm_sum"] == 0.0 and stats["arca_norm_max"] == 0.0
+        assert stats["weight_gini"] == 0.0 and stats["effective_token_ratio"] == pytest.approx(2.0)  # 2 rows, each EffN/T 1
+
+
 class CharTokenizer:
     """The model.Tokenizer surface over single characters, for GRPO steps on the tiny checkpoint."""
 
@@ -1353,6 +1408,7 @@ METRIC_FIELDS = {
     "step", "reward_mean", "reward_std", "zero_spread_groups", "loss", "kl", "logprob_gap", "completion_len", "truncated",
     "weight_gini", "effective_token_ratio", "top10_mass", "arca_norm_mean", "arca_norm_max", "grad_norm", "lr",
     "rollout_s", "reward_s", "train_s", "tokens_per_s", "peak_memory_gb", "entropy", "skipped_update",
+    "arca_exact_corr", "arca_floor_ratio", "gini/uniform", "gini/arca", "effective_token_ratio/divergence", "top10_mass/entropy",
 }
 
 
@@ -1374,6 +1430,9 @@ def test_three_step_run_writes_every_output(char_run_setup, tmp_path, monkeypatc
     # B = 0 until the first update at a non-zero lr (step 2's): ARCA is exactly 0 and uniform, then the adapter shows
     assert all(m["arca_norm_mean"] == 0.0 and m["weight_gini"] < 1e-6 for m in metrics[:2])
     assert metrics[2]["arca_norm_mean"] > 1e-4 and metrics[2]["weight_gini"] > 1e-3
+    # fidelity at the evaluation steps (2, 3); fp32 and dropout 0: the credit that trains is the exact score
+    assert metrics[0]["arca_exact_corr"] is None and metrics[2]["arca_exact_corr"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics[2]["arca_floor_ratio"] == pytest.approx(1.0, abs=1e-4)
     evals = json.loads((out / "eval.json").read_text())
     keys = {"greedy_accuracy", "pass@2", "greedy_accuracy_strict", "pass@2_strict", "greedy_accuracy_symbolic", "pass@2_symbolic"}
     assert [e["step"] for e in evals] == [0, 2, 3] and all(keys <= set(e) for e in evals)

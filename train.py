@@ -62,6 +62,7 @@ class TrainConfig:
     credit: str = option("arca", "token credit: uniform, surprisal, entropy, divergence or arca (ARCA.md §2)")
     power: float = option(2.0, "sharpening power p of w = (alpha + eps)^p / sum")
     credit_eps: float = option(1e-8, "eps of the credit weights")
+    arca_precision: str = option("bf16", "ARCA's two hidden states: bf16 (the paper's: the training forward and a bf16 adapter-off pass) or exact (two no-grad passes with fp32 activations, so the score is the adapter's, not bf16 rounding)")
     credit_eos: bool = option(False, "train and weight the EOS token that ends a completion (the reference code leaves it out)")
     reward: str = option("strict", "training reward: strict (the reference code's string match) or symbolic (math_reward's equivalence)")
     advantage: str = option("grpo", "advantage estimator: grpo or rloo (ARCA.md §1)")
@@ -168,7 +169,7 @@ def parse_args(argv=None):
 def check_config(config, parser):
     """Every option in its valid range, or parser.error naming the flag, the value and the range."""
     choices = {"credit": ("uniform", "surprisal", "entropy", "divergence", "arca"), "advantage": ("grpo", "rloo"),
-               "reward": ("strict", "symbolic"), "dtype": ("bfloat16", "float32")}
+               "reward": ("strict", "symbolic"), "dtype": ("bfloat16", "float32"), "arca_precision": ("bf16", "exact")}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             parser.error(f"--{name.replace('_', '-')} {getattr(config, name)!r}: expected one of {', '.join(allowed)}")
@@ -707,7 +708,7 @@ def run(config, resume=False):
             rows = step_prompts(train_rows, step_index, config.prompts_per_micro_batch * config.micro_batches, config.seed)
             metrics, _, _ = grpo_step(
                 model, optimizer, scheduler, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows],
-                tokenizer, lambda texts, golds: score(texts, golds, config), config, generator,
+                tokenizer, lambda texts, golds: score(texts, golds, config), config, generator, fidelity=is_eval_step(step_index + 1, config),
             )
             append_line(out / "metrics.jsonl", {"step": step_index + 1, **metrics})
             done, done_rng, done_updates = step_index + 1, rng_states(generator), scheduler.last_epoch
@@ -796,6 +797,8 @@ def report(directories):
             "greedy symbolic": value("greedy_accuracy_symbolic"), "pass@k symbolic": value(f"{pass_k}_symbolic"),
             "avg train reward": mean_of(metrics, "reward_mean"), "Gini G(w)": mean_of(metrics, "weight_gini"),
             "EffN/T": mean_of(metrics, "effective_token_ratio"), "steps": final["step"],
+            "arca precision": config.get("arca_precision", "bf16"), "ARCA exact corr": mean_of(metrics, "arca_exact_corr"),
+            "ARCA floor ratio": mean_of(metrics, "arca_floor_ratio"),
         })
         signals = [{"signal": method + (" (trains)" if method == config["credit"] else ""), "Gini G(w)": mean_of(metrics, f"gini/{method}"),
                     "EffN/T": mean_of(metrics, f"effective_token_ratio/{method}"), "top-10% mass": mean_of(metrics, f"top10_mass/{method}")}
@@ -807,8 +810,9 @@ def report(directories):
         + markdown_table(rows, ["run", "method", "rank", "trainable params", "reward", "greedy acc", "k", "pass@k", "avg train reward", "steps"])
         + "\n\nBoth checkers (strict: the reference code's string match, compare with the paper; symbolic: equivalent answers)\n\n"
         + markdown_table(rows, ["run", "method", "rank", "greedy strict", "pass@k strict", "greedy symbolic", "pass@k symbolic"])
-        + "\n\nCredit concentration of the training method (mean over steps)\n\n"
-        + markdown_table(rows, ["run", "method", "rank", "Gini G(w)", "EffN/T"])
+        + "\n\nCredit concentration of the training method (mean over steps); for ARCA, how much of its score is the adapter\n"
+        + "(mean over evaluation steps: Pearson of the training score with the exact fp32 one, mean bf16 score / exact score)\n\n"
+        + markdown_table(rows, ["run", "method", "rank", "Gini G(w)", "EffN/T", "arca precision", "ARCA exact corr", "ARCA floor ratio"])
         + "\n\nAll five signals on this run's rollouts (mean over steps; ARCA.md §3)\n\n" + "\n\n".join(signal_tables)
     )
 
