@@ -1890,11 +1890,14 @@ def test_bench_quick_prints_every_measurement():
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     for line in lines:
         assert set(line) == {"what", "shape", "batch", "device", "ours", "reference", "ratio", "unit", "note"}
-        assert line["shape"] == "tiny" and line["device"].startswith("cpu")
+        assert line["shape"] in ("tiny", "precision") and line["device"].startswith("cpu")
     kinds = {line["what"] for line in lines}
     assert kinds >= {"rollout", "train_step", "train_peak_memory", "sampler_trainer_gap", "grpo_step_checkpointed",
                      "grpo_step_arca_over_uniform_beta0", "grpo_step_arca_over_uniform_beta0.04",
-                     "grpo_update_arca_over_uniform_beta0", "grpo_update_arca_over_uniform_beta0.04"}
+                     "grpo_update_arca_over_uniform_beta0", "grpo_update_arca_over_uniform_beta0.04", "grpo_update_diagnose_all_over_off",
+                     "grpo_update_arca_exact_over_bf16", "grpo_step_arca_exact_over_bf16_peak_memory", "arca_bf16_vs_exact_s0.0001"}
+    precision = {line["what"]: line["ours"] for line in lines if line["shape"] == "precision"}
+    assert precision["arca_bf16_vs_exact_s0.01"] > precision["arca_bf16_vs_exact_s0.0001"]  # bf16 tracks a large adapter better
     rollouts = [line for line in lines if line["what"] == "rollout"]
     assert sorted(line["batch"] for line in rollouts) == [1, 16, 64]
     for line in rollouts + [line for line in lines if line["what"].startswith(("train_step", "grpo_step_arca"))]:
