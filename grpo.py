@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from credit import METHODS, arca_scores, credit_diagnostics, credit_scores, token_weights
@@ -195,13 +196,23 @@ def loss_mask(rollout, credit_eos):
     return rollout.mask & ~((columns == last) & rollout.ends_with_eos[:, None])  # (N, T)
 
 
-def sample_rollouts(model, prompts, config, eos_token_id, vocab_size, generator):
-    """K = config.group_size completions per prompt, adapter on (unmerged), dropout off."""
+def prompt_generators(seeds, group_size, device):
+    """One generator per completion row: a prompt's K rows share the generator of its seed, drawn in
+    row order, so a prompt's completions depend on its seed alone, not on its batch or its rank."""
+    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+    return [g for g in generators for _ in range(group_size)]
+
+
+def sample_rollouts(model, prompts, config, eos_token_id, vocab_size, generator, prompt_seeds=None):
+    """K = config.group_size completions per prompt, adapter on (unmerged), dropout off; random
+    numbers from one seed per prompt when prompt_seeds is given, else from generator."""
     model.eval()
     repeated = [prompt for prompt in prompts for _ in range(config.group_size)]
+    device = model.lm_head.weight.device
+    row_generators = None if prompt_seeds is None else prompt_generators(prompt_seeds, config.group_size, device)
     tokens, mask, logprobs = generate(
         model, repeated, config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-        eos_token_id=eos_token_id, generator=generator, vocab_size=vocab_size, return_logprobs=True,
+        eos_token_id=eos_token_id, generator=generator, vocab_size=vocab_size, return_logprobs=True, row_generators=row_generators,
     )
     prompt_index = torch.arange(len(prompts), device=tokens.device).repeat_interleave(config.group_size)  # (N,)
     return Rollout(repeated, prompt_index, tokens, mask, logprobs, eos_positions(tokens, mask, eos_token_id))
@@ -318,18 +329,60 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, config, generator, fidelity=False):
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_gradients(parameters):
+    """Sum the gradients of `parameters` over the ranks, in one flat buffer (one collective per update)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.flatten() for g in grads])  # (trainable parameters,)
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(parameters, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g)
+        offset += g.numel()
+
+
+def gather(value):
+    """[value of rank 0, value of rank 1, ...] (one process: [value])."""
+    if world_size() == 1:
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def merge_totals(totals_by_rank):
+    """Sum the ranks' micro-batch totals; maxima take the max."""
+    merged = {}
+    for totals in totals_by_rank:
+        for key, value in totals.items():
+            merged[key] = max(merged.get(key, value), value) if key == "arca_norm_max" else merged.get(key, 0) + value
+    return merged
+
+
+def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, config, generator, fidelity=False, prompt_seeds=None):
     """Rollout, reward, advantages, credit, loss, update. Returns (metrics dict, Rollout, rewards).
 
     fidelity: also measure, on the first micro-batch, how much of ARCA's score is the adapter
     (arca_exact_corr, arca_floor_ratio; credit arca only); train.py asks for it at evaluation steps.
+    prompt_seeds: one random seed per prompt for its completions (else generator draws them all).
 
     prompts: P token-id lists; golds: P gold answers; score_fn(completion_texts, golds) returns
     (rewards list, number of timeouts). config: the training config (train.TrainConfig).
+
+    Distributed (torch.distributed initialised, W ranks): prompts are this rank's share of the
+    step's; a group's K completions stay on one rank, so advantages need no communication. The
+    loss is normalised by the step's global N = W * local N, the LoRA gradients are summed over
+    the ranks once per update (so clipping and the update see the single-process gradient, and
+    every rank makes the same update), and the metrics are over every rank's completions. The
+    adapter-off pass of --diagnose-all and the fidelity figure run on rank 0's first micro-batch.
     """
     device = model.lm_head.weight.device
+    ranks, first_rank = world_size(), world_size() == 1 or dist.get_rank() == 0
     started = time.perf_counter()
-    rollout = sample_rollouts(model, prompts, config, tokenizer.eos_token_id, tokenizer.vocab_size, generator)
+    rollout = sample_rollouts(model, prompts, config, tokenizer.eos_token_id, tokenizer.vocab_size, generator, prompt_seeds)
     rollout_done = time.perf_counter()
 
     texts = [tokenizer.decode(row[valid].tolist()) for row, valid in zip(rollout.tokens.cpu(), rollout.mask.cpu())]
@@ -339,8 +392,8 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
     reward_done = time.perf_counter()
 
     model.train()
-    N = len(rollout.prompts)
-    trained = loss_mask(rollout, config.credit_eos)  # (N, T)
+    N = len(rollout.prompts) * ranks  # every rank holds the same number of completions
+    trained = loss_mask(rollout, config.credit_eos)  # (local N, T)
     lr = scheduler.get_last_lr()[0]  # the lr of this step's update(s)
     per_micro_batch = config.prompts_per_micro_batch * config.group_size
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -348,21 +401,23 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
     for update in range(config.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         totals = {}
-        for start in range(0, N, per_micro_batch):
+        for start in range(0, len(rollout.prompts), per_micro_batch):
             rows = slice(start, start + per_micro_batch)
             width = max(int(rollout.mask[rows].sum(dim=1).max()), 1)  # trim padding columns of this micro-batch
             tokens, mask = rollout.tokens[rows, :width], trained[rows, :width]
             stats, logprobs = train_micro_batch(
                 model, rollout.prompts[rows], tokens, mask, advantages[rows], config, N, tokenizer.vocab_size, old_logprobs.get(start),
-                diagnose_all=config.diagnose_all and update == 0 and start == 0,  # the adapter-off pass on one micro-batch
-                fidelity=fidelity and update == 0 and start == 0,
+                diagnose_all=config.diagnose_all and update == 0 and start == 0 and first_rank,  # the adapter-off pass on one micro-batch
+                fidelity=fidelity and update == 0 and start == 0 and first_rank,
             )
             if update == 0:
                 old_logprobs[start] = logprobs if config.updates_per_batch > 1 else None
                 gap = (logprobs - rollout.sampler_logprobs[rows, :width]).abs() * mask  # (B, T)
                 stats["logprob_gap_sum"] = gap.sum().item()
-            for key, value in stats.items():
-                totals[key] = max(totals.get(key, value), value) if key == "arca_norm_max" else totals.get(key, 0) + value
+            totals = merge_totals([totals, stats])
+        if ranks > 1:
+            all_reduce_gradients(trainable)
+            totals = merge_totals(gather(totals))
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip).item()
         skipped = not (math.isfinite(grad_norm) and math.isfinite(totals["loss"]))
         if skipped:  # the schedule counts updates: a skipped step does not advance it
@@ -374,8 +429,17 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
             first_totals = totals
     train_done = time.perf_counter()
 
-    tokens_in_step = int(rollout.mask.sum())
-    trained_tokens = max(int(trained.sum()), 1)  # per-token statistics are over the trained tokens
+    phases = [rollout_done - started, reward_done - rollout_done, train_done - reward_done]  # rollout, reward, train seconds
+    if ranks > 1:  # every rank's completions: rewards, lengths, stops, and the slowest rank's times
+        rewards = torch.cat([r.to(device) for r in gather(rewards.cpu())])  # (N,)
+        lengths = torch.cat(gather(rollout.mask.sum(dim=1).cpu()))  # (N,)
+        ends_with_eos = torch.cat(gather(rollout.ends_with_eos.cpu()))  # (N,)
+        trained_tokens = max(sum(gather(int(trained.sum()))), 1)
+        timeouts = sum(gather(timeouts))
+        phases = [max(seconds) for seconds in zip(*gather(phases))]
+    else:
+        lengths, ends_with_eos, trained_tokens = rollout.mask.sum(dim=1), rollout.ends_with_eos, max(int(trained.sum()), 1)
+    tokens_in_step = int(lengths.sum())
     rows = max(first_totals["rows"], 1)
     group_rewards = rewards.view(-1, config.group_size)  # (P, K): completions are grouped in order
     metrics = {
@@ -388,7 +452,7 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
         "logprob_gap": first_totals["logprob_gap_sum"] / trained_tokens,
         "entropy": first_totals["entropy_sum"] / trained_tokens,
         "completion_len": tokens_in_step / N,
-        "truncated": (~rollout.ends_with_eos).float().mean().item(),
+        "truncated": (~ends_with_eos).float().mean().item(),
         "weight_gini": first_totals.get("weight_gini", 0.0) / rows,
         "effective_token_ratio": first_totals.get("effective_token_ratio", 0.0) / rows,
         "top10_mass": first_totals.get("top10_mass", 0.0) / rows,
@@ -401,11 +465,11 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
         "grad_norm": grad_norm,
         "skipped_update": skipped,
         "lr": lr,
-        "rollout_s": rollout_done - started,
-        "reward_s": reward_done - rollout_done,
-        "train_s": train_done - reward_done,
-        "tokens_per_s": tokens_in_step / (train_done - started),
-        "peak_memory_gb": peak_memory_gb(device),
+        "rollout_s": phases[0],
+        "reward_s": phases[1],
+        "train_s": phases[2],
+        "tokens_per_s": tokens_in_step / sum(phases),
+        "peak_memory_gb": max(gather(peak_memory_gb(device))),
     }
     return metrics, rollout, rewards
 

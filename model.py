@@ -517,18 +517,21 @@ def token_logprobs(logits, tokens):
     return logprobs, entropies
 
 
-def draw_from_cumulative(cumulative, total, generator=None):
+UNIFORMS_PER_DRAW = 4  # pre-drawn uniforms per row and token: 3 rejection rounds, then the sorting sampler
+
+
+def draw_from_cumulative(cumulative, total, generator=None, uniforms=None):
     """Inverse-CDF draw: the first index whose cumulative mass exceeds u, u uniform in [0, total).
 
     cumulative (B, V) nondecreasing, total (B, 1) -> (B, 1). Index i is drawn with probability
     (cumulative[i] - cumulative[i - 1]) / total when total <= cumulative[-1]; one uniform number
-    per row and a binary search, no further pass over the vocabulary.
+    per row (uniforms (B,) when given, else drawn from generator) and a binary search.
     """
-    u = torch.rand(total.shape, device=total.device, generator=generator) * total  # (B, 1)
-    return torch.searchsorted(cumulative, u, right=True)  # (B, 1)
+    u = torch.rand(total.shape, device=total.device, generator=generator) if uniforms is None else uniforms[:, None]  # (B, 1)
+    return torch.searchsorted(cumulative, u * total, right=True)  # (B, 1)
 
 
-def sample_top_p_sorted(probs, top_p, generator=None):
+def sample_top_p_sorted(probs, top_p, generator=None, uniforms=None):
     """Top-p by sorting (any device, no host sync): the reference, and the path used on a GPU.
 
     probs (B, V) -> tokens (B,). Kept: the tokens whose strictly likelier mass, cumulative[i - 1],
@@ -537,11 +540,11 @@ def sample_top_p_sorted(probs, top_p, generator=None):
     probs, ids = probs.sort(dim=-1, descending=True)  # (B, V)
     cumulative = probs.cumsum(dim=-1)  # (B, V) nondecreasing
     kept = ((cumulative < top_p).sum(dim=-1, keepdim=True) + 1).clamp(max=probs.shape[-1])  # (B, 1) tokens kept
-    choice = draw_from_cumulative(cumulative, cumulative.gather(-1, kept - 1), generator)  # (B, 1)
+    choice = draw_from_cumulative(cumulative, cumulative.gather(-1, kept - 1), generator, uniforms)  # (B, 1)
     return ids.gather(-1, choice.clamp(max=kept - 1)).squeeze(-1)  # (B,)
 
 
-def sample_top_p_by_rejection(probs, top_p, generator=None, max_rounds=64):
+def sample_top_p_by_rejection(probs, top_p, generator=None, max_rounds=64, uniforms=None):
     """Top-p without sorting the vocabulary, exact: the path used on the CPU, where a sort is slow.
 
     probs (B, V) -> tokens (B,). Draw a token from probs restricted to the tokens above a floor
@@ -554,15 +557,19 @@ def sample_top_p_by_rejection(probs, top_p, generator=None, max_rounds=64):
     still drawing syncs with the device, free on the CPU but not on a GPU. A drawn token with no
     likelier token is always accepted (so p = 0 keeps the top token), and rows still drawing after
     max_rounds (only NaN probabilities get there) go to the sorting sampler: it never loops forever.
+    With pre-drawn uniforms (B, U), round r uses column r and the sorting sampler the last one
+    (so max_rounds is U - 1): an accepted draw is a nucleus draw in every round, so it stays exact.
     """
     tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)  # (B,)
     rows = torch.arange(probs.shape[0], device=probs.device)  # (R,) rows still drawing
     floor = torch.zeros(probs.shape[0], 1, device=probs.device)  # (R, 1)
-    for _ in range(max_rounds):
+    max_rounds = max_rounds if uniforms is None else uniforms.shape[1] - 1
+    for round_index in range(max_rounds):
         if not len(rows):
             return tokens
         cumulative = torch.where(probs > floor, probs, 0.0).cumsum(dim=-1)  # (R, V)
-        draw = draw_from_cumulative(cumulative, cumulative[:, -1:], generator).clamp(max=probs.shape[-1] - 1)  # (R, 1)
+        u = None if uniforms is None else uniforms[rows, round_index]  # (R,)
+        draw = draw_from_cumulative(cumulative, cumulative[:, -1:], generator, u).clamp(max=probs.shape[-1] - 1)  # (R, 1)
         drawn_prob = probs.gather(-1, draw)  # (R, 1)
         likelier = torch.where(probs > drawn_prob, probs, 0.0).sum(dim=-1)  # (R,) mass of strictly likelier tokens
         accepted = (likelier < top_p) | (likelier == 0)  # (R,)
@@ -570,7 +577,7 @@ def sample_top_p_by_rejection(probs, top_p, generator=None, max_rounds=64):
         floor = torch.maximum(floor, drawn_prob)[~accepted]  # (R', 1)
         rows, probs = rows[~accepted], probs[~accepted]  # (R',), (R', V)
     if len(rows):
-        tokens[rows] = sample_top_p_sorted(probs, top_p, generator)
+        tokens[rows] = sample_top_p_sorted(probs, top_p, generator, None if uniforms is None else uniforms[rows, -1])
     return tokens
 
 
@@ -586,34 +593,39 @@ def top_k_filter(logits, top_k):
     return logits.masked_fill(logits < kth_largest, float("-inf"))  # (B, V)
 
 
-def sample_next_token(logits, temperature, top_p, generator=None, top_k=0):
+def sample_next_token(logits, temperature, top_p, generator=None, top_k=0, uniforms=None):
     """One token per row from fp32 logits (B, V): greedy at temperature 0, else temperature, then
     top-k, then top-p, in the order of transformers' sampling warpers.
 
     Top-k keeps the k most likely tokens (0: all). Top-p then keeps the smallest set of the most
     likely remaining tokens whose mass reaches p, including the token that crosses p (and any
     token tied with it, on the CPU). Example, probs [0.5, 0.3, 0.2], p = 0.6: keeps 0.5 and 0.3.
-    With p >= 1 every token top-k left is kept and nothing is sorted.
+    With p >= 1 every token top-k left is kept and nothing is sorted. uniforms (B, UNIFORMS_PER_DRAW):
+    pre-drawn random numbers for this token instead of the generator (see generate).
     """
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
     probs = top_k_filter(logits / temperature, top_k).softmax(dim=-1)  # (B, V)
     if top_p >= 1:
         cumulative = probs.cumsum(dim=-1)  # (B, V)
-        return draw_from_cumulative(cumulative, cumulative[:, -1:], generator).clamp(max=probs.shape[-1] - 1).squeeze(-1)  # (B,)
+        u = None if uniforms is None else uniforms[:, 0]
+        return draw_from_cumulative(cumulative, cumulative[:, -1:], generator, u).clamp(max=probs.shape[-1] - 1).squeeze(-1)  # (B,)
     if probs.device.type == "cpu":
-        return sample_top_p_by_rejection(probs, top_p, generator)
-    return sample_top_p_sorted(probs, top_p, generator)
+        return sample_top_p_by_rejection(probs, top_p, generator, uniforms=uniforms)
+    return sample_top_p_sorted(probs, top_p, generator, None if uniforms is None else uniforms[:, 0])
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id, generator=None,
-             vocab_size=None, return_logprobs=False, check_every=8, top_k=0):
+             vocab_size=None, return_logprobs=False, check_every=8, top_k=0, row_generators=None):
     """Sample completions for a batch of prompts of different lengths.
 
     prompts: list of token-id lists. eos_token_id: an id or a list of ids that end a completion (an empty list: none does).
     vocab_size: the tokenizer's number of real ids; embedding rows past it are never sampled.
     temperature, top_k, top_p: see sample_next_token (temperature 0: greedy).
+    row_generators: one torch.Generator per row instead of `generator`; each row's random numbers are
+    drawn from its own up front (max_new_tokens x UNIFORMS_PER_DRAW), so a row's completion does not
+    depend on which other rows share its batch (or its process, in a distributed run).
     Returns tokens (B, N) and mask (B, N), N <= max_new_tokens: mask is True up to and including a
     row's first EOS, False after it (those slots hold the EOS id). With return_logprobs, also the
     fp32 log-probs (B, N) of the drawn tokens under the untempered model distribution (what the
@@ -651,13 +663,17 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
     logprobs = torch.zeros(B, max_new_tokens, device=device)  # (B, N)
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
 
+    uniforms = None
+    if row_generators is not None and temperature > 0:
+        uniforms = torch.stack([torch.rand(max_new_tokens, UNIFORMS_PER_DRAW, generator=g, device=g.device) for g in row_generators]).to(device)  # (B, N, U)
+
     with torch.inference_mode():
         hidden = model(prompt_ids, prompt_mask, kv_cache=cache)[:, -1]  # (B, hidden): last slot is real in every row
         for step in range(max_new_tokens):
             logits = model.lm_head(hidden).float()  # (B, V)
             if vocab_size is not None and vocab_size < logits.shape[-1]:
                 logits[:, vocab_size:] = float("-inf")
-            next_token = sample_next_token(logits, temperature, top_p, generator, top_k)  # (B,)
+            next_token = sample_next_token(logits, temperature, top_p, generator, top_k, None if uniforms is None else uniforms[:, step])  # (B,)
             next_token = next_token.masked_fill(finished, fill_id)  # (B,)
             tokens[:, step] = next_token
             mask[:, step] = ~finished

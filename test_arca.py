@@ -1413,8 +1413,8 @@ METRIC_FIELDS = {
 
 
 def parity_reward(texts, golds, config):
-    """A reward a random model earns half the time (completion length parity), so updates are non-zero."""
-    return [float(len(text) % 2) for text in texts], 0
+    """A reward a random model earns half the time (parity of the text's character codes), so updates are non-zero."""
+    return [float(sum(map(ord, text)) % 2) for text in texts], 0
 
 
 def test_three_step_run_writes_every_output(char_run_setup, tmp_path, monkeypatch, capsys):
@@ -1468,7 +1468,7 @@ KILLER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import train
-train.score = lambda texts, golds, config: ([float(len(text) % 2) for text in texts], 0)
+train.score = lambda texts, golds, config: ([float(sum(map(ord, text)) % 2) for text in texts], 0)
 real_step, calls = train.grpo_step, []
 def step_then_die(*args, **kwargs):
     if len(calls) == 2:  # after step 2's checkpoint: die as hard as a machine can
@@ -1533,7 +1533,7 @@ def wrap(owner, name, hook):
         return real(*args, **kwargs)
     setattr(owner, name, wrapped)
 
-parity = lambda texts, golds, *rest: ([float(len(text) % 2) for text in texts], 0)
+parity = lambda texts, golds, *rest: ([float(sum(map(ord, text)) % 2) for text in texts], 0)
 train.score = train.score_symbolic = lambda texts, golds, config: parity(texts, golds)
 train.score_strict = parity
 wrap(grpo, "sample_rollouts", "rollout")
@@ -1590,7 +1590,7 @@ def assert_same_run(a, b):
     assert evals_a == evals_b
 
 
-PARITY = lambda texts, golds, *rest: ([float(len(text) % 2) for text in texts], 0)
+PARITY = lambda texts, golds, *rest: ([float(sum(map(ord, text)) % 2) for text in texts], 0)
 DURABLE = ("--steps", "4", "--save-every", "2", "--eval-every", "2")
 
 

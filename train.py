@@ -15,6 +15,8 @@ The configuration is one dataclass; each field is a kebab-case flag. Presets are
 
 import argparse
 import dataclasses
+import datetime
+import hashlib
 import itertools
 import json
 import math
@@ -32,10 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from credit import METHODS, credit_page, credit_section
-from grpo import all_method_weights, group_advantages, grpo_step
+from grpo import all_method_weights, gather, group_advantages, grpo_step
 from lora import apply_lora, load_adapter, save_adapter
 from math_reward import extract_boxed, score_batch, strict_match
 from model import Qwen3, generate, load_tokenizer
@@ -294,7 +297,7 @@ def load_data(config):
     return sources["train"], sources["eval"]
 
 
-def encode_prompts(rows, tokenizer, config, what):
+def encode_prompts(rows, tokenizer, config, what, quiet=False):
     """Token ids of each row's prompt; rows whose prompt is longer than max_prompt_tokens are dropped and counted."""
     kept = []
     for row in rows:
@@ -303,7 +306,7 @@ def encode_prompts(rows, tokenizer, config, what):
             kept.append({**row, "prompt_ids": ids})
     if not kept:
         raise ValueError(f"every {what} prompt is longer than --max-prompt-tokens {config.max_prompt_tokens}")
-    if len(kept) < len(rows):
+    if len(kept) < len(rows) and not quiet:
         print(f"{what}: dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than --max-prompt-tokens {config.max_prompt_tokens}")
     return kept
 
@@ -339,13 +342,20 @@ def score(texts, golds, config):
     return score_strict(texts, golds) if config.reward == "strict" else score_symbolic(texts, golds, config)
 
 
-def generate_texts(model, tokenizer, prompts, config, temperature, generator):
-    """Completions (ids, mask) and their texts for prompts, in batches of eval_batch_size."""
+def prompt_seed(*parts):
+    """A 63-bit seed from (stream, seed, step, index): the randomness of one prompt's completions,
+    the same whichever batch or rank samples it."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def generate_texts(model, tokenizer, prompts, config, temperature, row_generators=None):
+    """Completions (ids, text) for prompts, in batches of eval_batch_size; row_generators: one per prompt (sampling)."""
     results = []
     for start in range(0, len(prompts), config.eval_batch_size):
         batch = prompts[start : start + config.eval_batch_size]
+        generators = None if row_generators is None else row_generators[start : start + config.eval_batch_size]
         tokens, mask = generate(model, batch, config.max_new_tokens, temperature=temperature, top_p=config.top_p, top_k=config.top_k,
-                                eos_token_id=tokenizer.eos_token_id, generator=generator, vocab_size=tokenizer.vocab_size)
+                                eos_token_id=tokenizer.eos_token_id, vocab_size=tokenizer.vocab_size, row_generators=generators)
         for row in range(len(batch)):
             ids = tokens[row][mask[row]].tolist()
             results.append((ids, tokenizer.decode(ids)))
@@ -358,29 +368,40 @@ def evaluate(model, tokenizer, eval_rows, config, step, out):
 
     greedy_accuracy and pass@k are under the run's --reward; the _strict and _symbolic keys give
     both checkers whatever trains (strict compares with the paper, symbolic counts right answers).
+    The k samples of problem i draw from prompt_seed("eval", seed, step, i), apart from training's.
+    Distributed: each rank evaluates a contiguous share of the problems, the scores are gathered,
+    and rank 0 writes credit.html from its share (the first problems).
     """
     model.eval()
-    device = model.lm_head.weight.device
-    prompts = [row["prompt_ids"] for row in eval_rows]
-    golds = [row["answer"] for row in eval_rows]
-    greedy = generate_texts(model, tokenizer, prompts, config, 0.0, None)
-    generator = torch.Generator(device).manual_seed(config.seed * 1000 + step)  # apart from training's RNG
-    sampled = generate_texts(model, tokenizer, [p for p in prompts for _ in range(config.pass_k)], config, config.temperature, generator)
-    result, timeouts, sampled_by_reward = {"step": step}, 0, {}
+    device, k = model.lm_head.weight.device, config.pass_k
+    rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    share = math.ceil(len(eval_rows) / ranks)
+    first = rank * share
+    rows = eval_rows[first : first + share]
+    prompts = [row["prompt_ids"] for row in rows]
+    golds = [row["answer"] for row in rows]
+    greedy = generate_texts(model, tokenizer, prompts, config, 0.0)
+    generators = [torch.Generator(device).manual_seed(prompt_seed("eval", config.seed, step, first + i)) for i in range(len(rows))]
+    sampled = generate_texts(model, tokenizer, [p for p in prompts for _ in range(k)], config, config.temperature,
+                             [g for g in generators for _ in range(k)])
+    scores, timeouts = {}, 0  # {(greedy or sampled, reward): this share's scores}
     for reward, scorer in (("strict", score_strict), ("symbolic", lambda texts, golds: score_symbolic(texts, golds, config))):
-        greedy_scores, greedy_timeouts = scorer([text for _, text in greedy], golds)
-        sampled_scores, sampled_timeouts = scorer([text for _, text in sampled], [g for g in golds for _ in range(config.pass_k)])
-        sampled_by_reward[reward] = sampled_scores
-        passed = torch.tensor(sampled_scores).view(len(prompts), config.pass_k).amax(dim=1)  # (problems,)
-        result[f"greedy_accuracy_{reward}"] = sum(greedy_scores) / len(golds)
-        result[f"pass@{config.pass_k}_{reward}"] = passed.mean().item()
+        scores["greedy", reward], greedy_timeouts = scorer([text for _, text in greedy], golds)
+        scores["sampled", reward], sampled_timeouts = scorer([text for _, text in sampled], [g for g in golds for _ in range(k)])
         timeouts += greedy_timeouts + sampled_timeouts
+    shares = gather((scores, timeouts))  # in rank order: the problems in file order
+    result = {"step": step}
+    for reward in ("strict", "symbolic"):
+        greedy_scores = [x for share_scores, _ in shares for x in share_scores["greedy", reward]]
+        sampled_scores = torch.tensor([x for share_scores, _ in shares for x in share_scores["sampled", reward]])
+        result[f"greedy_accuracy_{reward}"] = sum(greedy_scores) / len(eval_rows)
+        result[f"pass@{k}_{reward}"] = sampled_scores.view(len(eval_rows), k).amax(dim=1).mean().item()
     result["greedy_accuracy"] = result[f"greedy_accuracy_{config.reward}"]
-    result[f"pass@{config.pass_k}"] = result[f"pass@{config.pass_k}_{config.reward}"]
-    result["reward_timeouts"] = timeouts
+    result[f"pass@{k}"] = result[f"pass@{k}_{config.reward}"]
+    result["reward_timeouts"] = sum(t for _, t in shares)
 
-    if config.html_completions:
-        write_credit_page(model, tokenizer, eval_rows, sampled, sampled_by_reward[config.reward], config, step, out)
+    if config.html_completions and rank == 0 and rows:
+        write_credit_page(model, tokenizer, rows, sampled, scores["sampled", config.reward], config, step, out)
     return result
 
 
@@ -451,7 +472,8 @@ def set_rng_states(states, generator):
 
 
 def save_checkpoint(out, model, optimizer, scheduler, step, rng, config):
-    """checkpoint/ = adapter (PEFT) + state.pt, for the step boundary `step` with its RNG states `rng`.
+    """checkpoint/ = adapter (PEFT) + state.pt, for the step boundary `step` with `rng`, the RNG
+    states of every rank (one process: a list of one).
 
     Written to checkpoint.tmp, then swapped in: checkpoint -> checkpoint.old, checkpoint.tmp ->
     checkpoint, checkpoint.old removed. A kill at any point leaves checkpoint/ or checkpoint.old/
@@ -629,6 +651,36 @@ def is_eval_step(step, config):
     return step == 0 or step % config.eval_every == 0 or step == config.steps
 
 
+def start_distributed():
+    """(rank, number of ranks, device): torchrun's process group (NCCL on GPUs, gloo on CPUs), or (0, 1, the one device)."""
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if ranks == 1:
+        return 0, 1, device
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    return dist.get_rank(), ranks, device
+
+
+def on_first_rank(fn, rank, ranks):
+    """fn() on rank 0 alone (it owns the files); its result, or its SystemExit, on every rank."""
+    outcome = [None]
+    if rank == 0:
+        try:
+            outcome = [("result", fn())]
+        except SystemExit as err:
+            outcome = [("exit", err.code)]
+    if ranks > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "exit":
+        raise SystemExit(value)
+    return value
+
+
 def run(config, resume=False):
     """Train (or resume) one run in config.out; returns the directory.
 
@@ -637,27 +689,38 @@ def run(config, resume=False):
     saves the last finished step's checkpoint when the adapter has not moved since, so a resume
     from any of these is bit-identical to an uninterrupted run; the run also stops, with a
     checkpoint, after MAX_SKIPPED_IN_A_ROW non-finite steps in a row.
+
+    Under torchrun (WORLD_SIZE > 1) each rank takes an equal, contiguous share of every step's
+    prompts and of the evaluation problems; grpo_step sums the gradients; rank 0 alone writes
+    files. A prompt's completions draw from prompt_seed(seed, step, its index in the step), so 1
+    and N processes sample the same completions up to the float differences of batching. An error
+    on one rank ends that process, and torchrun then ends the others; the last checkpoint stands.
     """
+    rank, ranks, device = start_distributed()
     out = Path(config.out)
-    checkpoint_dir = prepare_out(out, resume)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prompts_per_step = config.prompts_per_micro_batch * config.micro_batches
+    if prompts_per_step % ranks:
+        raise SystemExit(f"{prompts_per_step} prompts per step (--prompts-per-micro-batch x --micro-batches) do not divide "
+                         f"among {ranks} processes; use a multiple of {ranks}")
+    checkpoint_dir = on_first_rank(lambda: prepare_out(out, resume), rank, ranks)
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed + rank)  # LoRA dropout: each rank its own masks (rank 0 draws the single process's)
     random.seed(config.seed)
 
     if config.preset == "demo" and config.model == DEMO.model:
         import demo
 
-        demo.build_demo_checkpoint(config.model)  # built on first use, then cached
+        on_first_rank(lambda: demo.build_demo_checkpoint(config.model), rank, ranks)  # built on first use, then cached
     model = Qwen3.from_pretrained(config.model, device=device, dtype=getattr(torch, config.dtype))
     tokenizer = load_tokenizer(config.model)
     apply_lora(model, config.rank, config.lora_alpha, config.lora_dropout)
     model.gradient_checkpointing = config.gradient_checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
+    quiet = rank > 0  # the counts are printed once
     train_rows, eval_rows = load_data(config)
-    train_rows = encode_prompts(train_rows, tokenizer, config, "training")
-    eval_rows = select_eval_rows(encode_prompts(eval_rows, tokenizer, config, "evaluation"), config)
+    train_rows = encode_prompts(train_rows, tokenizer, config, "training", quiet)
+    eval_rows = select_eval_rows(encode_prompts(eval_rows, tokenizer, config, "evaluation", quiet), config)
     generator = torch.Generator(device).manual_seed(config.seed)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config.warmup_steps, config.steps))
@@ -666,27 +729,45 @@ def run(config, resume=False):
     if checkpoint_dir is not None:
         check_resumable(out, config)
         state = load_state(checkpoint_dir / "state.pt", device)
+        if len(state["rng"]) != ranks:
+            raise SystemExit(f"--resume: {out} was trained on {len(state['rng'])} process(es), this is {ranks}; "
+                             f"resume it with torchrun --nproc-per-node {len(state['rng'])}" if len(state["rng"]) > 1 else
+                             f"--resume: {out} was trained on 1 process, this is {ranks}; resume it with python train.py")
         load_adapter(model, checkpoint_dir / "adapter")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(state["rng"], generator)
+        set_rng_states(state["rng"][rank], generator)
         start_step = state["step"]
-        truncate_logs(out, start_step)
-        evals = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
-        print(f"resuming {out} at step {start_step}")
-    else:
+
+        def truncate_and_read_evals():
+            truncate_logs(out, start_step)
+            return json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
+
+        evals = on_first_rank(truncate_and_read_evals, rank, ranks)
+        if rank == 0:
+            print(f"resuming {out} at step {start_step}")
+    elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        info = {"config": asdict(config), "trainable_parameters": sum(p.numel() for p in trainable), "device": str(device)}
+        info = {"config": asdict(config), "trainable_parameters": sum(p.numel() for p in trainable), "device": str(device),
+                "processes": ranks}
         write_atomically(out / "config.json", json.dumps(info, indent=1))
         print(f"{out}: {config.preset} preset, credit {config.credit}, rank {config.rank}, "
-              f"{info['trainable_parameters']:,} trainable parameters, {len(train_rows)} training / {len(eval_rows)} eval problems, {device}")
+              f"{info['trainable_parameters']:,} trainable parameters, {len(train_rows)} training / {len(eval_rows)} eval problems, "
+              f"{device}" + (f", {ranks} processes" if ranks > 1 else ""))
 
     def record_eval(step):
-        evals.append(evaluate(model, tokenizer, eval_rows, config, step, out))
-        write_atomically(out / "eval.json", json.dumps(evals, indent=1))
-        shown = ("greedy_accuracy", f"pass@{config.pass_k}") if config.reward == "symbolic" else (
-            "greedy_accuracy_strict", f"pass@{config.pass_k}_strict", "greedy_accuracy_symbolic", f"pass@{config.pass_k}_symbolic")
-        tqdm.write(f"step {step}: " + ", ".join(f"{k} {evals[-1][k]:.3f}" for k in shown))
+        result = evaluate(model, tokenizer, eval_rows, config, step, out)  # every rank takes part
+        if rank == 0:
+            evals.append(result)
+            write_atomically(out / "eval.json", json.dumps(evals, indent=1))
+            shown = ("greedy_accuracy", f"pass@{config.pass_k}") if config.reward == "symbolic" else (
+                "greedy_accuracy_strict", f"pass@{config.pass_k}_strict", "greedy_accuracy_symbolic", f"pass@{config.pass_k}_symbolic")
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {result[k]:.3f}" for k in shown))
+
+    def save(step, rng):
+        rngs = gather(rng)  # every rank's RNG states, for an exact resume of each
+        if rank == 0:
+            save_checkpoint(out, model, optimizer, scheduler, step, rngs, config)
 
     # The last finished step: its number, RNG states and scheduler position (the adapter and
     # optimiser are the live ones, unchanged until the next update).
@@ -694,33 +775,38 @@ def run(config, resume=False):
     saved = start_step if checkpoint_dir is not None else None  # the step of the newest checkpoint
     stop = StopRequest()
     handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-    skipped_in_a_row = 0
+    skipped_in_a_row, share = 0, prompts_per_step // ranks
+    stop_signal = None
     try:
         if is_eval_step(done, config) and done not in [e["step"] for e in evals]:
             record_eval(done)  # step 0, or an evaluation a stop interrupted
         # a live bar on a terminal; plain lines (every 5% of the run) in a log file
-        interactive, progress_every = sys.stderr.isatty(), max(1, config.steps // 20)
+        interactive, progress_every = sys.stderr.isatty() and rank == 0, max(1, config.steps // 20)
         bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", dynamic_ncols=True,
                    disable=not interactive)
         for step_index in bar:
-            if stop.signal is not None:
+            stop_signal = max(gather(stop.signal or 0))  # every rank stops at the same step
+            if stop_signal:
                 break
-            rows = step_prompts(train_rows, step_index, config.prompts_per_micro_batch * config.micro_batches, config.seed)
+            rows = step_prompts(train_rows, step_index, prompts_per_step, config.seed)[rank * share : (rank + 1) * share]
+            seeds = [prompt_seed("rollout", config.seed, step_index, rank * share + i) for i in range(share)]
             metrics, _, _ = grpo_step(
                 model, optimizer, scheduler, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows],
-                tokenizer, lambda texts, golds: score(texts, golds, config), config, generator, fidelity=is_eval_step(step_index + 1, config),
+                tokenizer, lambda texts, golds: score(texts, golds, config), config, generator,
+                fidelity=is_eval_step(step_index + 1, config), prompt_seeds=seeds,
             )
-            append_line(out / "metrics.jsonl", {"step": step_index + 1, **metrics})
+            if rank == 0:
+                append_line(out / "metrics.jsonl", {"step": step_index + 1, **metrics})
             done, done_rng, done_updates = step_index + 1, rng_states(generator), scheduler.last_epoch
             seconds = metrics["rollout_s"] + metrics["reward_s"] + metrics["train_s"]
             bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", gini=f"{metrics['weight_gini']:.2f}", s_per_step=f"{seconds:.1f}")
-            if not interactive and (done % progress_every == 0 or done == config.steps):
+            if not interactive and rank == 0 and (done % progress_every == 0 or done == config.steps):
                 print(f"step {done}/{config.steps}: reward {metrics['reward_mean']:.3f}, gini {metrics['weight_gini']:.3f}, {seconds:.2f} s", flush=True)
             skipped_in_a_row = skipped_in_a_row + 1 if metrics["skipped_update"] else 0
             if is_eval_step(done, config):
                 record_eval(done)
             if done % config.save_every == 0 or done == config.steps or skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                save_checkpoint(out, model, optimizer, scheduler, done, done_rng, config)
+                save(done, done_rng)
                 saved = done
             if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
                 raise SystemExit(f"stopping: {skipped_in_a_row} steps in a row had a non-finite loss or gradient and were skipped "
@@ -730,27 +816,29 @@ def run(config, resume=False):
         if isinstance(err, SystemExit):
             raise
         moved = scheduler.last_epoch != done_updates  # an update ran after the last finished step
-        if not moved:
-            save_checkpoint(out, model, optimizer, scheduler, done, done_rng, config)
+        if ranks == 1 and not moved:  # (with several ranks the others may be inside a collective: no save)
+            save_checkpoint(out, model, optimizer, scheduler, done, [done_rng], config)
         what = "stopped" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__} during step {done + 1}"
-        print(f"\n{what}: " + (f"checkpoint saved at step {done} in {out}; continue with --resume" if not moved else
-                               f"the adapter had moved; {out}'s last checkpoint stands, continue with --resume"), file=sys.stderr)
+        print(f"\n{what}: " + (f"checkpoint saved at step {done} in {out}; continue with --resume" if ranks == 1 and not moved else
+                               f"{out}'s last checkpoint stands; continue with --resume"), file=sys.stderr)
         if isinstance(err, KeyboardInterrupt):
             raise SystemExit(130) from None
         raise
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    if stop.signal is not None and done < config.steps:
+    if stop_signal:
         if saved != done:
-            save_checkpoint(out, model, optimizer, scheduler, done, done_rng, config)
-        print(f"\n{signal.Signals(stop.signal).name}: checkpoint saved at step {done} in {out}; continue with --resume")
-        raise SystemExit(128 + stop.signal)
-    if start_step >= config.steps:
-        print(f"{out}: already finished at step {start_step}; raise --steps to train further")
-    if not (out / "adapter" / "adapter_config.json").exists() or start_step < config.steps:
-        save_final_adapter(out, model, config)  # a resume also writes what a finished run lacks
-    print(f"done: adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, evaluations in {out / 'eval.json'}")
+            save(done, done_rng)
+        if rank == 0:
+            print(f"\n{signal.Signals(stop_signal).name}: checkpoint saved at step {done} in {out}; continue with --resume")
+        raise SystemExit(128 + stop_signal)
+    if rank == 0:
+        if start_step >= config.steps:
+            print(f"{out}: already finished at step {start_step}; raise --steps to train further")
+        if not (out / "adapter" / "adapter_config.json").exists() or start_step < config.steps:
+            save_final_adapter(out, model, config)  # a resume also writes what a finished run lacks
+        print(f"done: adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, evaluations in {out / 'eval.json'}")
     return out
 
 
@@ -884,6 +972,9 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         raise SystemExit("CUDA out of memory. Lower memory with --gradient-checkpointing, --prompts-per-micro-batch 1 "
                          "--micro-batches 8 (same batch), a smaller --eval-batch-size, or --max-new-tokens.") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
