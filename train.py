@@ -705,7 +705,7 @@ def run(config, resume=False):
     checkpoint_dir = on_first_rank(lambda: prepare_out(out, resume), rank, ranks)
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
-    torch.manual_seed(config.seed + rank)  # LoRA dropout: each rank its own masks (rank 0 draws the single process's)
+    torch.manual_seed(config.seed)  # the same LoRA A on every rank
     random.seed(config.seed)
 
     if config.preset == "demo" and config.model == DEMO.model:
@@ -715,6 +715,8 @@ def run(config, resume=False):
     model = Qwen3.from_pretrained(config.model, device=device, dtype=getattr(torch, config.dtype))
     tokenizer = load_tokenizer(config.model)
     apply_lora(model, config.rank, config.lora_alpha, config.lora_dropout)
+    if ranks > 1:
+        torch.manual_seed(config.seed + 1 + rank)  # then each rank its own LoRA dropout masks
     model.gradient_checkpointing = config.gradient_checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     quiet = rank > 0  # the counts are printed once
@@ -969,6 +971,8 @@ def main(argv=None):
               else "CUDA GPU found: running the paper preset (Qwen3-1.7B-Base on MATH, ARCA.md §4).")
     try:
         run(config, resume=args.resume)
+        if dist.is_initialized():
+            dist.barrier()  # every rank done (rank 0 writes last) before the process group goes
     except torch.cuda.OutOfMemoryError:
         raise SystemExit("CUDA out of memory. Lower memory with --gradient-checkpointing, --prompts-per-micro-batch 1 "
                          "--micro-batches 8 (same batch), a smaller --eval-batch-size, or --max-new-tokens.") from None
