@@ -20,6 +20,8 @@ device synchronised around every timer):
    prefill included, against `generate`. On a GPU also the fraction of the bandwidth bound:
    bytes read per decode step (all weights once, plus the KV cache at its mean length) over the
    device-to-device copy bandwidth measured here.
+   Also the prefill of K = 4 completions per prompt, shared (each prompt once, K/V copied) against
+   the prompt repeated K times.
 2. train step: tokens/s of one forward + backward of the mean completion log-prob, LoRA r 64
    (alpha 128, dropout 0.05) on the seven projections, ours through grpo.py's chunked log-probs,
    transformers + PEFT through full logits and log_softmax; peak memory of each over the weights
@@ -248,6 +250,16 @@ def bench_rollout(model, reference, config, device, dtype, size, records, shape)
             bound = batch * bandwidth / decode_bytes(config, batch, size["prompt"], new, dtype)  # tokens/s
             records.append(record("rollout_bandwidth_fraction", shape, batch, device, rate["ours"] / bound, rate["theirs"] / bound,
                                   "fraction of bound", f"bound {bound:.0f} tokens/s at {bandwidth / 1e9:.0f} GB/s copy bandwidth"))
+
+    # GRPO's K = 4 completions of a prompt: its prefill once and the K/V copied, against the prompt repeated K times
+    distinct = random_prompts(max(size["batches"]) // 4, size["prompt"], vocab, seed=7).tolist()
+    sampling = dict(temperature=1.0, top_p=0.95, eos_token_id=[])
+    seconds = median_seconds({
+        "shared": lambda: generate(model, distinct, 1, samples_per_prompt=4, **sampling),
+        "repeated": lambda: generate(model, [p for p in distinct for _ in range(4)], 1, **sampling),
+    }, device, size["repeats"])
+    records.append(record("prefill_k4_shared_over_repeated", shape, 4 * len(distinct), device, seconds["shared"], seconds["repeated"],
+                          "s per prefill", f"{len(distinct)} prompts of {size['prompt']} tokens x K 4, one new token"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,11 @@ log-probs, entropies and the adapted last hidden states (taken detached for ARCA
 forward with the adapter switched off gives the reference log-probs and the base hidden states,
 shared by ARCA, the divergence method and the KL term; it is skipped when none of them is needed.
 The reference code runs two extra forwards for ARCA; this runs at most one. In training mode the
-adapted forward includes LoRA dropout, so ARCA's h_adapted carries it too.
+adapted forward includes LoRA dropout, so ARCA's h_adapted carries it too. With --arca-precision
+exact the adapter-off pass runs with fp32 activations and ARCA's h_adapted comes from one more
+no-grad fp32 pass, dropout off (bf16 rounding would otherwise be most of a small adapter's score).
+With --no-credit-eos a completion's final EOS is out of the loss, the weights, the KL and the
+diagnostics (loss_mask), as in the reference code.
 
 Left out: a value model, reward models, entropy bonuses, filtering of zero-spread groups (they get
 A = 0 and add nothing to the policy gradient).
@@ -211,8 +215,9 @@ def sample_rollouts(model, prompts, config, eos_token_id, vocab_size, generator,
     device = model.lm_head.weight.device
     row_generators = None if prompt_seeds is None else prompt_generators(prompt_seeds, config.group_size, device)
     tokens, mask, logprobs = generate(
-        model, repeated, config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+        model, prompts, config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
         eos_token_id=eos_token_id, generator=generator, vocab_size=vocab_size, return_logprobs=True, row_generators=row_generators,
+        samples_per_prompt=config.group_size,
     )
     prompt_index = torch.arange(len(prompts), device=tokens.device).repeat_interleave(config.group_size)  # (N,)
     return Rollout(repeated, prompt_index, tokens, mask, logprobs, eos_positions(tokens, mask, eos_token_id))

@@ -35,7 +35,10 @@ Pipeline, one function per stage, read top to bottom:
    agree to a relative 1e-9 at 30 digits, at three fixed positive sample points
    for their variables (identity testing by evaluation: no `simplify`, which can
    take unbounded time).
-4. `score_batch`: the training loop's entry. A persistent pool of spawned worker
+4. `strict_match`: the paper's reference-code reward, for comparing with the paper:
+   the last `\\boxed{}`'s content equal to the gold as a string after a light
+   normalisation (it rejects `0.5` for `\\frac{1}{2}`, `x = 5` for `5`).
+5. `score_batch`: the training loop's entry. A persistent pool of spawned worker
    processes that ignore Ctrl-C, one pipe each; an item that runs past the
    timeout scores 0 and its worker is killed and replaced.
 

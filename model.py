@@ -617,7 +617,7 @@ def sample_next_token(logits, temperature, top_p, generator=None, top_k=0, unifo
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id, generator=None,
-             vocab_size=None, return_logprobs=False, check_every=8, top_k=0, row_generators=None):
+             vocab_size=None, return_logprobs=False, check_every=8, top_k=0, row_generators=None, samples_per_prompt=1):
     """Sample completions for a batch of prompts of different lengths.
 
     prompts: list of token-id lists. eos_token_id: an id or a list of ids that end a completion (an empty list: none does).
@@ -626,6 +626,8 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
     row_generators: one torch.Generator per row instead of `generator`; each row's random numbers are
     drawn from its own up front (max_new_tokens x UNIFORMS_PER_DRAW), so a row's completion does not
     depend on which other rows share its batch (or its process, in a distributed run).
+    samples_per_prompt: K completions of each prompt, rows p * K .. p * K + K - 1: each distinct
+    prompt is prefilled once and its K/V copied to its K rows (as GRPO's groups and pass@k need).
     Returns tokens (B, N) and mask (B, N), N <= max_new_tokens: mask is True up to and including a
     row's first EOS, False after it (those slots hold the EOS id). With return_logprobs, also the
     fp32 log-probs (B, N) of the drawn tokens under the untempered model distribution (what the
@@ -643,20 +645,22 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
     device = model.lm_head.weight.device
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     fill_id = int(eos_ids[0]) if len(eos_ids) else 0  # what finished rows hold; masked out anyway
-    B, P = len(prompts), max(len(p) for p in prompts)
-    prompt_ids = torch.zeros(B, P, dtype=torch.long, device=device)  # (B, P) left-padded
-    prompt_mask = torch.zeros(B, P, dtype=torch.bool, device=device)  # (B, P) real prompt slots
+    K, P = samples_per_prompt, max(len(p) for p in prompts)
+    B = len(prompts) * K
+    prompt_ids = torch.zeros(len(prompts), P, dtype=torch.long, device=device)  # (B / K, P) left-padded
+    prompt_mask = torch.zeros(len(prompts), P, dtype=torch.bool, device=device)  # (B / K, P) real prompt slots
     for row, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {row} is empty; every prompt needs at least one token")
         prompt_ids[row, P - len(prompt) :] = torch.tensor(prompt, device=device)
         prompt_mask[row, P - len(prompt) :] = True
+    row_prompt_mask = prompt_mask.repeat_interleave(K, dim=0)  # (B, P)
     cache = KVCache(model.config, B, P + max_new_tokens, device, model.lm_head.weight.dtype)
     # Decode-step attention bias (B, 1, 1, S): 0 on real slots, -inf on padding and on slots not yet
     # written. One query row broadcasts over the G folded heads; keys padded to 16 (see attention_bias).
     key_bias = torch.full((B, 1, 1, -(-(P + max_new_tokens) // 16) * 16), float("-inf"), device=device, dtype=cache.keys.dtype)
-    key_bias[:, 0, 0, :P].masked_fill_(prompt_mask, 0.0)
-    first_position = prompt_mask.sum(dim=1, keepdim=True)  # (B, 1) position of each row's first new token
+    key_bias[:, 0, 0, :P].masked_fill_(row_prompt_mask, 0.0)
+    first_position = row_prompt_mask.sum(dim=1, keepdim=True)  # (B, 1) position of each row's first new token
 
     tokens = torch.full((B, max_new_tokens), fill_id, dtype=torch.long, device=device)  # (B, N)
     mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # (B, N)
@@ -668,7 +672,14 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
         uniforms = torch.stack([torch.rand(max_new_tokens, UNIFORMS_PER_DRAW, generator=g, device=g.device) for g in row_generators]).to(device)  # (B, N, U)
 
     with torch.inference_mode():
-        hidden = model(prompt_ids, prompt_mask, kv_cache=cache)[:, -1]  # (B, hidden): last slot is real in every row
+        if K == 1:
+            hidden = model(prompt_ids, prompt_mask, kv_cache=cache)[:, -1]  # (B, hidden): last slot is real in every row
+        else:  # prefill each distinct prompt once, then give its K rows copies of its keys and values
+            prefill = KVCache(model.config, len(prompts), P, device, cache.keys.dtype)
+            hidden = model(prompt_ids, prompt_mask, kv_cache=prefill)[:, -1].repeat_interleave(K, dim=0)  # (B, hidden)
+            cache.keys[:, :, :, :P] = prefill.keys.repeat_interleave(K, dim=1)  # (L, B, KV, P, D)
+            cache.values[:, :, :, :P] = prefill.values.repeat_interleave(K, dim=1)
+            cache.length = P
         for step in range(max_new_tokens):
             logits = model.lm_head(hidden).float()  # (B, V)
             if vocab_size is not None and vocab_size < logits.shape[-1]:
@@ -678,7 +689,8 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
             tokens[:, step] = next_token
             mask[:, step] = ~finished
             if return_logprobs:
-                logprobs[:, step] = token_logprobs(logits, next_token)[0]
+                # the drawn token's log-prob alone (token_logprobs' formula without its entropy pass over the vocabulary)
+                logprobs[:, step] = logits.gather(-1, next_token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
             if len(eos_ids):
                 finished |= torch.isin(next_token, eos_ids)
             if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(finished.all())):

@@ -213,6 +213,23 @@ def test_mask_stops_at_first_eos(tiny_checkpoint):
     torch.testing.assert_close(logprobs[mask], forward_logprobs[mask], atol=1e-5, rtol=0)
 
 
+def test_shared_prefill_equals_repeating_the_prompt(tiny_checkpoint):
+    model = Qwen3.from_pretrained(tiny_checkpoint[0], dtype=torch.float32)
+    prompts, K = [[5, 9, 2, 7], [4, 11], [3]], 4
+    def sample(shared):
+        generators = [g for g in (torch.Generator().manual_seed(seed) for seed in (1, 2, 3)) for _ in range(K)]  # a prompt's rows share one
+        kwargs = dict(temperature=1.0, top_p=0.9, top_k=20, eos_token_id=[1], row_generators=generators, return_logprobs=True)
+        if shared:
+            return generate(model, prompts, 12, samples_per_prompt=K, **kwargs)
+        return generate(model, [p for p in prompts for _ in range(K)], 12, **kwargs)
+    (tokens, mask, logprobs), (tokens_repeated, mask_repeated, logprobs_repeated) = sample(True), sample(False)
+    assert torch.equal(tokens, tokens_repeated) and torch.equal(mask, mask_repeated)
+    torch.testing.assert_close(logprobs, logprobs_repeated, atol=1e-5, rtol=0)
+    assert len({tuple(row) for row in tokens[:K].tolist()}) > 1  # a prompt's K samples differ
+    greedy = generate(model, prompts, 8, temperature=0, top_p=1.0, eos_token_id=[], samples_per_prompt=2)[0]
+    assert torch.equal(greedy[0::2], greedy[1::2]) and torch.equal(greedy[0::2], generate(model, prompts, 8, temperature=0, top_p=1.0, eos_token_id=[])[0])
+
+
 def test_top_p_keeps_exactly_the_nucleus():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
     logits = probs.log().expand(4000, 4)
@@ -1985,7 +2002,8 @@ def test_bench_quick_prints_every_measurement():
     assert kinds >= {"rollout", "train_step", "train_peak_memory", "sampler_trainer_gap", "grpo_step_checkpointed",
                      "grpo_step_arca_over_uniform_beta0", "grpo_step_arca_over_uniform_beta0.04",
                      "grpo_update_arca_over_uniform_beta0", "grpo_update_arca_over_uniform_beta0.04", "grpo_update_diagnose_all_over_off",
-                     "grpo_update_arca_exact_over_bf16", "grpo_step_arca_exact_over_bf16_peak_memory", "arca_bf16_vs_exact_s0.0001"}
+                     "grpo_update_arca_exact_over_bf16", "grpo_step_arca_exact_over_bf16_peak_memory", "arca_bf16_vs_exact_s0.0001",
+                     "prefill_k4_shared_over_repeated"}
     precision = {line["what"]: line["ours"] for line in lines if line["shape"] == "precision"}
     assert precision["arca_bf16_vs_exact_s0.01"] > precision["arca_bf16_vs_exact_s0.0001"]  # bf16 tracks a large adapter better
     rollouts = [line for line in lines if line["what"] == "rollout"]

@@ -348,15 +348,19 @@ def prompt_seed(*parts):
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def generate_texts(model, tokenizer, prompts, config, temperature, row_generators=None):
-    """Completions (ids, text) for prompts, in batches of eval_batch_size; row_generators: one per prompt (sampling)."""
+def generate_texts(model, tokenizer, prompts, config, temperature, row_generators=None, samples_per_prompt=1):
+    """Completions (ids, text), samples_per_prompt of each prompt in a row, in batches of about
+    eval_batch_size sequences; row_generators: one per completion (sampling)."""
     results = []
-    for start in range(0, len(prompts), config.eval_batch_size):
-        batch = prompts[start : start + config.eval_batch_size]
-        generators = None if row_generators is None else row_generators[start : start + config.eval_batch_size]
+    per_batch = max(1, config.eval_batch_size // samples_per_prompt)  # prompts per generate call
+    for start in range(0, len(prompts), per_batch):
+        batch = prompts[start : start + per_batch]
+        rows = slice(start * samples_per_prompt, (start + per_batch) * samples_per_prompt)
+        generators = None if row_generators is None else row_generators[rows]
         tokens, mask = generate(model, batch, config.max_new_tokens, temperature=temperature, top_p=config.top_p, top_k=config.top_k,
-                                eos_token_id=tokenizer.eos_token_id, vocab_size=tokenizer.vocab_size, row_generators=generators)
-        for row in range(len(batch)):
+                                eos_token_id=tokenizer.eos_token_id, vocab_size=tokenizer.vocab_size, row_generators=generators,
+                                samples_per_prompt=samples_per_prompt)
+        for row in range(len(tokens)):
             ids = tokens[row][mask[row]].tolist()
             results.append((ids, tokenizer.decode(ids)))
     return results
@@ -382,8 +386,7 @@ def evaluate(model, tokenizer, eval_rows, config, step, out):
     golds = [row["answer"] for row in rows]
     greedy = generate_texts(model, tokenizer, prompts, config, 0.0)
     generators = [torch.Generator(device).manual_seed(prompt_seed("eval", config.seed, step, first + i)) for i in range(len(rows))]
-    sampled = generate_texts(model, tokenizer, [p for p in prompts for _ in range(k)], config, config.temperature,
-                             [g for g in generators for _ in range(k)])
+    sampled = generate_texts(model, tokenizer, prompts, config, config.temperature, [g for g in generators for _ in range(k)], k)
     scores, timeouts = {}, 0  # {(greedy or sampled, reward): this share's scores}
     for reward, scorer in (("strict", score_strict), ("symbolic", lambda texts, golds: score_symbolic(texts, golds, config))):
         scores["greedy", reward], greedy_timeouts = scorer([text for _, text in greedy], golds)
@@ -393,7 +396,7 @@ def evaluate(model, tokenizer, eval_rows, config, step, out):
     result = {"step": step}
     for reward in ("strict", "symbolic"):
         greedy_scores = [x for share_scores, _ in shares for x in share_scores["greedy", reward]]
-        sampled_scores = torch.tensor([x for share_scores, _ in shares for x in share_scores["sampled", reward]])
+        sampled_scores = torch.tensor([x for share_scores, _ in shares for x in share_scores["sampled", reward]], dtype=torch.float64)
         result[f"greedy_accuracy_{reward}"] = sum(greedy_scores) / len(eval_rows)
         result[f"pass@{k}_{reward}"] = sampled_scores.view(len(eval_rows), k).amax(dim=1).mean().item()
     result["greedy_accuracy"] = result[f"greedy_accuracy_{config.reward}"]
