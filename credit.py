@@ -257,7 +257,7 @@ def credit_section(tokens, weights_by_method, facts=None):
 
 def _legend(n):
     """A colour scale for a completion of n tokens: blue (1/n^2) - white (uniform 1/n) - red (1)."""
-    stops = [(f"1/T\u00b2", 1 / n ** 2), ("", 1 / n ** 1.5), ("1/T (uniform)", 1 / n), ("", n ** -0.5), ("1", 1.0)]
+    stops = [("1/T\u00b2", 1 / n ** 2), ("", 1 / n ** 1.5), ("1/T (uniform)", 1 / n), ("", n ** -0.5), ("1", 1.0)]
     cells = "".join(f'<span class="tok" style="background:{_shade(w, n)}">{html.escape(label) or "&nbsp;&nbsp;&nbsp;"}</span>'
                     for label, w in stops)
     return f'<p>weight scale (T = {n} tokens): {cells}</p>'

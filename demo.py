@@ -1,7 +1,7 @@
 """The CPU demo: a tiny Qwen3 that half knows two-digit addition, built on first use and cached.
 
 `python train.py --preset demo` runs the real pipeline (loader, LoRA, sampler, GRPO, credit, math
-reward) on a model small enough to train on a laptop CPU in a few minutes. This file makes that
+reward) on a model small enough to train on a laptop CPU in about a minute and a half. This file makes that
 model and its task; nothing else in the project knows it is a toy.
 
 Task: `a+b=` with a, b in 0..99, answered as `\\boxed{a+b}` and scored by `math_reward` on the

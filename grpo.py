@@ -251,16 +251,16 @@ def pearson(x, y):
     return (x @ y).item() / denominator if denominator > 0 else 0.0
 
 
-def arca_fidelity(model, prompts, tokens, mask, hidden, h_base, exact):
+def arca_fidelity(model, prompts, tokens, mask, hidden, h_adapted, h_base, exact):
     """How much of ARCA's score is the adapter: (Pearson per token between the ARCA scores that train
     and the exact ones, mean bf16-computed score / mean exact score), on this micro-batch.
 
-    hidden: the training forward's states; h_base: this step's adapter-off states (fp32 if exact).
+    hidden: the training forward's states; h_adapted, h_base: the pair ARCA trains on (fp32 if exact).
     The missing pair is computed here: the exact one in bf16 mode, the bf16 one in exact mode.
     """
     with torch.no_grad():
         if exact:
-            exact_scores = arca_scores(exact_adapted_hidden(model, prompts, tokens, mask), h_base)[mask]  # (valid,)
+            exact_scores = arca_scores(h_adapted, h_base)[mask]  # (valid,)
             with disable_adapter(model):
                 bf16_scores = arca_scores(hidden, completion_hidden(model, prompts, tokens, mask))[mask]
             training_scores = exact_scores
@@ -319,7 +319,7 @@ def train_micro_batch(model, prompts, tokens, mask, advantages, config, num_comp
         stats["arca_tokens"] = residual.numel()
         if fidelity and config.credit == "arca" and residual.numel():
             stats["arca_exact_corr"], stats["arca_floor_ratio"] = arca_fidelity(
-                model, prompts, tokens, mask, hidden.detach(), h_base, exact)
+                model, prompts, tokens, mask, hidden.detach(), h_adapted, h_base, exact)
     return stats, logprobs.detach()
 
 

@@ -33,7 +33,6 @@ asking for them is refused), and dropout inside the base model (Qwen3 has none).
 """
 
 import json
-import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -374,8 +373,9 @@ def checkpoint_files(directory):
     if index_path.exists():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as err:
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{index_path}: expected JSON with a 'weight_map' object ({err})") from None
         files = {}
         for name, shard in weight_map.items():

@@ -1807,7 +1807,6 @@ def one_and_two_processes(char_run_setup, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ddp")
     two = torchrun(char_run_setup, tmp_path / "two", tmp_path, *TWO_RANKS)
     assert two.returncode == 0, two.stderr[-3000:]
-    started = time.perf_counter()
     one = torchrun(char_run_setup, tmp_path / "one", tmp_path, *TWO_RANKS, processes=1)
     assert one.returncode == 0, one.stderr[-3000:]
     return tmp_path / "one", tmp_path / "two", tmp_path
