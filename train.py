@@ -734,6 +734,8 @@ def run(config, resume=False):
     if checkpoint_dir is not None:
         check_resumable(out, config)
         state = load_state(checkpoint_dir / "state.pt", device)
+        if isinstance(state["rng"], dict):  # a checkpoint from before torchrun support: one process's states
+            state["rng"] = [state["rng"]]
         if len(state["rng"]) != ranks:
             raise SystemExit(f"--resume: {out} was trained on {len(state['rng'])} process(es), this is {ranks}; "
                              f"resume it with torchrun --nproc-per-node {len(state['rng'])}" if len(state["rng"]) > 1 else
