@@ -224,7 +224,7 @@ def decode_bytes(config, batch, prompt, new, dtype):
     return (weights + cache) * torch.finfo(dtype).bits // 8
 
 
-def bench_rollout(model, reference, config, device, dtype, size, records, shape):
+def bench_rollout(model, reference, config, device, dtype, size, records, shape, compile=False):
     vocab = config.vocab_size
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     for batch in size["batches"]:
@@ -237,19 +237,38 @@ def bench_rollout(model, reference, config, device, dtype, size, records, shape)
         def ours():
             generate(model, prompt_list, new, temperature=1.0, top_p=0.95, eos_token_id=[], generator=generator)
 
+        def ours_compiled():
+            generate(model, prompt_list, new, temperature=1.0, top_p=0.95, eos_token_id=[], generator=generator, compile=True)
+
         def theirs():
             reference.generate(input_ids=prompts_device, attention_mask=torch.ones_like(prompts_device), do_sample=True,
                                temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=new, min_new_tokens=new,
                                eos_token_id=config.eos_token_id, pad_token_id=config.eos_token_id)
 
-        seconds = median_seconds({"ours": ours, "theirs": theirs}, device, size["repeats"])
+        contestants = {"ours": ours, "theirs": theirs} | ({"compiled": ours_compiled} if compile else {})
+        seconds = median_seconds(contestants, device, size["repeats"])
         rate = {name: batch * new / s for name, s in seconds.items()}
         records.append(record("rollout", shape, batch, device, rate["ours"], rate["theirs"], "new tokens/s",
                               f"prompt {size['prompt']}, {new} new, T 1.0, top-p 0.95, vs transformers generate"))
+        if compile:
+            records.append(record("rollout_compiled", shape, batch, device, rate["compiled"], rate["theirs"], "new tokens/s",
+                                  f"generate(compile=True), vs transformers generate; eager: {rate['ours']:.0f}"))
         if bandwidth:
             bound = batch * bandwidth / decode_bytes(config, batch, size["prompt"], new, dtype)  # tokens/s
             records.append(record("rollout_bandwidth_fraction", shape, batch, device, rate["ours"] / bound, rate["theirs"] / bound,
                                   "fraction of bound", f"bound {bound:.0f} tokens/s at {bandwidth / 1e9:.0f} GB/s copy bandwidth"))
+
+    if compile:  # compilations of the decode step over a 64-token generation, then a second call of the same shape
+        from torch._dynamo.utils import counters
+
+        prompts = random_prompts(8, size["prompt"], vocab, seed=9).tolist()
+        before = counters["stats"]["unique_graphs"]
+        generate(model, prompts, 64, temperature=0.7, top_p=0.9, eos_token_id=[], compile=True)
+        first = counters["stats"]["unique_graphs"] - before
+        generate(model, prompts, 64, temperature=0.7, top_p=0.9, eos_token_id=[], compile=True)
+        again = counters["stats"]["unique_graphs"] - before - first
+        records.append(record("decode_step_compilations", shape, 8, device, first, None, "compilations",
+                              f"over a 64-token generation (dynamo's unique_graphs); a second call of the same shape added {again}"))
 
     # GRPO's K = 4 completions of a prompt: its prefill once and the K/V copied, against the prompt repeated K times
     distinct = random_prompts(max(size["batches"]) // 4, size["prompt"], vocab, seed=7).tolist()
@@ -530,6 +549,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch; default torch's choice, 1 with --quick (on a busy machine, "
                              "OpenMP threads wait for each other and every small op slows down many times)")
+    parser.add_argument("--compile", action="store_true", help="also measure generate(compile=True): the static decode step under torch.compile")
     parser.add_argument("--checkpoint-dir", default=None, help="where to write the random checkpoint (default: a temporary directory)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -556,7 +576,7 @@ def main(argv=None):
             model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
             reference = load_reference(directory, device, dtype)
             if "rollout" in args.only:
-                bench_rollout(model, reference, model.config, device, dtype, size, records, shape)
+                bench_rollout(model, reference, model.config, device, dtype, size, records, shape, args.compile)
             if "agreement" in args.only:
                 bench_agreement(model, reference, model.config, device, size, records, shape)
             del model, reference

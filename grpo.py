@@ -217,7 +217,7 @@ def sample_rollouts(model, prompts, config, eos_token_id, vocab_size, generator,
     tokens, mask, logprobs = generate(
         model, prompts, config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
         eos_token_id=eos_token_id, generator=generator, vocab_size=vocab_size, return_logprobs=True, row_generators=row_generators,
-        samples_per_prompt=config.group_size,
+        samples_per_prompt=config.group_size, compile=config.compile,
     )
     prompt_index = torch.arange(len(prompts), device=tokens.device).repeat_interleave(config.group_size)  # (N,)
     return Rollout(repeated, prompt_index, tokens, mask, logprobs, eos_positions(tokens, mask, eos_token_id))

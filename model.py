@@ -158,6 +158,7 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, KV, S, D)
         self.values = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, KV, S, D)
         self.length = 0
+        self.slot = None  # a (1,) device tensor in generate(compile=True)'s static decode step: the slot to write
         positions = torch.arange(max_length, device=device)[None]  # (1, S): a position never exceeds its slot
         cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, dtype)  # (1, S, D)
         self.cos, self.sin = cos[0], sin[0]  # (S, D)
@@ -184,7 +185,11 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
+        if cache is not None and cache.slot is not None:  # static decode step: write at a device-tensor slot, read it all
+            cache.keys[self.layer_index].index_copy_(2, cache.slot, k)  # (B, KV, S, D)
+            cache.values[self.layer_index].index_copy_(2, cache.slot, v)
+            k, v = cache.keys[self.layer_index], cache.values[self.layer_index]  # (B, KV, S, D), unwritten slots masked
+        elif cache is not None:
             start, end = cache.length, cache.length + T
             cache.keys[self.layer_index, :, :, start:end] = k
             cache.values[self.layer_index, :, :, start:end] = v
@@ -298,7 +303,8 @@ class Qwen3(nn.Module):
         Returns (B, T, hidden).
         """
         B, T = input_ids.shape
-        past = kv_cache.length if kv_cache is not None else 0
+        static = kv_cache is not None and kv_cache.slot is not None  # generate(compile=True)'s decode step
+        past = kv_cache.length if kv_cache is not None and not static else 0
         x = self.model.embed_tokens(input_ids).to(compute_dtype or self.model.embed_tokens.weight.dtype)  # (B, T, hidden)
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         if attention_mask is None:
@@ -322,7 +328,7 @@ class Qwen3(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
-        if kv_cache is not None:
+        if kv_cache is not None and not static:
             kv_cache.length += T
         return self.model.norm(x)  # (B, T, hidden)
 
@@ -615,9 +621,50 @@ def sample_next_token(logits, temperature, top_p, generator=None, top_k=0, unifo
     return sample_top_p_sorted(probs, top_p, generator, None if uniforms is None else uniforms[:, 0])
 
 
+def decode_step(model, hidden, finished, uniforms, position, cache, key_bias, eos_ids, fill_id, temperature, top_p, top_k, vocab_size):
+    """generate's loop body with static shapes, for torch.compile: one token per row from `hidden`
+    (B, H), then the forward of that token with its K/V written at cache.slot (a device tensor).
+
+    No Python number is read from a tensor, the cache and key_bias (B, 1, 1, S) keep their full
+    length S (unwritten slots are -inf in key_bias), the random numbers are pre-drawn (uniforms
+    (B, UNIFORMS_PER_DRAW)) and top-p sorts (no rejection loop), so one compilation serves every
+    step of every call with the same batch and cache length. Returns (token (B,), its log-prob (B,),
+    finished (B,), the next hidden (B, H)).
+    """
+    logits = model.lm_head(hidden).float()  # (B, V)
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits[:, vocab_size:] = float("-inf")
+    if temperature == 0:
+        token = logits.argmax(dim=-1)  # (B,)
+    else:
+        probs = top_k_filter(logits / temperature, top_k).softmax(dim=-1)  # (B, V)
+        token = sample_top_p_sorted(probs, min(top_p, 1.0), uniforms=uniforms[:, 0])  # (B,)
+    token = token.masked_fill(finished, fill_id)  # (B,)
+    logprob = logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)  # (B,)
+    finished = finished | torch.isin(token, eos_ids)  # (B,)
+    key_bias.index_fill_(-1, cache.slot, 0.0)  # open the slot this token is written to
+    hidden = model(token[:, None], key_bias, kv_cache=cache, position_ids=position)[:, -1]  # (B, H)
+    return token, logprob, finished, hidden
+
+
+_compiled_decode_step = None  # torch.compile(decode_step), built on first use and kept: its compilations are reused
+
+
+def compiled_decode_step(device):
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on a GPU, inductor's default on a CPU
+        _compiled_decode_step = torch.compile(decode_step, fullgraph=True, mode=mode)
+    return _compiled_decode_step
+
+
+CACHE_BUCKET = 256  # compile=True allocates the KV cache in multiples of this: one compilation per (batch, bucket)
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id, generator=None,
-             vocab_size=None, return_logprobs=False, check_every=8, top_k=0, row_generators=None, samples_per_prompt=1):
+             vocab_size=None, return_logprobs=False, check_every=8, top_k=0, row_generators=None, samples_per_prompt=1,
+             compile=False):
     """Sample completions for a batch of prompts of different lengths.
 
     prompts: list of token-id lists. eos_token_id: an id or a list of ids that end a completion (an empty list: none does).
@@ -628,6 +675,9 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
     depend on which other rows share its batch (or its process, in a distributed run).
     samples_per_prompt: K completions of each prompt, rows p * K .. p * K + K - 1: each distinct
     prompt is prefilled once and its K/V copied to its K rows (as GRPO's groups and pass@k need).
+    compile: run the decode steps through torch.compile(decode_step) (CUDA graphs on a GPU) on a
+    KV cache of CACHE_BUCKET-multiple length; greedy tokens equal the eager path's, sampled ones
+    draw from the same distribution (top-p by sorting, not by rejection) with their own numbers.
     Returns tokens (B, N) and mask (B, N), N <= max_new_tokens: mask is True up to and including a
     row's first EOS, False after it (those slots hold the EOS id). With return_logprobs, also the
     fp32 log-probs (B, N) of the drawn tokens under the untempered model distribution (what the
@@ -655,10 +705,11 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
         prompt_ids[row, P - len(prompt) :] = torch.tensor(prompt, device=device)
         prompt_mask[row, P - len(prompt) :] = True
     row_prompt_mask = prompt_mask.repeat_interleave(K, dim=0)  # (B, P)
-    cache = KVCache(model.config, B, P + max_new_tokens, device, model.lm_head.weight.dtype)
+    cache_length = -(-(P + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET if compile else P + max_new_tokens
+    cache = KVCache(model.config, B, cache_length, device, model.lm_head.weight.dtype)
     # Decode-step attention bias (B, 1, 1, S): 0 on real slots, -inf on padding and on slots not yet
     # written. One query row broadcasts over the G folded heads; keys padded to 16 (see attention_bias).
-    key_bias = torch.full((B, 1, 1, -(-(P + max_new_tokens) // 16) * 16), float("-inf"), device=device, dtype=cache.keys.dtype)
+    key_bias = torch.full((B, 1, 1, -(-cache_length // 16) * 16), float("-inf"), device=device, dtype=cache.keys.dtype)
     key_bias[:, 0, 0, :P].masked_fill_(row_prompt_mask, 0.0)
     first_position = row_prompt_mask.sum(dim=1, keepdim=True)  # (B, 1) position of each row's first new token
 
@@ -670,6 +721,8 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
     uniforms = None
     if row_generators is not None and temperature > 0:
         uniforms = torch.stack([torch.rand(max_new_tokens, UNIFORMS_PER_DRAW, generator=g, device=g.device) for g in row_generators]).to(device)  # (B, N, U)
+    elif compile:  # the compiled step draws no random numbers itself
+        uniforms = torch.rand(B, max_new_tokens, UNIFORMS_PER_DRAW, generator=generator, device=device)  # (B, N, U)
 
     with torch.inference_mode():
         if K == 1:
@@ -680,7 +733,10 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
             cache.keys[:, :, :, :P] = prefill.keys.repeat_interleave(K, dim=1)  # (L, B, KV, P, D)
             cache.values[:, :, :, :P] = prefill.values.repeat_interleave(K, dim=1)
             cache.length = P
-        for step in range(max_new_tokens):
+        if compile:  # (a contiguous hidden: the compiled step's guards include strides)
+            compiled = finish_compiled(model, hidden.contiguous(), cache, key_bias[..., :cache_length], first_position, uniforms, eos_ids,
+                                       fill_id, temperature, top_p, top_k, vocab_size, max_new_tokens, check_every, P)
+        for step in range(max_new_tokens if not compile else 0):
             logits = model.lm_head(hidden).float()  # (B, V)
             if vocab_size is not None and vocab_size < logits.shape[-1]:
                 logits[:, vocab_size:] = float("-inf")
@@ -698,6 +754,33 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
             key_bias[..., P + step] = 0.0  # the slot this token is written to
             hidden = model(next_token[:, None], key_bias[..., : P + step + 1], kv_cache=cache,
                            position_ids=first_position + step)[:, -1]  # (B, hidden)
-    steps = int(mask.sum(dim=1).max())  # drop trailing slots that no row used
+    if compile:  # copies made outside inference_mode are ordinary tensors, which a training forward may use
+        tokens, mask, logprobs = (t.clone() for t in compiled)
+    return trim(tokens, mask, logprobs, return_logprobs)
+
+
+def trim(tokens, mask, logprobs, return_logprobs):
+    """Drop trailing slots that no row used."""
+    steps = int(mask.sum(dim=1).max())
     tokens, mask, logprobs = tokens[:, :steps], mask[:, :steps], logprobs[:, :steps] * mask[:, :steps]
     return (tokens, mask, logprobs) if return_logprobs else (tokens, mask)
+
+
+def finish_compiled(model, hidden, cache, key_bias, first_position, uniforms, eos_ids, fill_id, temperature, top_p, top_k,
+                    vocab_size, max_new_tokens, check_every, P):
+    """generate's decode loop through the compiled static step (see decode_step): tokens, mask, log-probs (B, N)."""
+    B = hidden.shape[0]
+    step_fn = compiled_decode_step(hidden.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=hidden.device)  # (B,)
+    tokens, logprobs, valid = [], [], []
+    for step in range(max_new_tokens):
+        cache.slot = torch.full((1,), P + step, dtype=torch.long, device=hidden.device)
+        valid.append(~finished)
+        token, logprob, finished, hidden = step_fn(model, hidden, finished, uniforms[:, step], first_position + step, cache, key_bias,
+                                                  eos_ids, fill_id, temperature, top_p, top_k, vocab_size)
+        tokens.append(token)
+        logprobs.append(logprob)
+        if (step + 1) % check_every == 0 and bool(finished.all()):
+            break
+    cache.slot = None
+    return torch.stack(tokens, dim=1), torch.stack(valid, dim=1), torch.stack(logprobs, dim=1)  # (B, N) each

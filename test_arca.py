@@ -230,6 +230,38 @@ def test_shared_prefill_equals_repeating_the_prompt(tiny_checkpoint):
     assert torch.equal(greedy[0::2], greedy[1::2]) and torch.equal(greedy[0::2], generate(model, prompts, 8, temperature=0, top_p=1.0, eos_token_id=[])[0])
 
 
+def inductor_missing():
+    """Why torch.compile cannot build here, or None (the compiled path's tests skip with the reason)."""
+    try:
+        torch.compile(lambda x: x * 2, fullgraph=True)(torch.ones(2))
+        return None
+    except Exception as err:  # no C++ compiler, an unsupported platform, ...
+        return f"torch.compile (inductor) cannot build here: {type(err).__name__}: {str(err)[:200]}"
+
+
+@pytest.mark.skipif(inductor_missing() is not None, reason=str(inductor_missing()))
+def test_compiled_decode_step_matches_eager_and_compiles_once(tiny_checkpoint):
+    from torch._dynamo.utils import counters
+
+    model = Qwen3.from_pretrained(tiny_checkpoint[0], dtype=torch.float32)
+    prompts = [[5, 9, 2, 7], [4, 11], [3]]
+    greedy = dict(temperature=0, top_p=1.0, eos_token_id=[1, 2, 3])
+    eager_tokens, eager_mask = generate(model, prompts, 24, **greedy)
+    graphs = counters["stats"]["unique_graphs"]
+    tokens, mask = generate(model, prompts, 24, compile=True, **greedy)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # one compilation for all 24 steps
+    assert torch.equal(tokens, eager_tokens) and torch.equal(mask, eager_mask) and not mask.all()  # EOS stopped some rows
+    generate(model, [[7, 8], [9, 10], [11]], 24, compile=True, **greedy)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # the same batch and cache bucket: reused
+    sampling = dict(temperature=1.0, top_p=0.9, top_k=20, eos_token_id=[], return_logprobs=True, compile=True)
+    first = generate(model, prompts, 12, generator=torch.Generator().manual_seed(0), **sampling)
+    second = generate(model, prompts, 12, generator=torch.Generator().manual_seed(0), **sampling)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))  # seeded: reproducible
+    tokens, mask, logprobs = first
+    trained, _, _ = grpo.completion_forward(model, prompts, tokens, mask)
+    torch.testing.assert_close(logprobs[mask], trained[mask], atol=1e-5, rtol=0)  # the sampler's log-probs are the trainer's
+
+
 def test_top_p_keeps_exactly_the_nucleus():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
     logits = probs.log().expand(4000, 4)
@@ -1128,7 +1160,7 @@ class StepConfig:
 
     def __init__(self, **overrides):
         self.__dict__.update(dict(
-            group_size=4, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, credit_eos=True, diagnose_all=False, arca_precision="bf16", advantage="grpo", prompts_per_micro_batch=1,
+            group_size=4, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, credit_eos=True, diagnose_all=False, arca_precision="bf16", compile=False, advantage="grpo", prompts_per_micro_batch=1,
             updates_per_batch=1, credit="arca", credit_eps=1e-8, power=2.0, clip_eps=0.2, beta=0.0, grad_clip=1.0,
         ), **overrides)
 

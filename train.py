@@ -100,6 +100,7 @@ class TrainConfig:
     seed: int = option(1337, "random seed")
     dtype: str = option("bfloat16", "base weight dtype: bfloat16 or float32 (LoRA weights are fp32)")
     gradient_checkpointing: bool = option(False, "recompute each layer in backward to save memory")
+    compile: bool = option(False, "sample through a static-shape decode step under torch.compile (CUDA graphs on a GPU), compiled once per batch and cache bucket")
     cpu_threads: int = option(0, "torch CPU threads, 0 = torch's default; the demo pins 1, so it prints the same numbers on every machine")
     out: str | None = option(None, "output directory; default runs/<preset>-<credit>-r<rank>")
 
@@ -359,7 +360,7 @@ def generate_texts(model, tokenizer, prompts, config, temperature, row_generator
         generators = None if row_generators is None else row_generators[rows]
         tokens, mask = generate(model, batch, config.max_new_tokens, temperature=temperature, top_p=config.top_p, top_k=config.top_k,
                                 eos_token_id=tokenizer.eos_token_id, vocab_size=tokenizer.vocab_size, row_generators=generators,
-                                samples_per_prompt=samples_per_prompt)
+                                samples_per_prompt=samples_per_prompt, compile=config.compile)
         for row in range(len(tokens)):
             ids = tokens[row][mask[row]].tolist()
             results.append((ids, tokenizer.decode(ids)))
