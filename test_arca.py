@@ -2807,7 +2807,7 @@ def test_huge_function_arguments_are_refused_fast():
         assert math_reward(boxed(text), "\\frac{1}{2}") == 0.0
         assert math_reward(boxed(text), text) == 1.0  # the same text still matches as a string
     assert math_reward(boxed("\\sin(2^{10}) + 1"), "1 + \\sin 1024") == 1.0  # ordinary arguments still compare
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 5.0  # refused before evaluation: milliseconds, not the minute cos(5000!) could take
 
 
 def test_score_batch_workers_ignore_ctrl_c():
