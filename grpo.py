@@ -338,6 +338,10 @@ def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def process_rank():
+    return dist.get_rank() if world_size() > 1 else 0
+
+
 def all_reduce_gradients(parameters):
     """Sum the gradients of `parameters` over the ranks, in one flat buffer (one collective per update)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
@@ -385,7 +389,7 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
     adapter-off pass of --diagnose-all and the fidelity figure run on rank 0's first micro-batch.
     """
     device = model.lm_head.weight.device
-    ranks, first_rank = world_size(), world_size() == 1 or dist.get_rank() == 0
+    ranks, first_rank = world_size(), process_rank() == 0
     started = time.perf_counter()
     rollout = sample_rollouts(model, prompts, config, tokenizer.eos_token_id, tokenizer.vocab_size, generator, prompt_seeds)
     rollout_done = time.perf_counter()
@@ -434,16 +438,14 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
             first_totals = totals
     train_done = time.perf_counter()
 
+    # every rank's completions (one process: its own): rewards, lengths, stops, and the slowest rank's times
+    rewards = torch.cat(gather(rewards.cpu()))  # (N,)
+    lengths = torch.cat(gather(rollout.mask.sum(dim=1).cpu()))  # (N,)
+    ends_with_eos = torch.cat(gather(rollout.ends_with_eos.cpu()))  # (N,)
+    trained_tokens = max(sum(gather(int(trained.sum()))), 1)
+    timeouts = sum(gather(timeouts))
     phases = [rollout_done - started, reward_done - rollout_done, train_done - reward_done]  # rollout, reward, train seconds
-    if ranks > 1:  # every rank's completions: rewards, lengths, stops, and the slowest rank's times
-        rewards = torch.cat([r.to(device) for r in gather(rewards.cpu())])  # (N,)
-        lengths = torch.cat(gather(rollout.mask.sum(dim=1).cpu()))  # (N,)
-        ends_with_eos = torch.cat(gather(rollout.ends_with_eos.cpu()))  # (N,)
-        trained_tokens = max(sum(gather(int(trained.sum()))), 1)
-        timeouts = sum(gather(timeouts))
-        phases = [max(seconds) for seconds in zip(*gather(phases))]
-    else:
-        lengths, ends_with_eos, trained_tokens = rollout.mask.sum(dim=1), rollout.ends_with_eos, max(int(trained.sum()), 1)
+    phases = [max(seconds) for seconds in zip(*gather(phases))]
     tokens_in_step = int(lengths.sum())
     rows = max(first_totals["rows"], 1)
     group_rewards = rewards.view(-1, config.group_size)  # (P, K): completions are grouped in order

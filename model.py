@@ -621,6 +621,19 @@ def sample_next_token(logits, temperature, top_p, generator=None, top_k=0, unifo
     return sample_top_p_sorted(probs, top_p, generator, None if uniforms is None else uniforms[:, 0])
 
 
+def next_token_logits(model, hidden, vocab_size):
+    """fp32 logits (B, V) from the last hidden states (B, H); rows past the tokenizer's vocab_size real ids at -inf."""
+    logits = model.lm_head(hidden).float()  # (B, V)
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits[:, vocab_size:] = float("-inf")
+    return logits
+
+
+def drawn_logprob(logits, token):
+    """log pi(token) (B,) under the untempered logits (B, V): token_logprobs' formula without its entropy pass."""
+    return logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+
+
 def decode_step(model, hidden, finished, uniforms, position, cache, key_bias, eos_ids, fill_id, temperature, top_p, top_k, vocab_size):
     """generate's loop body with static shapes, for torch.compile: one token per row from `hidden`
     (B, H), then the forward of that token with its K/V written at cache.slot (a device tensor).
@@ -631,16 +644,14 @@ def decode_step(model, hidden, finished, uniforms, position, cache, key_bias, eo
     step of every call with the same batch and cache length. Returns (token (B,), its log-prob (B,),
     finished (B,), the next hidden (B, H)).
     """
-    logits = model.lm_head(hidden).float()  # (B, V)
-    if vocab_size is not None and vocab_size < logits.shape[-1]:
-        logits[:, vocab_size:] = float("-inf")
+    logits = next_token_logits(model, hidden, vocab_size)  # (B, V)
     if temperature == 0:
         token = logits.argmax(dim=-1)  # (B,)
     else:
         probs = top_k_filter(logits / temperature, top_k).softmax(dim=-1)  # (B, V)
         token = sample_top_p_sorted(probs, min(top_p, 1.0), uniforms=uniforms[:, 0])  # (B,)
     token = token.masked_fill(finished, fill_id)  # (B,)
-    logprob = logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)  # (B,)
+    logprob = drawn_logprob(logits, token)  # (B,)
     finished = finished | torch.isin(token, eos_ids)  # (B,)
     key_bias.index_fill_(-1, cache.slot, 0.0)  # open the slot this token is written to
     hidden = model(token[:, None], key_bias, kv_cache=cache, position_ids=position)[:, -1]  # (B, H)
@@ -737,16 +748,13 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
             compiled = finish_compiled(model, hidden.contiguous(), cache, key_bias[..., :cache_length], first_position, uniforms, eos_ids,
                                        fill_id, temperature, top_p, top_k, vocab_size, max_new_tokens, check_every, P)
         for step in range(max_new_tokens if not compile else 0):
-            logits = model.lm_head(hidden).float()  # (B, V)
-            if vocab_size is not None and vocab_size < logits.shape[-1]:
-                logits[:, vocab_size:] = float("-inf")
+            logits = next_token_logits(model, hidden, vocab_size)  # (B, V)
             next_token = sample_next_token(logits, temperature, top_p, generator, top_k, None if uniforms is None else uniforms[:, step])  # (B,)
             next_token = next_token.masked_fill(finished, fill_id)  # (B,)
             tokens[:, step] = next_token
             mask[:, step] = ~finished
             if return_logprobs:
-                # the drawn token's log-prob alone (token_logprobs' formula without its entropy pass over the vocabulary)
-                logprobs[:, step] = logits.gather(-1, next_token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+                logprobs[:, step] = drawn_logprob(logits, next_token)
             if len(eos_ids):
                 finished |= torch.isin(next_token, eos_ids)
             if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(finished.all())):

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from credit import METHODS, credit_page, credit_section
-from grpo import all_method_weights, gather, group_advantages, grpo_step
+from grpo import all_method_weights, gather, group_advantages, grpo_step, process_rank, world_size
 from lora import apply_lora, load_adapter, save_adapter
 from math_reward import extract_boxed, score_batch, strict_match
 from model import Qwen3, generate, load_tokenizer
@@ -379,9 +379,8 @@ def evaluate(model, tokenizer, eval_rows, config, step, out):
     """
     model.eval()
     device, k = model.lm_head.weight.device, config.pass_k
-    rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    share = math.ceil(len(eval_rows) / ranks)
-    first = rank * share
+    share = math.ceil(len(eval_rows) / world_size())
+    first = process_rank() * share
     rows = eval_rows[first : first + share]
     prompts = [row["prompt_ids"] for row in rows]
     golds = [row["answer"] for row in rows]
@@ -404,7 +403,7 @@ def evaluate(model, tokenizer, eval_rows, config, step, out):
     result[f"pass@{k}"] = result[f"pass@{k}_{config.reward}"]
     result["reward_timeouts"] = sum(t for _, t in shares)
 
-    if config.html_completions and rank == 0 and rows:
+    if config.html_completions and process_rank() == 0 and rows:
         write_credit_page(model, tokenizer, rows, sampled, scores["sampled", config.reward], config, step, out)
     return result
 
