@@ -3,6 +3,8 @@
     python bench.py                     # GPU: Qwen3-1.7B geometry, bf16; CPU: the tiny shape, fp32
     python bench.py --quick             # CPU, tiny shape, one thread, well under a minute (a test runs it)
     python bench.py --shape 1.7b --only rollout,train
+    python bench.py --threads 1 --compile --only rollout,kernels     # the README's CPU rows
+    python bench.py --shape 1.7b --gpu-check                         # the goals table of a GPU run
 
 A Qwen3 of the named shape gets random weights, is saved as safetensors under Hugging Face names,
 and is loaded by `Qwen3.from_pretrained` and by transformers' `Qwen3ForCausalLM` from the same
@@ -17,11 +19,15 @@ Measurements (each: warm-up, then the median of repeats, ours and the reference 
 device synchronised around every timer):
 1. rollout: new tokens/s of batched sampling at a fixed length, EOS ignored (ours:
    `eos_token_id=[]`; transformers: `min_new_tokens = max_new_tokens`), temperature 1.0, top-p 0.95,
-   prefill included, against `generate`. On a GPU also the fraction of the bandwidth bound:
+   prefill included, against `generate`; with --compile also `generate(compile=True)` and the
+   number of compilations of its decode step. On a GPU also the fraction of the bandwidth bound:
    bytes read per decode step (all weights once, plus the KV cache at its mean length) over the
-   device-to-device copy bandwidth measured here.
-   Also the prefill of K = 4 completions per prompt, shared (each prompt once, K/V copied) against
-   the prompt repeated K times.
+   device-to-device copy bandwidth measured here. Also the prefill of K = 4 completions per
+   prompt, shared (each prompt once, K/V copied) against the prompt repeated K times, and rollouts
+   with LoRA r 64 unmerged (GRPO's: `lora.sampling_copies`) against transformers + PEFT.
+   kernels: kernels per decode step (torch's profiler; on the CPU, the operators that would be
+   kernels) at the 1.7B geometry with 1 and 2 layers, extrapolated to 28: ours eager and compiled,
+   base and LoRA, against transformers' generate and transformers + PEFT's.
 2. train step: tokens/s of one forward + backward of the mean completion log-prob, LoRA r 64
    (alpha 128, dropout 0.05) on the seven projections, ours through grpo.py's chunked log-probs,
    transformers + PEFT through full logits and log_softmax; peak memory of each over the weights
@@ -37,13 +43,21 @@ device synchronised around every timer):
 4. sampler/trainer agreement: mean |log-prob from the sampler - log-prob from a training forward
    over prompt + completion| on the sampled tokens, ours (generate's return_logprobs against
    grpo.completion_forward) and transformers (generate's raw logits against a full forward).
+5. precision: how much of a bf16 ARCA score is the adapter (see bench_precision).
+
+--gpu-check runs, in priority order and while under GPU_CHECK_SECONDS: rollouts at batch 64
+(eager, compiled, transformers, bandwidth bound), the paper preset's GRPO step (ARCA and uniform,
+with and without gradient checkpointing), the train step, rollouts at batch 1 and 16, LoRA
+rollouts at batch 64; then a table of the goals (rollout >= 5x transformers and >= 50% of the
+bound at batch 64, the paper step <= 3 s and <= 24 GB with checkpointing) and whether each is met.
 
 Output: one JSON line per measurement {what, shape, batch, device, ours, reference, ratio, unit,
 note} (ratio = ours / reference), then a Markdown table of the same.
-Left out: multi-GPU, vLLM (a different engine, not a library this project replaces), CUDA graphs.
+Left out: multi-GPU, vLLM (a different engine, not a library this project replaces).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -70,7 +84,7 @@ COMMON = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], rope_theta
               tie_word_embeddings=True, attention_bias=False, hidden_act="silu", use_sliding_window=False,
               rope_scaling=None, bos_token_id=151643, eos_token_id=151643, torch_dtype="bfloat16")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-KINDS = ("rollout", "train", "grpo", "agreement", "precision")
+KINDS = ("rollout", "kernels", "train", "grpo", "agreement", "precision")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,12 +126,12 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def median_seconds(fns, device, repeats, warmup=1):
+def median_seconds(fns, device, repeats, warmups=None):
     """{name: median seconds} over `repeats` rounds; each round calls every fn once, in turn, so a
-    machine that slows down for a while slows every contestant alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+    machine that slows down for a while slows every contestant alike. Each fn is first called once
+    untimed, or warmups[name] instead (e.g. a shorter generation) where given."""
+    for name, fn in fns.items():
+        (warmups or {}).get(name, fn)()
     seconds = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -177,10 +191,11 @@ def matmul_rate(device, n=8192, repeats=10):
 # The checkpoint both implementations load
 
 
-def write_checkpoint(shape, directory, device=torch.device("cpu"), seed=0):
-    """config.json and model.safetensors for a random Qwen3 of `shape`, Hugging Face names, bf16.
-    The numbers are drawn on `device` (1.7B of them take a while on a CPU)."""
-    fields = dict(COMMON, **SHAPES[shape])
+def write_checkpoint(shape, directory, device=torch.device("cpu"), seed=0, layers=None):
+    """config.json and model.safetensors for a random Qwen3 of `shape` (with `layers` decoder
+    layers instead of the shape's, if given), Hugging Face names, bf16. The numbers are drawn on
+    `device` (1.7B of them take a while on a CPU)."""
+    fields = dict(COMMON, **SHAPES[shape]) | ({"num_hidden_layers": layers} if layers else {})
     config = Qwen3Config(**{k: v for k, v in fields.items() if k in Qwen3Config.__dataclass_fields__})
     with torch.device("meta"):
         names = {name: tuple(p.shape) for name, p in Qwen3(config).named_parameters()}  # tied lm_head appears once
@@ -224,29 +239,45 @@ def decode_bytes(config, batch, prompt, new, dtype):
     return (weights + cache) * torch.finfo(dtype).bits // 8
 
 
+SAMPLING = dict(temperature=1.0, top_p=0.95, eos_token_id=[])  # every rollout measured here: no EOS, fixed length
+
+
+def our_generate(model, prompts, n, generator, lean=False, compile=False):
+    """Our rollout of n new tokens for prompts (token-id lists); lean: inside lora.sampling_copies
+    (GRPO's rollout path for a LoRA model)."""
+    from lora import sampling_copies
+
+    with sampling_copies(model) if lean else contextlib.nullcontext():
+        return generate(model, prompts, n, generator=generator, compile=compile, **SAMPLING)
+
+
+def their_generate(reference, prompts, n, eos_token_id):
+    """transformers' generate of exactly n new tokens at the same settings (top-k off), prompts (B, P) on the device."""
+    return reference.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
+                              top_p=0.95, top_k=0, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos_token_id,
+                              pad_token_id=eos_token_id)
+
+
 def bench_rollout(model, reference, config, device, dtype, size, records, shape, compile=False):
-    vocab = config.vocab_size
+    """New tokens/s of ours (eager, and compiled with --compile) against transformers' generate, at
+    each batch of size["batches"]; on a GPU also as a fraction of the bandwidth bound."""
+    vocab, new = config.vocab_size, size["new"]
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     for batch in size["batches"]:
         prompts = random_prompts(batch, size["prompt"], vocab, seed=batch)
-        prompt_list = prompts.tolist()
-        prompts_device = prompts.to(device)
-        new = size["new"]
+        prompt_list, prompts_device = prompts.tolist(), prompts.to(device)
         generator = torch.Generator(device).manual_seed(0)
 
-        def ours():
-            generate(model, prompt_list, new, temperature=1.0, top_p=0.95, eos_token_id=[], generator=generator)
+        def ours(n=new, compile=False):
+            our_generate(model, prompt_list, n, generator, compile=compile)
 
-        def ours_compiled():
-            generate(model, prompt_list, new, temperature=1.0, top_p=0.95, eos_token_id=[], generator=generator, compile=True)
+        def theirs(n=new):
+            their_generate(reference, prompts_device, n, config.eos_token_id)
 
-        def theirs():
-            reference.generate(input_ids=prompts_device, attention_mask=torch.ones_like(prompts_device), do_sample=True,
-                               temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=new, min_new_tokens=new,
-                               eos_token_id=config.eos_token_id, pad_token_id=config.eos_token_id)
-
-        contestants = {"ours": ours, "theirs": theirs} | ({"compiled": ours_compiled} if compile else {})
-        seconds = median_seconds(contestants, device, size["repeats"])
+        contestants, warmups = {"ours": ours, "theirs": theirs}, {"ours": lambda: ours(16), "theirs": lambda: theirs(16)}
+        if compile:  # warmed up at full length: the compilation is for the cache bucket of this length
+            contestants["compiled"] = warmups["compiled"] = lambda: ours(compile=True)
+        seconds = median_seconds(contestants, device, size["repeats"], warmups)
         rate = {name: batch * new / s for name, s in seconds.items()}
         records.append(record("rollout", shape, batch, device, rate["ours"], rate["theirs"], "new tokens/s",
                               f"prompt {size['prompt']}, {new} new, T 1.0, top-p 0.95, vs transformers generate"))
@@ -255,30 +286,193 @@ def bench_rollout(model, reference, config, device, dtype, size, records, shape,
                                   f"generate(compile=True), vs transformers generate; eager: {rate['ours']:.0f}"))
         if bandwidth:
             bound = batch * bandwidth / decode_bytes(config, batch, size["prompt"], new, dtype)  # tokens/s
-            records.append(record("rollout_bandwidth_fraction", shape, batch, device, rate["ours"] / bound, rate["theirs"] / bound,
-                                  "fraction of bound", f"bound {bound:.0f} tokens/s at {bandwidth / 1e9:.0f} GB/s copy bandwidth"))
+            best = max(rate["ours"], rate.get("compiled", 0))
+            records.append(record("rollout_bandwidth_fraction", shape, batch, device, best / bound, rate["theirs"] / bound,
+                                  "fraction of bound", f"ours {'compiled' if compile else 'eager'}; bound {bound:.0f} tokens/s "
+                                  f"at {bandwidth / 1e9:.0f} GB/s copy bandwidth"))
 
-    if compile:  # compilations of the decode step over a 64-token generation, then a second call of the same shape
-        from torch._dynamo.utils import counters
 
-        prompts = random_prompts(8, size["prompt"], vocab, seed=9).tolist()
-        before = counters["stats"]["unique_graphs"]
-        generate(model, prompts, 64, temperature=0.7, top_p=0.9, eos_token_id=[], compile=True)
-        first = counters["stats"]["unique_graphs"] - before
-        generate(model, prompts, 64, temperature=0.7, top_p=0.9, eos_token_id=[], compile=True)
-        again = counters["stats"]["unique_graphs"] - before - first
-        records.append(record("decode_step_compilations", shape, 8, device, first, None, "compilations",
-                              f"over a 64-token generation (dynamo's unique_graphs); a second call of the same shape added {again}"))
+def bench_compilations(model, config, device, size, records, shape):
+    """Compilations of the decode step over a 64-token generation, then in a second call of the same shape."""
+    from torch._dynamo.utils import counters
 
-    # GRPO's K = 4 completions of a prompt: its prefill once and the K/V copied, against the prompt repeated K times
-    distinct = random_prompts(max(size["batches"]) // 4, size["prompt"], vocab, seed=7).tolist()
-    sampling = dict(temperature=1.0, top_p=0.95, eos_token_id=[])
+    prompts = random_prompts(8, size["prompt"], config.vocab_size, seed=9).tolist()
+    before = counters["stats"]["unique_graphs"]
+    generate(model, prompts, 64, temperature=0.7, top_p=0.9, eos_token_id=[], compile=True)
+    first = counters["stats"]["unique_graphs"] - before
+    generate(model, prompts, 64, temperature=0.7, top_p=0.9, eos_token_id=[], compile=True)
+    again = counters["stats"]["unique_graphs"] - before - first
+    records.append(record("decode_step_compilations", shape, 8, device, first, None, "compilations",
+                          f"over a 64-token generation (dynamo's unique_graphs); a second call of the same shape added {again}"))
+
+
+def bench_prefill(model, config, device, size, records, shape):
+    """GRPO's K = 4 completions of a prompt: its prefill once and the K/V copied, against the prompt repeated K times."""
+    distinct = random_prompts(max(size["batches"]) // 4, size["prompt"], config.vocab_size, seed=7).tolist()
     seconds = median_seconds({
-        "shared": lambda: generate(model, distinct, 1, samples_per_prompt=4, **sampling),
-        "repeated": lambda: generate(model, [p for p in distinct for _ in range(4)], 1, **sampling),
+        "shared": lambda: generate(model, distinct, 1, samples_per_prompt=4, **SAMPLING),
+        "repeated": lambda: generate(model, [p for p in distinct for _ in range(4)], 1, **SAMPLING),
     }, device, size["repeats"])
     records.append(record("prefill_k4_shared_over_repeated", shape, 4 * len(distinct), device, seconds["shared"], seconds["repeated"],
                           "s per prefill", f"{len(distinct)} prompts of {size['prompt']} tokens x K 4, one new token"))
+
+
+def bench_rollout_lora(directory, device, dtype, size, records, shape, compile=False):
+    """Rollouts as GRPO samples them: LoRA r 64 on the seven projections, unmerged, against
+    transformers + PEFT's generate (unmerged too); ours with lora.sampling_copies (the rollout path)
+    and without it (the training path's LoRA arithmetic)."""
+    import peft
+
+    from lora import apply_lora, lora_layers
+
+    model = apply_lora(Qwen3.from_pretrained(directory, device=device, dtype=dtype), 64, 128.0, dropout=0.05).eval()
+    with torch.no_grad():
+        for layer in lora_layers(model).values():  # a trained adapter's B is not 0; the speed does not depend on it
+            layer.lora_B.normal_(std=1e-3)
+    lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    reference = peft.get_peft_model(load_reference(directory, device, dtype), lora).eval()
+    vocab, new = model.config.vocab_size, size["new"]
+    for batch in size["batches"]:
+        prompts = random_prompts(batch, size["prompt"], vocab, seed=batch)
+        prompt_list, prompts_device = prompts.tolist(), prompts.to(device)
+        generator = torch.Generator(device).manual_seed(0)
+
+        def ours(n=new, lean=True, compile=False):
+            our_generate(model, prompt_list, n, generator, lean, compile)
+
+        def theirs(n=new):
+            their_generate(reference, prompts_device, n, model.config.eos_token_id)
+
+        contestants = {"lean": ours, "plain": lambda: ours(lean=False), "theirs": theirs}
+        warmups = {"lean": lambda: ours(16), "plain": lambda: ours(16, lean=False), "theirs": lambda: theirs(16)}
+        if compile:
+            contestants["compiled"] = lambda: ours(compile=True)
+        rate = {name: batch * new / s for name, s in median_seconds(contestants, device, size["repeats"], warmups).items()}
+        records.append(record("rollout_lora", shape, batch, device, rate["lean"], rate["theirs"], "new tokens/s",
+                              f"LoRA r 64 unmerged, lora.sampling_copies, vs transformers + PEFT generate; without sampling_copies {rate['plain']:.0f}"))
+        if compile:
+            records.append(record("rollout_lora_compiled", shape, batch, device, rate["compiled"], rate["theirs"], "new tokens/s",
+                                  "generate(compile=True) in lora.sampling_copies, vs transformers + PEFT generate"))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1b. Kernels per decode step
+
+
+NOT_A_KERNEL = {  # aten operators that make a view, allocate, or return their input: no kernel of their own
+    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::as_strided_",
+    "aten::t", "aten::transpose", "aten::permute", "aten::expand", "aten::expand_as", "aten::unsqueeze", "aten::squeeze",
+    "aten::slice", "aten::select", "aten::narrow", "aten::split", "aten::split_with_sizes", "aten::chunk", "aten::unbind",
+    "aten::alias", "aten::detach", "aten::detach_", "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg",
+    "aten::to", "aten::contiguous", "aten::flatten", "aten::view_as", "aten::numpy_T", "aten::result_type",
+    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resize_", "aten::is_nonzero", "aten::item",
+    "aten::_local_scalar_dense", "aten::type_as", "aten::linear", "aten::matmul", "aten::dropout", "aten::scalar_tensor"}
+HOST_LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
+                     "cudaMemcpyAsync", "cudaMemsetAsync"}
+
+
+def kernels_launched(fn, device):
+    """(kernels, host launch calls) of one call of fn, from torch's profiler.
+
+    GPU: the CUDA kernels and copies the device ran (those a CUDA graph replays included), and the
+    host's launch calls (a CUDA graph is one). CPU, where nothing is launched: the operators that
+    would be kernels, i.e. aten operators that compute and call no other that does (views,
+    allocations and no-op casts excluded), and inductor's fused kernels (recorded with
+    torch._inductor.config.cpp.enable_kernel_profile); host launches = kernels.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        fn()
+        synchronize(device)
+    events = profiler.events()
+    if device.type == "cuda":
+        return (sum(e.device_type == DeviceType.CUDA for e in events), sum(e.name in HOST_LAUNCH_CALLS for e in events))
+
+    def computes(event):
+        return (event.name.startswith("aten::") and event.name not in NOT_A_KERNEL) or "cpp_fused" in event.name
+
+    def calls_a_kernel(event):
+        return any(computes(child) or calls_a_kernel(child) for child in event.cpu_children)
+
+    kernels = sum(computes(e) and not calls_a_kernel(e) for e in events)
+    return kernels, kernels
+
+
+def per_decode_step(generate_tokens, device, short=8, long=24):
+    """(kernels, launches) per decode step: a generation of `long` new tokens minus one of `short`,
+    over the difference (prefill and setup cancel); one warm-up call of each first."""
+    for n in (short, long):
+        generate_tokens(n)
+    k_short, l_short = kernels_launched(lambda: generate_tokens(short), device)
+    k_long, l_long = kernels_launched(lambda: generate_tokens(long), device)
+    return (k_long - k_short) / (long - short), (l_long - l_short) / (long - short)
+
+
+def bench_kernels(device, dtype, size, records, shape, tmp, compile=False):
+    """Kernels per decode step at `shape`'s geometry with 1 and 2 decoder layers, extrapolated to
+    the shape's layer count (rest + layers x per layer): ours eager and compiled, base and with
+    LoRA r 64 (the training path's arithmetic and lora.sampling_copies), against transformers'
+    generate and transformers + PEFT's, all on the same weights."""
+    import peft
+    import torch._dynamo
+    import torch._inductor.config
+
+    from lora import apply_lora
+
+    batch, prompt_length, layers = 4, 16, SHAPES[shape]["num_hidden_layers"]
+    kernel_profile = torch._inductor.config.cpp.enable_kernel_profile
+    torch._inductor.config.cpp.enable_kernel_profile = True  # inductor's CPU kernels show in the profiler
+    torch._dynamo.reset()  # compile anew, with the kernels recorded
+    counts = {}  # (variant, layers) -> (kernels, launches) per step
+    for n_layers in (1, 2):
+        directory = write_checkpoint(shape, Path(tmp) / f"kernels-{n_layers}", device, seed=8, layers=n_layers)
+        model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
+        reference = load_reference(directory, device, dtype)
+        prompts = random_prompts(batch, prompt_length, model.config.vocab_size, seed=10)
+        prompt_list, prompts_device = prompts.tolist(), prompts.to(device)
+
+        def ours(n, compile=False, lean=False):
+            our_generate(model, prompt_list, n, torch.Generator(device).manual_seed(0), lean, compile)
+
+        def theirs(n):
+            their_generate(reference, prompts_device, n, model.config.eos_token_id)
+
+        counts["eager", n_layers] = per_decode_step(ours, device)
+        counts["transformers", n_layers] = per_decode_step(theirs, device)
+        if compile:
+            counts["compiled", n_layers] = per_decode_step(lambda n: ours(n, compile=True), device)
+        apply_lora(model, 64, 128.0, dropout=0.05).eval()
+        lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        reference = peft.get_peft_model(reference, lora).eval()
+        counts["eager LoRA", n_layers] = per_decode_step(ours, device)
+        counts["eager LoRA sampling_copies", n_layers] = per_decode_step(lambda n: ours(n, lean=True), device)
+        counts["transformers + PEFT", n_layers] = per_decode_step(theirs, device)
+        if compile:
+            counts["compiled LoRA sampling_copies", n_layers] = per_decode_step(lambda n: ours(n, compile=True, lean=True), device)
+        del model, reference
+    torch._inductor.config.cpp.enable_kernel_profile = kernel_profile
+    torch._dynamo.reset()
+
+    def extrapolated(variant, column):
+        one, two = counts[variant, 1][column], counts[variant, 2][column]
+        per_layer = two - one
+        return one - per_layer + layers * per_layer, per_layer
+
+    against = {"eager": "transformers", "compiled": "transformers", "eager LoRA": "transformers + PEFT",
+               "eager LoRA sampling_copies": "transformers + PEFT", "compiled LoRA sampling_copies": "transformers + PEFT"}
+    for variant, reference_variant in against.items():
+        if (variant, 1) not in counts:
+            continue
+        ours_total, ours_layer = extrapolated(variant, 0)
+        their_total, their_layer = extrapolated(reference_variant, 0)
+        note = (f"ours {variant}: {ours_layer:.1f} per layer, vs {reference_variant} generate: {their_layer:.1f} per layer; "
+                f"{layers} layers extrapolated from 1 and 2; batch {batch}, T 1.0, top-p 0.95")
+        if device.type == "cuda":
+            note += f"; host launch calls {extrapolated(variant, 1)[0]:.0f} vs {extrapolated(reference_variant, 1)[0]:.0f}"
+        records.append(record(f"kernels_per_decode_step ({variant})", shape, batch, device, ours_total, their_total, "kernels", note))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,28 +561,30 @@ def fixed_rewards(texts, golds):
     return [float(i % 2 == 0) for i in range(len(texts))], 0
 
 
-def bench_grpo(directory, device, dtype, size, records, shape):
+def grpo_runner(directory, device, dtype, g, compile=False):
+    """(model, base config, step) for timing GRPO steps of size g on random prompts with fixed rewards:
+    the paper preset's settings (LoRA r 64, alpha 128, dropout 0.05, top-k 50, top-p 0.95, AdamW)
+    with g's sizes, --diagnose-all off; step(config) -> (seconds, update seconds, metrics) of one
+    step, the update being the step minus rollout and reward."""
     import dataclasses
 
     import grpo
     from lora import apply_lora
-    from train import TrainConfig
+    from train import PAPER
 
-    g = size["grpo"]
     model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
-    apply_lora(model, 64, 128.0, dropout=0.05)
+    apply_lora(model, PAPER.rank, 2.0 * PAPER.rank, dropout=PAPER.lora_dropout)  # the paper's alpha = 2 r
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=5e-6, weight_decay=0.0, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(trainable, lr=PAPER.lr, weight_decay=PAPER.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     prompts = random_prompts(g["prompts"], g["prompt"], model.config.vocab_size, seed=2).tolist()
     golds = [""] * len(prompts)
-    base = TrainConfig(rank=64, lora_alpha=128.0, group_size=g["group"], prompts_per_micro_batch=g["per_micro"],
-                       micro_batches=g["prompts"] // g["per_micro"], max_new_tokens=g["new"], temperature=1.0, top_p=0.95,
-                       diagnose_all=False)
+    base = dataclasses.replace(PAPER, lora_alpha=2.0 * PAPER.rank, group_size=g["group"], prompts_per_micro_batch=g["per_micro"],
+                               micro_batches=g["prompts"] // g["per_micro"], max_new_tokens=g["new"], diagnose_all=False,
+                               compile=compile)
     generator = torch.Generator(device).manual_seed(0)
 
     def step(config):
-        """(full seconds, update seconds, metrics) of one GRPO step."""
         result = {}
 
         def run():
@@ -398,6 +594,14 @@ def bench_grpo(directory, device, dtype, size, records, shape):
         metrics = result["metrics"]
         return full, full - metrics["rollout_s"] - metrics["reward_s"], metrics
 
+    return model, base, step
+
+
+def bench_grpo(directory, device, dtype, size, records, shape, compile=False):
+    import dataclasses
+
+    g = size["grpo"]
+    model, base, step = grpo_runner(directory, device, dtype, g, compile)
     variants = {(credit, beta): dataclasses.replace(base, credit=credit, beta=beta) for beta in (0.0, 0.04) for credit in ("uniform", "arca")}
     variants["uniform", "diagnose_all"] = dataclasses.replace(base, credit="uniform", diagnose_all=True)
     variants["arca", "exact"] = dataclasses.replace(base, credit="arca", arca_precision="exact")
@@ -433,6 +637,35 @@ def bench_grpo(directory, device, dtype, size, records, shape):
                           f"{setting}; credit arca, beta 0, gradient checkpointing; rollout {metrics['rollout_s']:.2f} s"))
     records.append(record("grpo_step_checkpointed_peak_memory", shape, N, device, memory, None, "GiB over weights",
                           setting + (f"; {total:.2f} GiB allocated in all (weights, adapter, optimiser state included)" if total else "")))
+
+
+def bench_paper_step(directory, device, dtype, size, records, shape, compile=False):
+    """One GRPO step as the paper preset runs it (--diagnose-all on; on a GPU its sizes: 8 prompts
+    of 256 tokens x K 4 = 32 completions of 512 tokens, 4 micro-batches), ARCA and uniform credit,
+    then ARCA with gradient checkpointing: seconds and peak memory in all (weights included)."""
+    import dataclasses
+
+    g = size["grpo"]
+    model, base, step = grpo_runner(directory, device, dtype, g, compile)
+    arca, uniform = (dataclasses.replace(base, credit=credit, diagnose_all=True) for credit in ("arca", "uniform"))
+    step(arca)  # warm-up (and the compilation, with --compile)
+    setting = (f"{g['prompts']} prompts x K {g['group']} = {g['prompts'] * g['group']} completions of {g['new']} tokens, "
+               f"prompt {g['prompt']}, {g['prompts'] // g['per_micro']} micro-batches, rollouts {'compiled' if compile else 'eager'}")
+    N = g["prompts"] * g["group"]
+    (arca_seconds, _, metrics), (uniform_seconds, _, _) = step(arca), step(uniform)
+    records.append(record("paper_step", shape, N, device, arca_seconds, uniform_seconds, "s per step (ARCA / uniform)",
+                          f"{setting}; rollout {metrics['rollout_s']:.2f} s"))
+    memory = {}
+    for checkpointed in (False, True):
+        model.gradient_checkpointing = checkpointed
+        _, memory[checkpointed] = peak_memory(lambda: step(arca), device)
+    seconds, _, metrics = step(arca)
+    model.gradient_checkpointing = False
+    records.append(record("paper_step_checkpointed", shape, N, device, seconds, arca_seconds, "s per step (with / without)",
+                          f"{setting}; gradient checkpointing; rollout {metrics['rollout_s']:.2f} s"))
+    if memory[True] is not None:  # the GPU allocator's peak in all; the CPU has no such total
+        records.append(record("paper_step_checkpointed_peak_memory", shape, N, device, memory[True] * 2**30 / 1e9,
+                              memory[False] * 2**30 / 1e9, "GB in all (with / without)", setting))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,6 +744,61 @@ def bench_agreement(model, reference, config, device, size, records, shape):
 
 
 # ----------------------------------------------------------------------------------------------
+# --gpu-check: the goals, measured in one command
+
+
+GPU_CHECK_SECONDS = 7 * 60  # a measurement starts only before this much time has passed (H100/H200: done within 8 minutes)
+GOALS = (  # (goal, record, batch or None, field, target, direction)
+    ("rollout at batch 64: compiled / transformers generate", "rollout_compiled", 64, "ratio", 5.0, ">="),
+    ("rollout at batch 64: fraction of the bandwidth bound", "rollout_bandwidth_fraction", 64, "ours", 0.5, ">="),
+    ("paper GRPO step (32 completions of up to 512 tokens), s", "paper_step", None, "ours", 3.0, "<="),
+    ("paper GRPO step with gradient checkpointing, peak GB", "paper_step_checkpointed_peak_memory", None, "ours", 24.0, "<="),
+)
+
+
+def gpu_check(directory, device, dtype, size, shape):
+    """The goals of a GPU run in priority order, each only while time is left; then the goals table.
+    Rollouts at batch 64 (eager, compiled, transformers; the bandwidth bound), the paper step, the
+    train step against transformers + PEFT, rollouts at the other batches, LoRA rollouts at batch 64."""
+    started = time.monotonic()
+    size = dict(size, repeats=1)
+    largest, others = max(size["batches"]), tuple(b for b in size["batches"] if b != max(size["batches"]))
+    model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
+    reference = load_reference(directory, device, dtype)
+    records, skipped = [], []
+    plan = [
+        (f"rollout at batch {largest}", lambda: bench_rollout(model, reference, model.config, device, dtype, dict(size, batches=(largest,)),
+                                                              records, shape, compile=True)),
+        ("paper step", lambda: bench_paper_step(directory, device, dtype, size, records, shape, compile=True)),
+        ("train step", lambda: bench_train(directory, device, dtype, size, records, shape)),
+        (f"rollout at batch {others}", lambda: bench_rollout(model, reference, model.config, device, dtype, dict(size, batches=others),
+                                                             records, shape, compile=True)),
+        (f"LoRA rollout at batch {largest}", lambda: bench_rollout_lora(directory, device, dtype, dict(size, batches=(largest,)),
+                                                                        records, shape, compile=True)),
+    ]
+    for name, measure in plan:
+        if time.monotonic() - started > GPU_CHECK_SECONDS:
+            skipped.append(name)
+            continue
+        measure()
+    return records, skipped, time.monotonic() - started
+
+
+def goals_table(records, skipped, seconds, device):
+    rows = [f"Goals ({device_name(device)}, {seconds:.0f} s{'; skipped, out of time: ' + ', '.join(skipped) if skipped else ''}):", "",
+            "| goal | target | measured | met |", "|---|---|---|---|"]
+    for goal, what, batch, field, target, direction in GOALS:
+        found = [r for r in records if r["what"] == what and (batch is None or r["batch"] == batch)]
+        if not found or found[0][field] is None:
+            rows.append(f"| {goal} | {direction} {target:g} | not measured | |")
+            continue
+        value = found[0][field]
+        met = value >= target if direction == ">=" else value <= target
+        rows.append(f"| {goal} | {direction} {target:g} | {value:.3g} | {'yes' if met else 'no'} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------
 # Output
 
 
@@ -550,12 +838,18 @@ def parse_args(argv=None):
                         help="CPU threads for torch; default torch's choice, 1 with --quick (on a busy machine, "
                              "OpenMP threads wait for each other and every small op slows down many times)")
     parser.add_argument("--compile", action="store_true", help="also measure generate(compile=True): the static decode step under torch.compile")
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="the goals of a GPU run in one command (rollouts eager and compiled, the paper step, the train "
+                             "step, LoRA rollouts), then the goals table; replaces --only")
+    parser.add_argument("--kernel-shape", choices=sorted(SHAPES), default=None,
+                        help="geometry of the kernel counts (1 and 2 of its layers, extrapolated to all); default 1.7b, tiny with --quick")
     parser.add_argument("--checkpoint-dir", default=None, help="where to write the random checkpoint (default: a temporary directory)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.shape = args.shape or ("1.7b" if args.device.type == "cuda" else "tiny")
+    args.kernel_shape = args.kernel_shape or ("tiny" if args.quick else "1.7b")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
-    args.only = [kind.strip() for kind in args.only.split(",") if kind.strip()]
+    args.only = [] if args.gpu_check else [kind.strip() for kind in args.only.split(",") if kind.strip()]
     unknown = sorted(set(args.only) - set(KINDS))
     if unknown:
         parser.error(f"--only {','.join(unknown)}: expected a subset of {','.join(KINDS)}")
@@ -569,27 +863,40 @@ def main(argv=None):
         torch.set_num_threads(args.threads or 1)
     size = sizes(device, args.quick)
     torch.manual_seed(0)
-    records = []
+    records, goals = [], None
     with tempfile.TemporaryDirectory() as tmp:
         directory = write_checkpoint(shape, args.checkpoint_dir or tmp, device)
+        if args.gpu_check:
+            records, skipped, seconds = gpu_check(directory, device, dtype, size, shape)
+            goals = goals_table(records, skipped, seconds, device)
         if "rollout" in args.only or "agreement" in args.only:
             model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
             reference = load_reference(directory, device, dtype)
             if "rollout" in args.only:
                 bench_rollout(model, reference, model.config, device, dtype, size, records, shape, args.compile)
+                if args.compile:
+                    bench_compilations(model, model.config, device, size, records, shape)
+                bench_prefill(model, model.config, device, size, records, shape)
             if "agreement" in args.only:
                 bench_agreement(model, reference, model.config, device, size, records, shape)
             del model, reference
+        if "rollout" in args.only:
+            bench_rollout_lora(directory, device, dtype, size, records, shape, args.compile)
+        if "kernels" in args.only:
+            bench_kernels(device, dtype, size, records, args.kernel_shape, tmp, args.compile)
         if "train" in args.only:
             bench_train(directory, device, dtype, size, records, shape)
         if "grpo" in args.only:
-            bench_grpo(directory, device, dtype, size, records, shape)
+            bench_grpo(directory, device, dtype, size, records, shape, args.compile)
         if "precision" in args.only:
             bench_precision(device, size, records, shape, tmp)
     print()
     print(f"python {' '.join(sys.argv)}  # torch {torch.__version__}, dtype {str(dtype).removeprefix('torch.')}")
     print()
     print(markdown_table(records))
+    if goals:
+        print()
+        print(goals)
     return records
 
 

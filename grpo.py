@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from credit import METHODS, arca_scores, credit_diagnostics, credit_scores, token_weights
-from lora import disable_adapter
+from lora import disable_adapter, sampling_copies
 from model import generate, token_logprobs
 
 
@@ -208,17 +208,18 @@ def prompt_generators(seeds, group_size, device):
 
 
 def sample_rollouts(model, prompts, config, eos_token_id, vocab_size, generator, prompt_seeds=None):
-    """K = config.group_size completions per prompt, adapter on (unmerged), dropout off; random
+    """K = config.group_size completions per prompt, adapter on (unmerged, lora.sampling_copies), dropout off; random
     numbers from one seed per prompt when prompt_seeds is given, else from generator."""
     model.eval()
     repeated = [prompt for prompt in prompts for _ in range(config.group_size)]
     device = model.lm_head.weight.device
     row_generators = None if prompt_seeds is None else prompt_generators(prompt_seeds, config.group_size, device)
-    tokens, mask, logprobs = generate(
-        model, prompts, config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-        eos_token_id=eos_token_id, generator=generator, vocab_size=vocab_size, return_logprobs=True, row_generators=row_generators,
-        samples_per_prompt=config.group_size, compile=config.compile,
-    )
+    with sampling_copies(model):  # the adapter's A and scaled B in the model dtype, taken after the last optimiser step
+        tokens, mask, logprobs = generate(
+            model, prompts, config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+            eos_token_id=eos_token_id, generator=generator, vocab_size=vocab_size, return_logprobs=True, row_generators=row_generators,
+            samples_per_prompt=config.group_size, compile=config.compile,
+        )
     prompt_index = torch.arange(len(prompts), device=tokens.device).repeat_interleave(config.group_size)  # (N,)
     return Rollout(repeated, prompt_index, tokens, mask, logprobs, eos_positions(tokens, mask, eos_token_id))
 

@@ -21,6 +21,14 @@ Design (Hu et al. 2021, "LoRA"; initialisation and file layout as Hugging Face P
   Rollouts during training run unmerged: merging a small update into bf16 weights
   rounds most of it away. While merged, disabling the adapter and a forward in
   training mode raise an error.
+- `sampling_copies(model)` is a context manager for rollouts (no gradients): inside it
+  every LoRALinear computes `base(x) + (x @ A^T) @ (B * alpha / r)^T` from copies of A and
+  of the scaled B in the base weight's dtype, the last matmul adding onto the base output
+  (addmm): 3 kernels a layer where the training path launches 7 (casts, two matmuls, the
+  scale, the add). The update is computed in bf16, not folded into W, so a small update
+  keeps its relative precision (~2^-8) instead of being rounded to W's ulp. The copies
+  are made on entry, so a rollout after an optimiser step always sees the new A and B;
+  they are buffers (left out of the state dict), which a CUDA graph reads in place.
 - `save_adapter` / `load_adapter` use PEFT's layout, which PEFT, transformers and vLLM
   load: `adapter_config.json` and `adapter_model.safetensors` with keys
   `base_model.model.<module path>.lora_A.weight` (PEFT drops the adapter name). The
@@ -68,6 +76,10 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, device=device, dtype=torch.float32))
         self.enabled = True
         self.merged = False
+        # Inside sampling_copies(model): A and B * alpha / r in the base weight's dtype, else None. Buffers
+        # (not in the state dict), so that a CUDA graph of the decode step reads them in place.
+        self.register_buffer("sampling_A", None, persistent=False)  # (r, in)
+        self.register_buffer("sampling_B", None, persistent=False)  # (out, r)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -83,12 +95,24 @@ class LoRALinear(nn.Module):
         if self.merged and self.training:
             raise RuntimeError("LoRA adapter is merged into the base weights: call "
                                "unmerge_adapter(model) before training (or model.eval() to evaluate)")
-        y = self.base(x)  # (..., out)
         if self.merged or not self.enabled:
-            return y  # merged: the update is in the weight; disabled: exactly the base layer
+            return self.base(x)  # merged: the update is in the weight; disabled: exactly the base layer
+        if self.sampling_A is not None:
+            return self.sampling_forward(x)
+        y = self.base(x)  # (..., out)
         x = self.dropout(x).to(self.lora_A.dtype)  # (..., in), fp32
         update = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling  # (..., r) -> (..., out)
         return (y + update).to(y.dtype)  # added in fp32, rounded once
+
+    def sampling_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inside sampling_copies: base(x) + (x @ A^T) @ (B * alpha / r)^T in the base dtype, three
+        matmuls, the update added by the last one (addmm, rounded once). No dropout, no gradients."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("sampling_copies(model) is for generation: run it under torch.no_grad() "
+                               "(training needs the fp32 path, whose gradients reach A and B)")
+        x2d = x.reshape(-1, x.shape[-1]).to(self.sampling_A.dtype)  # (N, in)
+        y = torch.addmm(self.base(x2d), F.linear(x2d, self.sampling_A), self.sampling_B.t())  # (N, out) = base + (N, r) @ (r, out)
+        return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, enabled={self.enabled}, merged={self.merged}"
@@ -142,6 +166,25 @@ def disable_adapter(model: nn.Module):
     finally:
         for layer, enabled in zip(layers, saved):
             layer.enabled = enabled
+
+
+@contextmanager
+def sampling_copies(model: nn.Module):
+    """Generate inside the block with copies of A and B * alpha / r in the base weights' dtype
+    (see LoRALinear.sampling_forward); taken on entry, dropped on exit."""
+    layers = list(lora_layers(model).values())
+    if any(layer.sampling_A is not None for layer in layers):
+        raise RuntimeError("sampling_copies(model) is already active")
+    with torch.no_grad():
+        for layer in layers:
+            dtype = layer.base.weight.dtype
+            layer.sampling_A = layer.lora_A.to(dtype, copy=True)  # (r, in)
+            layer.sampling_B = (layer.lora_B * layer.scaling).to(dtype)  # (out, r)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.sampling_A = layer.sampling_B = None
 
 
 @torch.no_grad()

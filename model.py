@@ -779,13 +779,19 @@ def finish_compiled(model, hidden, cache, key_bias, first_position, uniforms, eo
     """generate's decode loop through the compiled static step (see decode_step): tokens, mask, log-probs (B, N)."""
     B = hidden.shape[0]
     step_fn = compiled_decode_step(hidden.device)
+    # A CUDA graph may mutate only inputs at a fixed address: these buffers are written in place at every
+    # step (a new generate call re-records the graph for its new buffers, without a recompilation).
+    for buffer in (cache.keys, cache.values, cache.cos, cache.sin, key_bias):
+        torch._dynamo.mark_static_address(buffer)
     finished = torch.zeros(B, dtype=torch.bool, device=hidden.device)  # (B,)
     tokens, logprobs, valid = [], [], []
     for step in range(max_new_tokens):
         cache.slot = torch.full((1,), P + step, dtype=torch.long, device=hidden.device)
         valid.append(~finished)
-        token, logprob, finished, hidden = step_fn(model, hidden, finished, uniforms[:, step], first_position + step, cache, key_bias,
-                                                  eos_ids, fill_id, temperature, top_p, top_k, vocab_size)
+        torch.compiler.cudagraph_mark_step_begin()  # a CUDA graph's replay overwrites its last outputs: keep copies
+        outputs = step_fn(model, hidden, finished, uniforms[:, step], first_position + step, cache, key_bias,
+                          eos_ids, fill_id, temperature, top_p, top_k, vocab_size)
+        token, logprob, finished, hidden = (t.clone() for t in outputs)
         tokens.append(token)
         logprobs.append(logprob)
         if (step + 1) % check_every == 0 and bool(finished.all()):

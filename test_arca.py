@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from lora import (LoRALinear, apply_lora, disable_adapter, load_adapter, lora_layers, merge_adapter,
-                  save_adapter, unmerge_adapter)
+                  sampling_copies, save_adapter, unmerge_adapter)
 import math
 import re
 from credit import (arca_scores, credit_diagnostics, credit_html, credit_page, credit_scores, credit_section, divergence_scores,
@@ -260,6 +260,11 @@ def test_compiled_decode_step_matches_eager_and_compiles_once(tiny_checkpoint):
     tokens, mask, logprobs = first
     trained, _, _ = grpo.completion_forward(model, prompts, tokens, mask)
     torch.testing.assert_close(logprobs[mask], trained[mask], atol=1e-5, rtol=0)  # the sampler's log-probs are the trainer's
+    randomise_adapter(apply_lora(model, rank=4, alpha=8))  # the rollout path: unmerged LoRA in sampling_copies
+    with sampling_copies(model):
+        eager_lora = generate(model, prompts, 24, **greedy)
+        compiled_lora = generate(model, prompts, 24, compile=True, **greedy)
+    assert all(torch.equal(a, b) for a, b in zip(eager_lora, compiled_lora)) and not torch.equal(eager_lora[0], eager_tokens)
 
 
 def test_top_p_keeps_exactly_the_nucleus():
@@ -594,6 +599,50 @@ def test_adapter_stays_fp32_on_a_bf16_base():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert layer.lora_B.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_sampling_copies_compute_the_update_in_the_base_dtype():
+    torch.manual_seed(0)
+    for dtype, tolerance in [(torch.float32, 1e-6), (torch.bfloat16, 2**-7)]:
+        layer = LoRALinear(nn.Linear(64, 32).to(dtype), rank=8, alpha=16).eval()
+        nn.init.normal_(layer.lora_B, std=0.2)  # an update about as large as the base output
+        x = torch.randn(3, 5, 64).to(dtype)
+        w, b = layer.base.weight.float(), layer.base.bias.float()
+        exact = x.float() @ w.T + b + (x.float() @ layer.lora_A.T @ layer.lora_B.T) * 2.0  # (3, 5, 32), fp32
+        assert (exact - (x.float() @ w.T + b)).abs().mean() > 0.3 * exact.abs().mean()  # the update matters
+        with torch.no_grad(), sampling_copies(nn.Sequential(layer)):
+            assert layer.sampling_B.dtype == dtype and torch.equal(layer.sampling_B, (layer.lora_B * 2.0).to(dtype))
+            assert "sampling_A" not in layer.state_dict()  # not saved with the model
+            lean = layer(x)
+        assert lean.dtype == dtype and lean.shape == exact.shape
+        scale = exact.abs().max().item()
+        torch.testing.assert_close(lean.float(), exact, atol=tolerance * scale, rtol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(lean.float(), layer(x).float(), atol=tolerance * scale, rtol=0)  # the training path
+    model = nn.Sequential(layer)
+    with sampling_copies(model), pytest.raises(RuntimeError, match="torch.no_grad"):
+        layer(x)  # gradients would not reach A and B
+    assert layer.sampling_A is None and layer.sampling_B is None  # dropped on exit, after an error too
+    with torch.no_grad():
+        layer.lora_B.zero_()  # an optimiser step: the next block copies the new B
+        with sampling_copies(model):
+            torch.testing.assert_close(layer(x), layer.base(x))
+    with sampling_copies(model), pytest.raises(RuntimeError, match="already active"):
+        with sampling_copies(model):
+            pass
+
+
+def test_sampling_copies_give_the_same_completions(checkpoint_dir):
+    model = randomise_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8))
+    prompts = [[5, 9, 2, 7], [4, 11], [3]]
+    sampling = dict(temperature=1.0, top_p=0.9, eos_token_id=[1], return_logprobs=True)
+    plain = generate(model, prompts, 16, generator=torch.Generator().manual_seed(0), **sampling)
+    with sampling_copies(model):
+        lean = generate(model, prompts, 16, generator=torch.Generator().manual_seed(0), **sampling)
+    assert torch.equal(plain[0], lean[0]) and torch.equal(plain[1], lean[1])
+    torch.testing.assert_close(plain[2], lean[2], atol=1e-5, rtol=0)
+    with disable_adapter(model):
+        assert not torch.equal(generate(model, prompts, 16, generator=torch.Generator().manual_seed(0), **sampling)[0], plain[0])
 
 
 def test_fresh_adapter_leaves_logits_unchanged(checkpoint_dir):

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from credit import METHODS, credit_page, credit_section
 from grpo import all_method_weights, gather, group_advantages, grpo_step, process_rank, world_size
-from lora import apply_lora, load_adapter, save_adapter
+from lora import apply_lora, load_adapter, sampling_copies, save_adapter
 from math_reward import extract_boxed, score_batch, strict_match
 from model import Qwen3, generate, load_tokenizer
 
@@ -358,9 +358,10 @@ def generate_texts(model, tokenizer, prompts, config, temperature, row_generator
         batch = prompts[start : start + per_batch]
         rows = slice(start * samples_per_prompt, (start + per_batch) * samples_per_prompt)
         generators = None if row_generators is None else row_generators[rows]
-        tokens, mask = generate(model, batch, config.max_new_tokens, temperature=temperature, top_p=config.top_p, top_k=config.top_k,
-                                eos_token_id=tokenizer.eos_token_id, vocab_size=tokenizer.vocab_size, row_generators=generators,
-                                samples_per_prompt=samples_per_prompt, compile=config.compile)
+        with sampling_copies(model):
+            tokens, mask = generate(model, batch, config.max_new_tokens, temperature=temperature, top_p=config.top_p, top_k=config.top_k,
+                                    eos_token_id=tokenizer.eos_token_id, vocab_size=tokenizer.vocab_size, row_generators=generators,
+                                    samples_per_prompt=samples_per_prompt, compile=config.compile)
         for row in range(len(tokens)):
             ids = tokens[row][mask[row]].tolist()
             results.append((ids, tokenizer.decode(ids)))
