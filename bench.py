@@ -756,7 +756,7 @@ GOALS = (  # (goal, record, batch or None, field, target, direction)
 )
 
 
-def gpu_check(directory, device, dtype, size, shape):
+def gpu_check(directory, device, dtype, size, shape, compile=True):
     """The goals of a GPU run in priority order, each only while time is left; then the goals table.
     Rollouts at batch 64 (eager, compiled, transformers; the bandwidth bound), the paper step, the
     train step against transformers + PEFT, rollouts at the other batches, LoRA rollouts at batch 64."""
@@ -768,13 +768,13 @@ def gpu_check(directory, device, dtype, size, shape):
     records, skipped = [], []
     plan = [
         (f"rollout at batch {largest}", lambda: bench_rollout(model, reference, model.config, device, dtype, dict(size, batches=(largest,)),
-                                                              records, shape, compile=True)),
-        ("paper step", lambda: bench_paper_step(directory, device, dtype, size, records, shape, compile=True)),
+                                                              records, shape, compile)),
+        ("paper step", lambda: bench_paper_step(directory, device, dtype, size, records, shape, compile)),
         ("train step", lambda: bench_train(directory, device, dtype, size, records, shape)),
         (f"rollout at batch {others}", lambda: bench_rollout(model, reference, model.config, device, dtype, dict(size, batches=others),
-                                                             records, shape, compile=True)),
+                                                             records, shape, compile)),
         (f"LoRA rollout at batch {largest}", lambda: bench_rollout_lora(directory, device, dtype, dict(size, batches=(largest,)),
-                                                                        records, shape, compile=True)),
+                                                                        records, shape, compile)),
     ]
     for name, measure in plan:
         if time.monotonic() - started > GPU_CHECK_SECONDS:

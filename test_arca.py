@@ -2091,9 +2091,34 @@ def test_bench_quick_prints_every_measurement():
     for line in rollouts + [line for line in lines if line["what"].startswith(("train_step", "grpo_step_arca"))]:
         assert line["ours"] > 0 and line["reference"] > 0
         assert line["ratio"] == pytest.approx(line["ours"] / line["reference"])
+    kernels = {line["what"].removeprefix("kernels_per_decode_step "): line for line in lines if line["what"].startswith("kernels_per")}
+    assert set(kernels) == {"(eager)", "(eager LoRA)", "(eager LoRA sampling_copies)"}  # (compiled ones with --compile)
+    assert 0 < kernels["(eager)"]["ours"] < kernels["(eager LoRA sampling_copies)"]["ours"] < kernels["(eager LoRA)"]["ours"]
+    assert kernels["(eager LoRA)"]["reference"] > kernels["(eager)"]["reference"] > 0  # transformers + PEFT, transformers
+    assert sorted(line["batch"] for line in lines if line["what"] == "rollout_lora") == [1, 16, 64]
     gap = next(line for line in lines if line["what"] == "sampler_trainer_gap")
     assert 0 <= gap["ours"] < 1e-4  # fp32 on the CPU: the sampler and the training forward agree
     assert "| what | shape | batch |" in result.stdout  # the Markdown table follows the JSON lines
+
+
+def test_gpu_check_measures_the_goals_then_skips_what_is_out_of_time(tmp_path, monkeypatch):
+    import bench
+
+    cpu = torch.device("cpu")
+    size = dict(bench.sizes(cpu, quick=True), batches=(1, 4))
+    directory = bench.write_checkpoint("tiny", tmp_path / "checkpoint")
+    records, skipped, seconds = bench.gpu_check(directory, cpu, torch.float32, size, "tiny", compile=False)
+    assert skipped == []
+    whats = {(line["what"], line["batch"]) for line in records}
+    assert whats >= {("rollout", 4), ("rollout", 1), ("paper_step", 4), ("paper_step_checkpointed", 4), ("train_step", 2),
+                     ("rollout_lora", 4)}
+    table = bench.goals_table(records, skipped, seconds, cpu)
+    assert "| paper GRPO step (32 completions of up to 512 tokens), s | <= 3 |" in table
+    assert "| rollout at batch 64: compiled / transformers generate | >= 5 | not measured |" in table  # no batch 64, no compile
+    monkeypatch.setattr(bench, "GPU_CHECK_SECONDS", 0)
+    records, skipped, _ = bench.gpu_check(directory, cpu, torch.float32, size, "tiny", compile=False)
+    assert records == [] and skipped == ["rollout at batch 4", "paper step", "train step", "rollout at batch (1,)", "LoRA rollout at batch 4"]
+    assert "skipped, out of time: rollout at batch 4, paper step" in bench.goals_table(records, skipped, 1.0, cpu)
 
 
 # ================================================================================================
