@@ -24,11 +24,12 @@ Design (Hu et al. 2021, "LoRA"; initialisation and file layout as Hugging Face P
 - `sampling_copies(model)` is a context manager for rollouts (no gradients): inside it
   every LoRALinear computes `base(x) + (x @ A^T) @ (B * alpha / r)^T` from copies of A and
   of the scaled B in the base weight's dtype, the last matmul adding onto the base output
-  (addmm): 3 kernels a layer where the training path launches 7 (casts, two matmuls, the
-  scale, the add). The update is computed in bf16, not folded into W, so a small update
-  keeps its relative precision (~2^-8) instead of being rounded to W's ulp. The copies
-  are made on entry, so a rollout after an optimiser step always sees the new A and B;
-  they are buffers (left out of the state dict), which a CUDA graph reads in place.
+  (addmm): 3 kernels a layer where the training path launches 5 in fp32 (the base, two
+  matmuls, the scale, the add) and 7 in bf16 (two casts as well). The update is computed
+  in the model dtype, not folded into W, so a small update keeps its relative precision
+  (~2^-8 in bf16) instead of being rounded to W's ulp. The copies are made on entry, so a
+  rollout after an optimiser step always sees the new A and B; they are buffers (left out
+  of the state dict), which a CUDA graph reads in place.
 - `save_adapter` / `load_adapter` use PEFT's layout, which PEFT, transformers and vLLM
   load: `adapter_config.json` and `adapter_model.safetensors` with keys
   `base_model.model.<module path>.lora_A.weight` (PEFT drops the adapter name). The
