@@ -758,9 +758,10 @@ GOALS = (  # (goal, record, batch or None, field, target, direction)
 
 
 def gpu_check(directory, device, dtype, size, shape, compile=True):
-    """The goals of a GPU run in priority order, each only while time is left; then the goals table.
-    Rollouts at batch 64 (eager, compiled, transformers; the bandwidth bound), the paper step, the
-    train step against transformers + PEFT, rollouts at the other batches, LoRA rollouts at batch 64."""
+    """The goals of a GPU run in priority order, each only while time is left: rollouts at batch 64
+    (eager, compiled, transformers; the bandwidth bound), the paper step, the train step against
+    transformers + PEFT, rollouts at the other batches, LoRA rollouts at batch 64. A measurement that
+    fails is reported and the next one runs. Returns (records, what was not measured and why, seconds)."""
     started = time.monotonic()
     size = dict(size, repeats=1)
     largest, others = max(size["batches"]), tuple(b for b in size["batches"] if b != max(size["batches"]))
@@ -772,21 +773,27 @@ def gpu_check(directory, device, dtype, size, shape, compile=True):
                                                               records, shape, compile)),
         ("paper step", lambda: bench_paper_step(directory, device, dtype, size, records, shape, compile)),
         ("train step", lambda: bench_train(directory, device, dtype, size, records, shape)),
-        (f"rollout at batch {others}", lambda: bench_rollout(model, reference, model.config, device, dtype, dict(size, batches=others),
+        (f"rollout at batch {', '.join(map(str, others))}", lambda: bench_rollout(model, reference, model.config, device, dtype, dict(size, batches=others),
                                                              records, shape, compile)),
         (f"LoRA rollout at batch {largest}", lambda: bench_rollout_lora(directory, device, dtype, dict(size, batches=(largest,)),
                                                                         records, shape, compile)),
     ]
     for name, measure in plan:
         if time.monotonic() - started > GPU_CHECK_SECONDS:
-            skipped.append(name)
+            skipped.append(f"{name} (out of time)")
             continue
-        measure()
+        try:
+            measure()
+        except Exception as error:  # one failure must not cost the rest of a short GPU session; named in the table
+            print(f"bench.py --gpu-check: {name} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            skipped.append(f"{name} (failed: {type(error).__name__}: {str(error)[:200]})")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return records, skipped, time.monotonic() - started
 
 
 def goals_table(records, skipped, seconds, device):
-    rows = [f"Goals ({device_name(device)}, {seconds:.0f} s{'; skipped, out of time: ' + ', '.join(skipped) if skipped else ''}):", "",
+    rows = [f"Goals ({device_name(device)}, {seconds:.0f} s{'; not measured: ' + '; '.join(skipped) if skipped else ''}):", "",
             "| goal | target | measured | met |", "|---|---|---|---|"]
     for goal, what, batch, field, target, direction in GOALS:
         found = [r for r in records if r["what"] == what and (batch is None or r["batch"] == batch)]

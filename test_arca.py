@@ -2101,7 +2101,7 @@ def test_bench_quick_prints_every_measurement():
     assert "| what | shape | batch |" in result.stdout  # the Markdown table follows the JSON lines
 
 
-def test_gpu_check_measures_the_goals_then_skips_what_is_out_of_time(tmp_path, monkeypatch):
+def test_gpu_check_measures_the_goals_and_names_what_it_could_not(tmp_path, monkeypatch):
     import bench
 
     cpu = torch.device("cpu")
@@ -2115,10 +2115,17 @@ def test_gpu_check_measures_the_goals_then_skips_what_is_out_of_time(tmp_path, m
     table = bench.goals_table(records, skipped, seconds, cpu)
     assert "| paper GRPO step (32 completions of up to 512 tokens), s | <= 3 |" in table
     assert "| rollout at batch 64: compiled / transformers generate | >= 5 | not measured |" in table  # no batch 64, no compile
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "bench_paper_step", broken)  # one failure: reported, the others still measured
+    records, skipped, _ = bench.gpu_check(directory, cpu, torch.float32, size, "tiny", compile=False)
+    assert skipped == ["paper step (failed: RuntimeError: CUDA out of memory)"] and ("train_step", 2) in {(r["what"], r["batch"]) for r in records}
     monkeypatch.setattr(bench, "GPU_CHECK_SECONDS", 0)
     records, skipped, _ = bench.gpu_check(directory, cpu, torch.float32, size, "tiny", compile=False)
-    assert records == [] and skipped == ["rollout at batch 4", "paper step", "train step", "rollout at batch (1,)", "LoRA rollout at batch 4"]
-    assert "skipped, out of time: rollout at batch 4, paper step" in bench.goals_table(records, skipped, 1.0, cpu)
+    assert records == [] and skipped == [f"{name} (out of time)" for name in
+                                         ("rollout at batch 4", "paper step", "train step", "rollout at batch 1", "LoRA rollout at batch 4")]
+    assert "not measured: rollout at batch 4 (out of time); paper step (out of time)" in bench.goals_table(records, skipped, 1.0, cpu)
 
 
 # ================================================================================================
