@@ -19,10 +19,11 @@ Measurements (each: warm-up, then the median of repeats, ours and the reference 
 device synchronised around every timer):
 1. rollout: new tokens/s of batched sampling at a fixed length, EOS ignored (ours:
    `eos_token_id=[]`; transformers: `min_new_tokens = max_new_tokens`), temperature 1.0, top-p 0.95,
-   prefill included, against `generate`; with --compile also `generate(compile=True)` and the
-   number of compilations of its decode step. On a GPU also the fraction of the bandwidth bound:
-   bytes read per decode step (all weights once, plus the KV cache at its mean length) over the
-   device-to-device copy bandwidth measured here. Also the prefill of K = 4 completions per
+   prefill included, against `generate`; with --compile also `generate(compile=True)`, the
+   number of compilations of its decode step, its greedy tokens against eager's, and its seeded
+   sampling's repeatability and log-probs against a training forward's. On a GPU also the
+   fraction of the bandwidth bound: bytes read per decode step (all weights once, plus the KV
+   cache at its mean length) over the device-to-device copy bandwidth measured here. Also the prefill of K = 4 completions per
    prompt, shared (each prompt once, K/V copied) against the prompt repeated K times, and rollouts
    with LoRA r 64 unmerged (GRPO's: `lora.sampling_copies`) against transformers + PEFT.
    kernels: kernels per decode step (torch's profiler; on the CPU, the operators that would be
@@ -292,18 +293,37 @@ def bench_rollout(model, reference, config, device, dtype, size, records, shape,
                                   f"at {bandwidth / 1e9:.0f} GB/s copy bandwidth"))
 
 
-def bench_compilations(model, config, device, size, records, shape):
-    """Compilations of the decode step over a 64-token generation, then in a second call of the same shape."""
+def bench_compiled(model, config, device, size, records, shape):
+    """The compiled decode step against the eager one, 8 prompts x 64 new tokens: compilations over
+    the generation and in a second call of the same shape (dynamo's counters); the fraction of greedy
+    tokens equal to eager's; whether a seeded sampled call repeats; its log-probs against a training
+    forward's (grpo.completion_forward)."""
     from torch._dynamo.utils import counters
 
+    from grpo import completion_forward
+
     prompts = random_prompts(8, size["prompt"], config.vocab_size, seed=9).tolist()
+    greedy = dict(temperature=0.0, top_p=1.0, eos_token_id=[])
     before = counters["stats"]["unique_graphs"]
-    generate(model, prompts, 64, temperature=0.7, top_p=0.9, eos_token_id=[], compile=True)
+    compiled_tokens, _ = generate(model, prompts, 64, compile=True, **greedy)
     first = counters["stats"]["unique_graphs"] - before
-    generate(model, prompts, 64, temperature=0.7, top_p=0.9, eos_token_id=[], compile=True)
+    generate(model, prompts, 64, compile=True, **greedy)
     again = counters["stats"]["unique_graphs"] - before - first
     records.append(record("decode_step_compilations", shape, 8, device, first, None, "compilations",
                           f"over a 64-token generation (dynamo's unique_graphs); a second call of the same shape added {again}"))
+    eager_tokens, _ = generate(model, prompts, 64, **greedy)
+    records.append(record("compiled_greedy_tokens_equal_eager", shape, 8, device, (compiled_tokens == eager_tokens).float().mean().item(),
+                          None, "fraction of tokens", "64 new tokens each, greedy"))
+    sampled = [generate(model, prompts, 64, temperature=1.0, top_p=0.95, eos_token_id=[], compile=True, return_logprobs=True,
+                        generator=torch.Generator(device).manual_seed(0)) for _ in range(2)]
+    repeats = all(torch.equal(a, b) for a, b in zip(*sampled))
+    tokens, mask, logprobs = sampled[0]
+    with torch.no_grad():
+        trained, _, _ = completion_forward(model, prompts, tokens, mask)
+    gap = ((logprobs - trained).abs() * mask).sum() / mask.sum()
+    records.append(record("compiled_sampler_trainer_gap", shape, 8, device, gap.item(), None, "nats per token",
+                          f"compiled sampler's log-probs vs grpo.completion_forward; a second call with the same seed "
+                          f"{'repeated every token' if repeats else 'DIFFERED'}"))
 
 
 def bench_prefill(model, config, device, size, records, shape):
@@ -883,7 +903,7 @@ def main(argv=None):
             if "rollout" in args.only:
                 bench_rollout(model, reference, model.config, device, dtype, size, records, shape, args.compile)
                 if args.compile:
-                    bench_compilations(model, model.config, device, size, records, shape)
+                    bench_compiled(model, model.config, device, size, records, shape)
                 bench_prefill(model, model.config, device, size, records, shape)
             if "agreement" in args.only:
                 bench_agreement(model, reference, model.config, device, size, records, shape)

@@ -2101,6 +2101,19 @@ def test_bench_quick_prints_every_measurement():
     assert "| what | shape | batch |" in result.stdout  # the Markdown table follows the JSON lines
 
 
+@pytest.mark.skipif(inductor_missing() is not None, reason=str(inductor_missing()))
+def test_bench_compiled_rows(tiny_checkpoint):
+    import bench
+
+    model = Qwen3.from_pretrained(tiny_checkpoint[0], dtype=torch.float32)
+    records = []
+    bench.bench_compiled(model, model.config, torch.device("cpu"), dict(prompt=8), records, "tiny")
+    rows = {line["what"]: line for line in records}
+    assert rows["decode_step_compilations"]["ours"] == 1 and rows["decode_step_compilations"]["note"].endswith("added 0")
+    assert rows["compiled_greedy_tokens_equal_eager"]["ours"] == 1.0
+    assert rows["compiled_sampler_trainer_gap"]["ours"] < 1e-5 and "repeated every token" in rows["compiled_sampler_trainer_gap"]["note"]
+
+
 def test_gpu_check_measures_the_goals_and_names_what_it_could_not(tmp_path, monkeypatch):
     import bench
 
