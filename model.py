@@ -784,12 +784,13 @@ def finish_compiled(model, hidden, cache, key_bias, first_position, uniforms, eo
     for buffer in (cache.keys, cache.values, cache.cos, cache.sin, key_bias):
         torch._dynamo.mark_static_address(buffer)
     finished = torch.zeros(B, dtype=torch.bool, device=hidden.device)  # (B,)
+    uniforms = uniforms.transpose(0, 1).contiguous()  # (N, B, U): each step's (B, U) has the same strides whatever N is
     tokens, logprobs, valid = [], [], []
     for step in range(max_new_tokens):
         cache.slot = torch.full((1,), P + step, dtype=torch.long, device=hidden.device)
         valid.append(~finished)
         torch.compiler.cudagraph_mark_step_begin()  # a CUDA graph's replay overwrites its last outputs: keep copies
-        outputs = step_fn(model, hidden, finished, uniforms[:, step], first_position + step, cache, key_bias,
+        outputs = step_fn(model, hidden, finished, uniforms[step], first_position + step, cache, key_bias,
                           eos_ids, fill_id, temperature, top_p, top_k, vocab_size)
         token, logprob, finished, hidden = (t.clone() for t in outputs)
         tokens.append(token)

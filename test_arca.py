@@ -252,11 +252,15 @@ def test_compiled_decode_step_matches_eager_and_compiles_once(tiny_checkpoint):
     assert counters["stats"]["unique_graphs"] - graphs == 1  # one compilation for all 24 steps
     assert torch.equal(tokens, eager_tokens) and torch.equal(mask, eager_mask) and not mask.all()  # EOS stopped some rows
     generate(model, [[7, 8], [9, 10], [11]], 24, compile=True, **greedy)
-    assert counters["stats"]["unique_graphs"] - graphs == 1  # the same batch and cache bucket: reused
+    generate(model, [[7, 8], [9, 10], [11]], 40, compile=True, **greedy)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # the same batch and cache bucket, any length in it: reused
     sampling = dict(temperature=1.0, top_p=0.9, top_k=20, eos_token_id=[], return_logprobs=True, compile=True)
     first = generate(model, prompts, 12, generator=torch.Generator().manual_seed(0), **sampling)
+    graphs = counters["stats"]["unique_graphs"]
     second = generate(model, prompts, 12, generator=torch.Generator().manual_seed(0), **sampling)
     assert all(torch.equal(a, b) for a, b in zip(first, second))  # seeded: reproducible
+    generate(model, prompts, 30, generator=torch.Generator().manual_seed(0), **sampling)
+    assert counters["stats"]["unique_graphs"] == graphs  # another length in the same bucket: no recompilation
     tokens, mask, logprobs = first
     trained, _, _ = grpo.completion_forward(model, prompts, tokens, mask)
     torch.testing.assert_close(logprobs[mask], trained[mask], atol=1e-5, rtol=0)  # the sampler's log-probs are the trainer's
