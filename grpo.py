@@ -439,14 +439,16 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
             first_totals = totals
     train_done = time.perf_counter()
 
-    # every rank's completions (one process: its own): rewards, lengths, stops, and the slowest rank's times
-    rewards = torch.cat(gather(rewards.cpu()))  # (N,)
-    lengths = torch.cat(gather(rollout.mask.sum(dim=1).cpu()))  # (N,)
-    ends_with_eos = torch.cat(gather(rollout.ends_with_eos.cpu()))  # (N,)
-    trained_tokens = max(sum(gather(int(trained.sum()))), 1)
-    timeouts = sum(gather(timeouts))
-    phases = [rollout_done - started, reward_done - rollout_done, train_done - reward_done]  # rollout, reward, train seconds
-    phases = [max(seconds) for seconds in zip(*gather(phases))]
+    # every rank's completions (one process: its own), in one collective: rewards, lengths, stops, counts, and the
+    # slowest rank's times (rollout, reward, train seconds) and the largest peak memory
+    local = dict(rewards=rewards.cpu(), lengths=rollout.mask.sum(dim=1).cpu(), ends_with_eos=rollout.ends_with_eos.cpu(),
+                 trained_tokens=int(trained.sum()), timeouts=timeouts, peak_memory_gb=peak_memory_gb(device),
+                 phases=[rollout_done - started, reward_done - rollout_done, train_done - reward_done])
+    by_rank = gather(local)
+    rewards, lengths, ends_with_eos = (torch.cat([r[key] for r in by_rank]) for key in ("rewards", "lengths", "ends_with_eos"))  # (N,) each
+    trained_tokens = max(sum(r["trained_tokens"] for r in by_rank), 1)
+    timeouts = sum(r["timeouts"] for r in by_rank)
+    phases = [max(seconds) for seconds in zip(*(r["phases"] for r in by_rank))]
     tokens_in_step = int(lengths.sum())
     rows = max(first_totals["rows"], 1)
     group_rewards = rewards.view(-1, config.group_size)  # (P, K): completions are grouped in order
@@ -477,7 +479,7 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
         "reward_s": phases[1],
         "train_s": phases[2],
         "tokens_per_s": tokens_in_step / sum(phases),
-        "peak_memory_gb": max(gather(peak_memory_gb(device))),
+        "peak_memory_gb": max(r["peak_memory_gb"] for r in by_rank),
     }
     return metrics, rollout, rewards
 

@@ -747,21 +747,22 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
         if compile:  # (a contiguous hidden: the compiled step's guards include strides)
             compiled = finish_compiled(model, hidden.contiguous(), cache, key_bias[..., :cache_length], first_position, uniforms, eos_ids,
                                        fill_id, temperature, top_p, top_k, vocab_size, max_new_tokens, check_every, P)
-        for step in range(max_new_tokens if not compile else 0):
-            logits = next_token_logits(model, hidden, vocab_size)  # (B, V)
-            next_token = sample_next_token(logits, temperature, top_p, generator, top_k, None if uniforms is None else uniforms[:, step])  # (B,)
-            next_token = next_token.masked_fill(finished, fill_id)  # (B,)
-            tokens[:, step] = next_token
-            mask[:, step] = ~finished
-            if return_logprobs:
-                logprobs[:, step] = drawn_logprob(logits, next_token)
-            if len(eos_ids):
-                finished |= torch.isin(next_token, eos_ids)
-            if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(finished.all())):
-                break
-            key_bias[..., P + step] = 0.0  # the slot this token is written to
-            hidden = model(next_token[:, None], key_bias[..., : P + step + 1], kv_cache=cache,
-                           position_ids=first_position + step)[:, -1]  # (B, hidden)
+        else:
+            for step in range(max_new_tokens):
+                logits = next_token_logits(model, hidden, vocab_size)  # (B, V)
+                next_token = sample_next_token(logits, temperature, top_p, generator, top_k, None if uniforms is None else uniforms[:, step])  # (B,)
+                next_token = next_token.masked_fill(finished, fill_id)  # (B,)
+                tokens[:, step] = next_token
+                mask[:, step] = ~finished
+                if return_logprobs:
+                    logprobs[:, step] = drawn_logprob(logits, next_token)
+                if len(eos_ids):
+                    finished |= torch.isin(next_token, eos_ids)
+                if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(finished.all())):
+                    break
+                key_bias[..., P + step] = 0.0  # the slot this token is written to
+                hidden = model(next_token[:, None], key_bias[..., : P + step + 1], kv_cache=cache,
+                               position_ids=first_position + step)[:, -1]  # (B, hidden)
     if compile:  # copies made outside inference_mode are ordinary tensors, which a training forward may use
         tokens, mask, logprobs = (t.clone() for t in compiled)
     return trim(tokens, mask, logprobs, return_logprobs)
