@@ -38,6 +38,9 @@ Pipeline, one function per stage, read top to bottom:
 4. `strict_match`: the paper's reference-code reward, for comparing with the paper:
    the last `\\boxed{}`'s content equal to the gold as a string after a light
    normalisation (it rejects `0.5` for `\\frac{1}{2}`, `x = 5` for `5`).
+   `gsm8k_strict_match` / `gsm8k_reward`: GSM8K's answer by the reference code's
+   rule (the last `\\boxed{}`, else "Final answer: N", else the last number),
+   compared as the reference does, or through `is_equiv`.
 5. `score_batch`: the training loop's entry. A persistent pool of spawned worker
    processes that ignore Ctrl-C, one pipe each; an item that runs past the
    timeout scores 0 and its worker is killed and replaced.
@@ -97,6 +100,8 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from multiprocessing.connection import Connection, wait
 
 import sympy
@@ -975,6 +980,77 @@ def strict_match(completion, gold):
     if "\\boxed{" in gold:
         gold = _last_boxed_strict(gold)
     return 1.0 if pred is not None and gold is not None and _normalize_strict(pred) == _normalize_strict(gold) else 0.0
+
+
+# ----------------------------------------------------------------------------
+# 4b. GSM8K: the reference code's answer rule (its tasks/gsm8k.py), strict and symbolic
+
+# Each pattern is linear on any text: no two adjacent parts can match the same characters.
+_GSM8K_BOXED = re.compile(r"\\boxed\{([^{}]+)\}")  # a box without nested braces, as the reference reads it
+_GSM8K_NUMBER_PATTERN = r"[-+]?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?"  # -1,234.5, $12, 3/4
+_GSM8K_FINAL = re.compile(r"(?:final answer|answer|therefore|thus|so)\s*(?:(?:is|=|:)\s*)?(" + _GSM8K_NUMBER_PATTERN + ")",
+                          re.IGNORECASE)
+_GSM8K_NUMBER = re.compile(_GSM8K_NUMBER_PATTERN)
+
+
+def gsm8k_answer(completion):
+    """The answer a GSM8K completion gives, as written: the content of its last `\\boxed{}` if any, else
+    the number of its last "Final answer: N" (or "answer is N", "so N", "thus N", ...), else its last
+    number; None when it has none of these.
+        gsm8k_answer("6 * 7 = 42 apples.\\nFinal answer: 42") -> "42"
+        gsm8k_answer("so she pays $1,200 in all") -> "$1,200"
+    """
+    for pattern in (_GSM8K_BOXED, _GSM8K_FINAL, _GSM8K_NUMBER):
+        matches = pattern.findall(completion)
+        if matches:
+            return matches[-1]
+    return None
+
+
+def _decimal_text(value):
+    """A Decimal as the reference writes it: no exponent, no trailing zeros (1234.00 -> "1234", 2.50 -> "2.5")."""
+    rendered = format(value.normalize(), "f")
+    return (rendered.rstrip("0").rstrip(".") if "." in rendered else rendered) or "0"
+
+
+def _normalize_gsm8k(text):
+    """The reference code's comparison form: separators, `$` and `%` removed, a trailing period dropped,
+    numbers through _decimal_text, a/b as its decimal value (3/4 -> "0.75"), other text lowercased."""
+    text = text.strip().replace("\u2212", "-")
+    for separator in ",$%":
+        text = text.replace(separator, "")
+    text = text.strip().rstrip(". ")
+    if re.fullmatch(r"[-+]?\d+/\d+", text):
+        try:
+            fraction = Fraction(text)
+        except ZeroDivisionError:
+            return text
+        return _decimal_text(Decimal(fraction.numerator) / Decimal(fraction.denominator))
+    if re.fullmatch(r"[-+]?\d+(?:\.\d+)?", text):
+        return _decimal_text(Decimal(text))
+    return text.lower()
+
+
+def gsm8k_strict_match(completion, gold):
+    """1.0 if the completion's answer (gsm8k_answer) equals the gold number after `_normalize_gsm8k`,
+    else 0.0: the reference code's GSM8K reward. Linear time, never raises.
+        gsm8k_strict_match("\\boxed{1,234}", "1234") -> 1.0;  gsm8k_strict_match("12340", "1234") -> 0.0
+    """
+    try:
+        pred = gsm8k_answer(completion)
+        return 1.0 if pred is not None and _normalize_gsm8k(pred) == _normalize_gsm8k(gold) else 0.0
+    except Exception:
+        return 0.0
+
+
+def gsm8k_reward(completion, gold):
+    """1.0 if the completion's answer (gsm8k_answer, as written) is equivalent to the gold under
+    is_equiv, else 0.0: GSM8K under the symbolic checker. Never raises."""
+    try:
+        pred = gsm8k_answer(completion)
+        return 1.0 if pred is not None and is_equiv(pred, gold) else 0.0
+    except Exception:
+        return 0.0
 
 
 # ----------------------------------------------------------------------------

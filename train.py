@@ -26,10 +26,7 @@ import random
 import signal
 import shutil
 import sys
-import tarfile
-import tempfile
 import typing
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,13 +35,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from credit import METHODS, credit_page, credit_section
+from data import CACHE_DIR, PROMPTS, data_sources, encode_prompts, load_data, select_eval_rows
 from grpo import all_method_weights, gather, group_advantages, grpo_step, process_rank, world_size
 from lora import apply_lora, load_adapter, sampling_copies, save_adapter
-from math_reward import extract_boxed, score_batch, strict_match
+from math_reward import gsm8k_reward, gsm8k_strict_match, math_reward, score_batch, strict_match
 from model import Qwen3, generate, load_tokenizer
-
-PAPER_PROMPT = "Solve this math problem step by step. Put your final answer in \\boxed{{}}.\n\nProblem: {problem}\n"  # the reference code's
-CACHE_DIR = Path(os.environ.get("ARCA_CACHE", Path.home() / ".cache" / "arca"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,9 +54,12 @@ def option(default, help):
 class TrainConfig:
     preset: str = option("paper", "preset the other fields start from: paper or demo")
     model: str = option("Qwen/Qwen3-1.7B-Base", "checkpoint directory or Hugging Face hub id")
-    data: str | None = option(None, "training problems, JSON lines with problem and answer (or solution); default: MATH train, downloaded")
-    eval_data: str | None = option(None, "evaluation problems, same format; default: MATH test, downloaded")
-    prompt_template: str = option(PAPER_PROMPT, "prompt text; {problem} is replaced by the problem")
+    task: str = option("math", "problems, prompt and answer rule: math (DigitalLearningGmbH/MATH-lighteval), gsm8k (openai/gsm8k) or demo (the CPU demo's additions)")
+    data: str | None = option(None, "training problems, JSON lines with problem and answer (or solution); default: the task's train split from the hub")
+    eval_data: str | None = option(None, "evaluation problems, same format; wins over --eval-set")
+    data_revision: str | None = option(None, "hub revision (commit, branch or tag) of the task's dataset; default: the one data.py pins")
+    eval_set: str = option("test", "evaluation problems: test (the task's own test split) or math500 (HuggingFaceH4/MATH-500, with --task math)")
+    prompt_template: str | None = option(None, "prompt text; {problem} is replaced by the problem; default: the task's (the reference code's for math and gsm8k)")
     credit: str = option("arca", "token credit: uniform, surprisal, entropy, divergence or arca (ARCA.md §2)")
     power: float = option(2.0, "sharpening power p of w = (alpha + eps)^p / sum")
     credit_eps: float = option(1e-8, "eps of the credit weights")
@@ -89,7 +87,7 @@ class TrainConfig:
     diagnose_all: bool = option(True, "log all five methods' Gini, EffN/T and top-10% mass on each step's completions (adds an adapter-off pass on one micro-batch when the method has none)")
     updates_per_batch: int = option(1, "optimiser updates per batch of rollouts; > 1 uses the PPO clipped ratio")
     clip_eps: float = option(0.2, "PPO clip range, used when updates-per-batch > 1")
-    eval_problems: int = option(200, "held-out problems for evaluation: the first ones of the evaluation data, in file order")
+    eval_problems: int | None = option(None, "evaluation problems: the first ones of the eval set, in file order; default 200 (math500: all 500)")
     eval_sample: bool = option(False, "evaluate on a fixed seeded sample (seed 0) of the evaluation data instead of its first rows")
     eval_every: int = option(20, "evaluate every this many steps (and at step 0 and the end)")
     pass_k: int = option(4, "k of pass@k (sampled)")
@@ -110,8 +108,8 @@ PAPER = TrainConfig()  # ARCA.md §4
 DEMO = dataclasses.replace(
     PAPER,
     preset="demo",
+    task="demo",
     model=str(CACHE_DIR / "demo-qwen3"),
-    prompt_template="{problem}",
     reward="symbolic",
     credit_eos=True,  # completions are 4-6 tokens: learning to stop matters
     top_k=0,
@@ -164,8 +162,13 @@ def parse_args(argv=None):
     config = dataclasses.replace(PRESETS[preset], **overrides)
     if config.lora_alpha is None:
         config.lora_alpha = 2.0 * config.rank  # ARCA.md §4: alpha = 2 r
+    if config.prompt_template is None and config.task in PROMPTS:
+        config.prompt_template = PROMPTS[config.task]
+    if config.eval_problems is None:
+        config.eval_problems = 500 if config.eval_set == "math500" else 200
     if config.out is None:
-        config.out = f"runs/{config.preset}-{config.credit}-r{config.rank}"
+        task = "" if config.task == PRESETS[preset].task else f"-{config.task}"
+        config.out = f"runs/{config.preset}{task}-{config.credit}-r{config.rank}"
     check_config(config, parser)
     return config, args, preset_given
 
@@ -173,6 +176,7 @@ def parse_args(argv=None):
 def check_config(config, parser):
     """Every option in its valid range, or parser.error naming the flag, the value and the range."""
     choices = {"credit": ("uniform", "surprisal", "entropy", "divergence", "arca"), "advantage": ("grpo", "rloo"),
+               "task": ("math", "gsm8k", "demo"), "eval_set": ("test", "math500"),
                "reward": ("strict", "symbolic"), "dtype": ("bfloat16", "float32"), "arca_precision": ("bf16", "exact")}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
@@ -192,155 +196,31 @@ def check_config(config, parser):
         value = getattr(config, name)
         if not (math.isfinite(value) and valid(value)):
             parser.error(f"--{name.replace('_', '-')} {value}: expected a value {described}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: MATH problems as JSON lines, downloaded on first use or given as local files
-
-MATH_URL = "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar"
-MATH_SPLIT_SIZES = {"train": 7500, "test": 5000}
-
-
-def read_problems(path):
-    """Rows {problem, answer} of a JSON-lines file; rows with an empty answer are skipped and counted.
-
-    A row gives `answer`, or a `solution` whose last \\boxed{} is the answer. Returns (rows, skipped).
-    """
-    rows, skipped = [], 0
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{line_number}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("problem"), str) or not ("answer" in row or "solution" in row):
-                found = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise ValueError(f"{path}:{line_number}: expected an object with 'problem' and 'answer' or 'solution', found {found}")
-            answer = row["answer"] if "answer" in row else extract_boxed(str(row["solution"]))
-            if not answer or not str(answer).strip():
-                skipped += 1
-                continue
-            rows.append({"problem": row["problem"], "answer": str(answer)})
-    if not rows:
-        raise ValueError(f"{path}: no usable rows ({skipped} skipped for an empty answer)")
-    return rows, skipped
-
-
-def math_file_order(member):
-    """Sort key of MATH's files: subject directory alphabetically, then numeric file id (as in
-    ../shared/data/math): MATH/test/algebra/2.json before MATH/test/algebra/10.json."""
-    *directories, name = member.name.split("/")
-    stem = name.removesuffix(".json")
-    return directories, not stem.isdigit(), int(stem) if stem.isdigit() else 0, name
-
-
-def download_math(cache_dir=CACHE_DIR / "math", url=MATH_URL, split_sizes=MATH_SPLIT_SIZES):
-    """MATH's train and test splits as cached JSON lines; downloads and validates the archive once.
-
-    The archive holds MATH/<split>/<subject>/<id>.json with problem, level, type and solution; rows
-    are written in math_file_order, so the first 200 test rows (the paper preset's evaluation set)
-    are the 200 lowest-numbered Algebra ones (test/algebra/1.json, 2, 6, 10, ... 498). Returns {split: path}.
-    """
-    cache_dir = Path(cache_dir)
-    paths = {split: cache_dir / f"{split}.jsonl" for split in split_sizes}
-    if all(path.exists() for path in paths.values()):
-        return paths
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        archive = Path(tmp) / "MATH.tar"
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as handle:
-                shutil.copyfileobj(response, handle)
-        except OSError as err:
-            raise OSError(f"could not download MATH from {url} ({err}); pass local JSON-lines files with --data and --eval-data") from None
-        rows = {split: [] for split in split_sizes}
-        with tarfile.open(archive) as tar:
-            for member in sorted(tar.getmembers(), key=math_file_order):
-                parts = member.name.split("/")
-                if not member.isfile() or len(parts) != 4 or parts[0] != "MATH" or parts[1] not in rows or not parts[3].endswith(".json"):
-                    continue
-                try:
-                    record = json.loads(tar.extractfile(member).read())
-                    rows[parts[1]].append({"problem": record["problem"], "solution": record["solution"], "subject": record["type"], "level": record["level"], "id": member.name})
-                except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
-                    raise ValueError(f"{url}: {member.name} is not a MATH problem file ({err})") from None
-        for split, expected in split_sizes.items():
-            if len(rows[split]) != expected:
-                raise ValueError(f"{url}: {len(rows[split])} {split} problems under MATH/{split}/, expected {expected}; the archive is not MATH")
-            staged = Path(tmp) / f"{split}.jsonl"
-            staged.write_text("".join(json.dumps(row) + "\n" for row in rows[split]))
-            staged.replace(paths[split])
-    return paths
-
-
-def load_data(config):
-    """(train rows, eval rows) for the config: demo problems, local files or downloaded MATH."""
-    if config.preset == "demo" and not config.data:
-        import demo
-
-        return demo.demo_problems("train", 2000, config.seed), demo.demo_problems("test", config.eval_problems, 0)
-    downloaded = None
-    sources = {}
-    for name, given, split in (("train", config.data, "train"), ("eval", config.eval_data, "test")):
-        if given is None:
-            downloaded = downloaded or download_math()
-            given = downloaded[split]
-        rows, skipped = read_problems(given)
-        if skipped:
-            print(f"{given}: skipped {skipped} rows with an empty answer")
-        sources[name] = rows
-    return sources["train"], sources["eval"]
-
-
-def encode_prompts(rows, tokenizer, config, what, quiet=False):
-    """Token ids of each row's prompt; rows whose prompt is longer than max_prompt_tokens are dropped and counted."""
-    kept = []
-    for row in rows:
-        ids = tokenizer.encode(config.prompt_template.format(problem=row["problem"]))
-        if len(ids) <= config.max_prompt_tokens:
-            kept.append({**row, "prompt_ids": ids})
-    if not kept:
-        raise ValueError(f"every {what} prompt is longer than --max-prompt-tokens {config.max_prompt_tokens}")
-    if len(kept) < len(rows) and not quiet:
-        print(f"{what}: dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than --max-prompt-tokens {config.max_prompt_tokens}")
-    return kept
-
-
-def select_eval_rows(rows, config):
-    """The evaluation problems: the first eval_problems rows in file order (the reference code's
-    protocol), or with eval_sample a fixed sample (seed 0), the same for every run and seed.
-    Taken after the length filter, so a run evaluates on exactly eval_problems problems when the data has them."""
-    if len(rows) <= config.eval_problems:
-        return rows
-    if not config.eval_sample:
-        return rows[: config.eval_problems]
-    keep = sorted(random.Random(0).sample(range(len(rows)), config.eval_problems))
-    return [rows[i] for i in keep]
+    if config.eval_set == "math500" and config.task != "math":
+        parser.error(f"--eval-set math500 is HuggingFaceH4/MATH-500, 500 MATH problems with MATH's answers; --task {config.task} "
+                     "has its own test split (--eval-set test) or takes --eval-data FILE")
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
 
-def score_strict(texts, golds):
-    """The reference code's reward (strict_match): linear-time string work, scored in this process."""
-    return [strict_match(text, gold) for text, gold in zip(texts, golds)], 0
+def score_strict(texts, golds, config):
+    """The reference code's answer rule for the task (strict_match; GSM8K: gsm8k_strict_match): linear-time
+    string work, scored in this process."""
+    check = gsm8k_strict_match if config.task == "gsm8k" else strict_match
+    return [check(text, gold) for text, gold in zip(texts, golds)], 0
 
 
 def score_symbolic(texts, golds, config):
-    """math_reward's symbolic equivalence, in worker processes bounded by --reward-timeout."""
-    return score_batch(texts, golds, timeout=config.reward_timeout)
+    """Symbolic equivalence of the task's answer (math_reward; GSM8K: gsm8k_reward), in worker processes
+    bounded by --reward-timeout."""
+    return score_batch(texts, golds, timeout=config.reward_timeout, scorer=gsm8k_reward if config.task == "gsm8k" else math_reward)
 
 
 def score(texts, golds, config):
     """(rewards, timeouts) under the run's --reward."""
-    return score_strict(texts, golds) if config.reward == "strict" else score_symbolic(texts, golds, config)
+    return score_strict(texts, golds, config) if config.reward == "strict" else score_symbolic(texts, golds, config)
 
 
 def prompt_seed(*parts):
@@ -389,9 +269,9 @@ def evaluate(model, tokenizer, eval_rows, config, step, out):
     generators = [torch.Generator(device).manual_seed(prompt_seed("eval", config.seed, step, first + i)) for i in range(len(rows))]
     sampled = generate_texts(model, tokenizer, prompts, config, config.temperature, [g for g in generators for _ in range(k)], k)
     scores, timeouts = {}, 0  # {(greedy or sampled, reward): this share's scores}
-    for reward, scorer in (("strict", score_strict), ("symbolic", lambda texts, golds: score_symbolic(texts, golds, config))):
-        scores["greedy", reward], greedy_timeouts = scorer([text for _, text in greedy], golds)
-        scores["sampled", reward], sampled_timeouts = scorer([text for _, text in sampled], [g for g in golds for _ in range(k)])
+    for reward, scorer in (("strict", score_strict), ("symbolic", score_symbolic)):
+        scores["greedy", reward], greedy_timeouts = scorer([text for _, text in greedy], golds, config)
+        scores["sampled", reward], sampled_timeouts = scorer([text for _, text in sampled], [g for g in golds for _ in range(k)], config)
         timeouts += greedy_timeouts + sampled_timeouts
     shares = gather((scores, timeouts))  # in rank order: the problems in file order
     result = {"step": step}
@@ -709,6 +589,8 @@ def run(config, resume=False):
     checkpoint_dir = on_first_rank(lambda: prepare_out(out, resume), rank, ranks)
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
+    # the data first: a bad dataset fails in seconds, not after the model's load; rank 0 fetches it
+    train_rows, eval_rows = on_first_rank(lambda: load_data(config), rank, ranks)
     torch.manual_seed(config.seed)  # the same LoRA A on every rank
     random.seed(config.seed)
 
@@ -724,9 +606,8 @@ def run(config, resume=False):
     model.gradient_checkpointing = config.gradient_checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     quiet = rank > 0  # the counts are printed once
-    train_rows, eval_rows = load_data(config)
     train_rows = encode_prompts(train_rows, tokenizer, config, "training", quiet)
-    eval_rows = select_eval_rows(encode_prompts(eval_rows, tokenizer, config, "evaluation", quiet), config)
+    eval_rows = encode_prompts(select_eval_rows(eval_rows, config), tokenizer, config, "evaluation", quiet)
     generator = torch.Generator(device).manual_seed(config.seed)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config.warmup_steps, config.steps))
@@ -756,8 +637,8 @@ def run(config, resume=False):
             print(f"resuming {out} at step {start_step}")
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        info = {"config": asdict(config), "trainable_parameters": sum(p.numel() for p in trainable), "device": str(device),
-                "processes": ranks}
+        info = {"config": asdict(config), "data": data_sources(config), "trainable_parameters": sum(p.numel() for p in trainable),
+                "device": str(device), "processes": ranks}
         write_atomically(out / "config.json", json.dumps(info, indent=1))
         print(f"{out}: {config.preset} preset, credit {config.credit}, rank {config.rank}, "
               f"{info['trainable_parameters']:,} trainable parameters, {len(train_rows)} training / {len(eval_rows)} eval problems, "
@@ -885,8 +766,11 @@ def report(directories):
         pass_k = f"pass@{config['pass_k']}"
         finished = final["step"] >= config["steps"] and (Path(directory) / "adapter").is_dir()
         run = f"`{directory}`" + ("" if finished else " (unfinished)")
+        sources = info.get("data") or {}
         rows.append({
-            "run": run, "method": config["credit"], "rank": config["rank"],
+            "run": run, "method": config["credit"], "rank": config["rank"], "task": config.get("task", "math"),
+            "train data": sources.get("train", config.get("data") or "-"), "eval data": sources.get("eval", config.get("eval_data") or "-"),
+            "eval set": f"{config.get('eval_set', 'test')}, {'a seeded sample of ' if config.get('eval_sample') else 'the first '}{config['eval_problems']}",
             "trainable params": f"{info['trainable_parameters']:,}", "reward": config.get("reward", "symbolic"),
             "k": config["pass_k"], "greedy acc": value("greedy_accuracy"), "pass@k": value(pass_k),
             "greedy strict": value("greedy_accuracy_strict"), "pass@k strict": value(f"{pass_k}_strict"),
@@ -902,7 +786,9 @@ def report(directories):
         signal_tables.append(f"{run} ({config['credit']}, rank {config['rank']})\n\n" + markdown_table(signals, ["signal", "Gini G(w)", "EffN/T", "top-10% mass"]))
 
     return (
-        "Accuracy (final evaluation; greedy acc and pass@k under the run's training reward)\n\n"
+        "Data (hub dataset@revision and file, or the local file)\n\n"
+        + markdown_table(rows, ["run", "task", "train data", "eval data", "eval set"])
+        + "\n\nAccuracy (final evaluation; greedy acc and pass@k under the run's training reward)\n\n"
         + markdown_table(rows, ["run", "method", "rank", "trainable params", "reward", "greedy acc", "k", "pass@k", "avg train reward", "steps"])
         + "\n\nBoth checkers (strict: the reference code's string match, compare with the paper; symbolic: equivalent answers)\n\n"
         + markdown_table(rows, ["run", "method", "rank", "greedy strict", "pass@k strict", "greedy symbolic", "pass@k symbolic"])
@@ -964,7 +850,7 @@ def main(argv=None):
             plot(args.report, args.plot)
         return
     if args.dry_run:
-        print(json.dumps(asdict(config), indent=1))
+        print(json.dumps({**asdict(config), "data_sources": data_sources(config)}, indent=1))
         return
     if config.preset == "paper" and not torch.cuda.is_available():
         if config.model == PAPER.model:
