@@ -199,14 +199,20 @@ def top_mass(weights, mask, fraction=0.1):
     return torch.where(total > 0, top / total, 0.0)  # (B,) 0 on a row without weight
 
 
+def diagnostic_sums(weights, mask):
+    """(4,) float32: the sums of Gini, EffN/T and top-10% mass over the rows with a valid token, and
+    the number of those rows. Sums add up over micro-batches on the device and are read once;
+    their means are credit_diagnostics'."""
+    rows = mask.bool().any(dim=1)  # (B,)
+    per_row = torch.stack([gini(weights, mask), effective_token_ratio(weights, mask), top_mass(weights, mask, 0.1)], dim=1)  # (B, 3)
+    return torch.cat([(per_row * rows[:, None]).sum(dim=0), rows.sum(dim=0, keepdim=True).float()])  # (4,)
+
+
 def credit_diagnostics(weights, mask):
     """Batch means for logging, over rows with a valid token (NaN if there is none)."""
-    rows = mask.bool().any(dim=1)  # (B,)
-    return {
-        "weight_gini": gini(weights, mask)[rows].mean().item(),
-        "effective_token_ratio": effective_token_ratio(weights, mask)[rows].mean().item(),
-        "top10_mass": top_mass(weights, mask, fraction=0.1)[rows].mean().item(),
-    }
+    gini_sum, effective_sum, top_sum, rows = diagnostic_sums(weights, mask).tolist()
+    means = [value / rows if rows else float("nan") for value in (gini_sum, effective_sum, top_sum)]
+    return dict(zip(("weight_gini", "effective_token_ratio", "top10_mass"), means))
 
 
 # ----------------------------------------------------------------------------

@@ -1208,6 +1208,14 @@ def test_k3_kl_nonnegative_and_zero_when_equal():
         assert k3_kl(logprobs, torch.randn(2, 4), mask, 2).item() > 0
 
 
+def micro_batch_stats(model, prompts, tokens, mask, advantages, config, num_completions, diagnose_all=False, fidelity=False):
+    """One micro-batch trained (grpo.train_micro_batch), and its statistics read to the host as grpo_step reads them."""
+    signals, weights, loss, kl = grpo.train_micro_batch(model, prompts, tokens, mask, advantages, config, num_completions)
+    stats = grpo.micro_batch_statistics(model, prompts, tokens, mask.bool(), signals["token_logprobs"], signals, weights, loss, kl, config,
+                                        diagnose_all, fidelity)
+    return grpo.read_statistics(stats, torch.zeros(())), signals["token_logprobs"]
+
+
 class StepConfig:
     """The fields of train.TrainConfig that one GRPO step reads."""
 
@@ -1264,7 +1272,7 @@ def test_micro_batch_without_completion_tokens_does_not_crash(tiny_checkpoint):
     model = lora_tiny_model(tiny_checkpoint[0]).train()
     tokens, mask = torch.tensor([[1, 1]]), torch.zeros(1, 2, dtype=torch.bool)
     for credit in ("uniform", "surprisal", "entropy", "divergence", "arca"):
-        stats, _ = grpo.train_micro_batch(model, [[5, 9]], tokens, mask, torch.tensor([1.0]), StepConfig(credit=credit, beta=0.1), 4)
+        stats, _ = micro_batch_stats(model, [[5, 9]], tokens, mask, torch.tensor([1.0]), StepConfig(credit=credit, beta=0.1), 4)
         assert stats["loss"] == 0.0 and stats["rows"] == 0
 
 
@@ -1285,7 +1293,7 @@ def test_reference_pass_switches_the_adapter_off(tiny_checkpoint):
     """ARCA's h_base and the KL's pi_ref must come from the base model: checked against a model loaded without LoRA."""
     b = STEP_BATCH
     model = perturbed_lora_model(tiny_checkpoint[0])
-    stats, _ = grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], StepConfig(credit="arca", beta=0.1), 2)
+    stats, _ = micro_batch_stats(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], StepConfig(credit="arca", beta=0.1), 2)
     base_model = Qwen3.from_pretrained(tiny_checkpoint[0], dtype=torch.float32)  # the oracle: no adapter at all
     with torch.no_grad():
         logprobs, _, h_adapted = grpo.completion_forward(model, b["prompts"], b["tokens"], b["mask"])
@@ -1357,9 +1365,9 @@ def test_every_signal_is_diagnosed_on_the_same_completions(tiny_checkpoint):
     b = STEP_BATCH
     model = perturbed_lora_model(tiny_checkpoint[0])
     config = StepConfig(credit="uniform")
-    stats, _ = grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2)
+    stats, _ = micro_batch_stats(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2)
     assert {"gini/uniform", "gini/surprisal", "gini/entropy"} <= set(stats) and "gini/arca" not in stats  # no adapter-off pass ran
-    stats, _ = grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2, diagnose_all=True)
+    stats, _ = micro_batch_stats(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2, diagnose_all=True)
     oracle = grpo.all_method_weights(model, b["prompts"], b["tokens"], b["mask"], power=2.0)  # eval mode, its own passes
     model.train()
     for method, weights in oracle.items():
@@ -1406,7 +1414,7 @@ def test_exact_arca_equals_an_fp32_model_where_bf16_is_off(tiny_checkpoint):
     stats = {}
     for precision in ("exact", "bf16"):
         config = StepConfig(credit="arca", arca_precision=precision)
-        stats[precision], _ = grpo.train_micro_batch(bf16_model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2, fidelity=True)
+        stats[precision], _ = micro_batch_stats(bf16_model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2, fidelity=True)
     assert stats["exact"]["arca_norm_sum"] == pytest.approx(expected.sum().item(), rel=1e-5)
     assert stats["exact"]["arca_norm_max"] == pytest.approx(expected.max().item(), rel=1e-5)
     assert abs(stats["bf16"]["arca_norm_sum"] / expected.sum().item() - 1) > 0.5  # bf16 mostly measures rounding here
@@ -1420,7 +1428,7 @@ def test_exact_and_bf16_arca_are_zero_and_uniform_at_b_zero(tiny_checkpoint):
     bf16_model, _ = bf16_and_rounded_fp32_models(tiny_checkpoint[0], b_scale=0.0)
     for precision in ("exact", "bf16"):
         config = StepConfig(credit="arca", arca_precision=precision)
-        stats, _ = grpo.train_micro_batch(bf16_model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2)
+        stats, _ = micro_batch_stats(bf16_model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2)
         assert stats["arca_norm_sum"] == 0.0 and stats["arca_norm_max"] == 0.0
         assert stats["weight_gini"] == 0.0 and stats["effective_token_ratio"] == pytest.approx(2.0)  # 2 rows, each EffN/T 1
 
