@@ -40,6 +40,7 @@ from grpo import all_method_weights, gather, group_advantages, grpo_step, proces
 from lora import apply_lora, load_adapter, sampling_copies, save_adapter
 from math_reward import gsm8k_reward, gsm8k_strict_match, math_reward, score_batch, strict_match
 from model import Qwen3, generate, load_tokenizer
+from report import plot, read_metrics, report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,14 +388,22 @@ def find_checkpoint(out):
 
 
 def load_state(path, device):
-    """state.pt, read with weights_only=True: tensors, numbers, strings, lists, tuples and dicts, never code."""
+    """state.pt, read with weights_only=True: tensors, numbers, strings, lists, tuples and dicts, never code.
+
+    Read onto the CPU whatever `device` is: the RNG states must stay CPU byte tensors (torch.set_rng_state
+    and Generator.set_state refuse others). The optimiser's moments then go to `device`, where its
+    parameters are; its step counters stay as saved (optimizer.load_state_dict places them).
+    """
     try:
-        return torch.load(path, weights_only=True, map_location=device)
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
         raise SystemExit(f"{path}: refused: it holds more than tensors, numbers, strings, lists and dicts, which a checkpoint "
                          f"written by train.py never does, so loading it could run code ({str(err).splitlines()[0]})") from None
     except (OSError, RuntimeError, EOFError) as err:
         raise SystemExit(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    state["optimizer"]["state"] = {index: {name: value if name == "step" else value.to(device) for name, value in moments.items()}
+                                   for index, moments in state["optimizer"]["state"].items()}
+    return state
 
 
 def is_run_directory(out):
@@ -444,24 +453,6 @@ def prepare_out(out, resume):
     if not resume:
         raise SystemExit(f"{out} already holds a run; pass --resume to continue it or --out for a new one (nothing was overwritten)")
     return checkpoint
-
-
-def read_metrics(out):
-    """metrics.jsonl's rows; a torn last line (a kill or a full disk mid-write) is dropped, any other bad line is an error."""
-    path = Path(out) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                print(f"{path}: dropped a torn last line ({len(line)} characters)")
-                break
-            raise SystemExit(f"{path}:{number}: not valid JSON; fix or remove that line to resume") from None
-    return rows
 
 
 def truncate_logs(out, step):
@@ -565,6 +556,155 @@ def on_first_rank(fn, rank, ranks):
     return value
 
 
+def load_model(config, device, rank, ranks):
+    """The model with its LoRA adapter, and the tokenizer. The demo's checkpoint is built on first use.
+    The same LoRA A on every rank (seeded before apply_lora), then each rank its own dropout masks."""
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    if config.task == "demo" and config.model == DEMO.model:
+        import demo
+
+        on_first_rank(lambda: demo.build_demo_checkpoint(config.model), rank, ranks)  # built once, then cached
+    model = Qwen3.from_pretrained(config.model, device=device, dtype=getattr(torch, config.dtype))
+    apply_lora(model, config.rank, config.lora_alpha, config.lora_dropout)
+    if ranks > 1:
+        torch.manual_seed(config.seed + 1 + rank)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    return model, load_tokenizer(config.model)
+
+
+def write_run_info(out, config, model, device, ranks, train_rows, eval_rows):
+    """config.json: the resolved config, where the problems come from, the trainable parameter count."""
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"config": asdict(config), "data": data_sources(config), "trainable_parameters": sum(p.numel() for p in model.parameters()
+            if p.requires_grad), "device": str(device), "processes": ranks}
+    write_atomically(out / "config.json", json.dumps(info, indent=1))
+    print(f"{out}: {config.preset} preset, task {config.task}, credit {config.credit}, rank {config.rank}, "
+          f"{info['trainable_parameters']:,} trainable parameters, {len(train_rows)} training / {len(eval_rows)} eval problems, "
+          f"{device}" + (f", {ranks} processes" if ranks > 1 else ""))
+
+
+def restore(checkpoint_dir, out, config, model, optimizer, scheduler, generator, rank, ranks):
+    """Load a checkpoint into the live model, optimiser, scheduler and RNGs; returns (its step, the evaluations so far).
+    metrics.jsonl and eval.json lose what was written after it."""
+    check_resumable(out, config)
+    state = load_state(checkpoint_dir / "state.pt", model.lm_head.weight.device)
+    if isinstance(state["rng"], dict):  # a checkpoint from before torchrun support: one process's states
+        state["rng"] = [state["rng"]]
+    if len(state["rng"]) != ranks:
+        raise SystemExit(f"--resume: {out} was trained on {len(state['rng'])} process(es), this is {ranks}; "
+                         f"resume it with torchrun --nproc-per-node {len(state['rng'])}" if len(state["rng"]) > 1 else
+                         f"--resume: {out} was trained on 1 process, this is {ranks}; resume it with python train.py")
+    load_adapter(model, checkpoint_dir / "adapter")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_states(state["rng"][rank], generator)
+
+    def truncate_and_read_evals():
+        truncate_logs(out, state["step"])
+        return json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
+
+    evals = on_first_rank(truncate_and_read_evals, rank, ranks)
+    if rank == 0:
+        print(f"resuming {out} at step {state['step']}")
+    return state["step"], evals
+
+
+def step_batch(train_rows, step, config, rank, ranks):
+    """This rank's share of the step's prompts: (prompt ids, gold answers, one random seed per prompt)."""
+    per_step = config.prompts_per_micro_batch * config.micro_batches
+    share = per_step // ranks
+    rows = step_prompts(train_rows, step, per_step, config.seed)[rank * share : (rank + 1) * share]
+    seeds = [prompt_seed("rollout", config.seed, step, rank * share + i) for i in range(share)]
+    return [r["prompt_ids"] for r in rows], [r["answer"] for r in rows], seeds
+
+
+def record_eval(model, tokenizer, eval_rows, config, step, out, evals, rank):
+    """evaluate() at this step (every rank takes part); rank 0 appends it to eval.json and prints it."""
+    result = evaluate(model, tokenizer, eval_rows, config, step, out)
+    if rank == 0:
+        evals.append(result)
+        write_atomically(out / "eval.json", json.dumps(evals, indent=1))
+        shown = ("greedy_accuracy", f"pass@{config.pass_k}") if config.reward == "symbolic" else (
+            "greedy_accuracy_strict", f"pass@{config.pass_k}_strict", "greedy_accuracy_symbolic", f"pass@{config.pass_k}_symbolic")
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {result[k]:.3f}" for k in shown))
+
+
+class Progress:
+    """A live bar on a terminal; in a log file, a plain line every 5% of the run."""
+
+    def __init__(self, config, start_step, rank):
+        self.config, self.rank = config, rank
+        self.interactive, self.every = sys.stderr.isatty() and rank == 0, max(1, config.steps // 20)
+        self.bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", dynamic_ncols=True,
+                        disable=not self.interactive)
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def show(self, step, metrics):
+        seconds = metrics["rollout_s"] + metrics["reward_s"] + metrics["train_s"]
+        self.bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", gini=f"{metrics['weight_gini']:.2f}", s_per_step=f"{seconds:.1f}")
+        if not self.interactive and self.rank == 0 and (step % self.every == 0 or step == self.config.steps):
+            print(f"step {step}/{self.config.steps}: reward {metrics['reward_mean']:.3f}, gini {metrics['weight_gini']:.3f}, "
+                  f"{seconds:.2f} s", flush=True)
+
+
+class LastFinishedStep:
+    """What a stop saves: the last finished step's number, RNG states and scheduler position (the adapter
+    and the optimiser are the live ones, unchanged until the next update), and the step last saved."""
+
+    def __init__(self, out, model, optimizer, scheduler, generator, config, rank, ranks, step, saved):
+        self.out, self.model, self.optimizer, self.scheduler, self.generator = out, model, optimizer, scheduler, generator
+        self.config, self.rank, self.ranks, self.saved, self.skipped_in_a_row = config, rank, ranks, saved, 0
+        self.finished(step)
+
+    def finished(self, step, skipped_update=False):
+        self.step, self.rng, self.updates = step, rng_states(self.generator), self.scheduler.last_epoch
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped_update else 0
+
+    def save(self):
+        rngs = gather(self.rng)  # every rank's RNG states, for an exact resume of each
+        if self.rank == 0:
+            save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.step, rngs, self.config)
+        self.saved = self.step
+
+    def save_if_due(self):
+        """The periodic checkpoint, the last step's, or the one before stopping on non-finite steps."""
+        if self.step % self.config.save_every == 0 or self.step == self.config.steps or self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            self.save()
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise SystemExit(f"stopping: {self.skipped_in_a_row} steps in a row had a non-finite loss or gradient and were skipped "
+                             f"(steps {self.step - self.skipped_in_a_row + 1}-{self.step}); checkpoint at step {self.step} in "
+                             f"{self.out}. Check the rewards for NaN, or lower --lr; --dtype float32 rules out bf16 overflow")
+
+    def save_after_error(self, err):
+        """An error or a second signal mid-step: save the last finished step if the adapter has not moved since
+        (with several ranks the others may be inside a collective: the last checkpoint stands)."""
+        moved = self.scheduler.last_epoch != self.updates  # an update ran after the last finished step
+        if self.ranks == 1 and not moved:
+            save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.step, [self.rng], self.config)
+        what = "stopped" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__} during step {self.step + 1}"
+        print(f"\n{what}: " + (f"checkpoint saved at step {self.step} in {self.out}; continue with --resume" if self.ranks == 1 and not moved
+                               else f"{self.out}'s last checkpoint stands; continue with --resume"), file=sys.stderr)
+
+
+def finish(out, model, config, start_step, last, stop_signal, rank):
+    """After the loop: a stopped run saves its step and exits 128 + the signal; a finished one writes adapter/."""
+    if stop_signal:
+        if last.saved != last.step:
+            last.save()
+        if rank == 0:
+            print(f"\n{signal.Signals(stop_signal).name}: checkpoint saved at step {last.step} in {out}; continue with --resume")
+        raise SystemExit(128 + stop_signal)
+    if rank == 0:
+        if start_step >= config.steps:
+            print(f"{out}: already finished at step {start_step}; raise --steps to train further")
+        if not (out / "adapter" / "adapter_config.json").exists() or start_step < config.steps:
+            save_final_adapter(out, model, config)  # a resume also writes what a finished run lacks
+        print(f"done: adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, evaluations in {out / 'eval.json'}")
+
+
 def run(config, resume=False):
     """Train (or resume) one run in config.out; returns the directory.
 
@@ -582,264 +722,59 @@ def run(config, resume=False):
     """
     rank, ranks, device = start_distributed()
     out = Path(config.out)
-    prompts_per_step = config.prompts_per_micro_batch * config.micro_batches
-    if prompts_per_step % ranks:
-        raise SystemExit(f"{prompts_per_step} prompts per step (--prompts-per-micro-batch x --micro-batches) do not divide "
-                         f"among {ranks} processes; use a multiple of {ranks}")
+    if (config.prompts_per_micro_batch * config.micro_batches) % ranks:
+        raise SystemExit(f"{config.prompts_per_micro_batch * config.micro_batches} prompts per step (--prompts-per-micro-batch x "
+                         f"--micro-batches) do not divide among {ranks} processes; use a multiple of {ranks}")
     checkpoint_dir = on_first_rank(lambda: prepare_out(out, resume), rank, ranks)
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
-    # the data first: a bad dataset fails in seconds, not after the model's load; rank 0 fetches it
-    train_rows, eval_rows = on_first_rank(lambda: load_data(config), rank, ranks)
-    torch.manual_seed(config.seed)  # the same LoRA A on every rank
-    random.seed(config.seed)
+    train_rows, eval_rows = on_first_rank(lambda: load_data(config), rank, ranks)  # first: a bad dataset fails in seconds
 
-    if config.preset == "demo" and config.model == DEMO.model:
-        import demo
-
-        on_first_rank(lambda: demo.build_demo_checkpoint(config.model), rank, ranks)  # built on first use, then cached
-    model = Qwen3.from_pretrained(config.model, device=device, dtype=getattr(torch, config.dtype))
-    tokenizer = load_tokenizer(config.model)
-    apply_lora(model, config.rank, config.lora_alpha, config.lora_dropout)
-    if ranks > 1:
-        torch.manual_seed(config.seed + 1 + rank)  # then each rank its own LoRA dropout masks
-    model.gradient_checkpointing = config.gradient_checkpointing
+    model, tokenizer = load_model(config, device, rank, ranks)
+    train_rows = encode_prompts(train_rows, tokenizer, config, "training", quiet=rank > 0)
+    eval_rows = encode_prompts(select_eval_rows(eval_rows, config), tokenizer, config, "evaluation", quiet=rank > 0)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    quiet = rank > 0  # the counts are printed once
-    train_rows = encode_prompts(train_rows, tokenizer, config, "training", quiet)
-    eval_rows = encode_prompts(select_eval_rows(eval_rows, config), tokenizer, config, "evaluation", quiet)
-    generator = torch.Generator(device).manual_seed(config.seed)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config.warmup_steps, config.steps))
-
+    generator = torch.Generator(device).manual_seed(config.seed)
     start_step, evals = 0, []
     if checkpoint_dir is not None:
-        check_resumable(out, config)
-        state = load_state(checkpoint_dir / "state.pt", device)
-        if isinstance(state["rng"], dict):  # a checkpoint from before torchrun support: one process's states
-            state["rng"] = [state["rng"]]
-        if len(state["rng"]) != ranks:
-            raise SystemExit(f"--resume: {out} was trained on {len(state['rng'])} process(es), this is {ranks}; "
-                             f"resume it with torchrun --nproc-per-node {len(state['rng'])}" if len(state["rng"]) > 1 else
-                             f"--resume: {out} was trained on 1 process, this is {ranks}; resume it with python train.py")
-        load_adapter(model, checkpoint_dir / "adapter")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(state["rng"][rank], generator)
-        start_step = state["step"]
-
-        def truncate_and_read_evals():
-            truncate_logs(out, start_step)
-            return json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
-
-        evals = on_first_rank(truncate_and_read_evals, rank, ranks)
-        if rank == 0:
-            print(f"resuming {out} at step {start_step}")
+        start_step, evals = restore(checkpoint_dir, out, config, model, optimizer, scheduler, generator, rank, ranks)
     elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        info = {"config": asdict(config), "data": data_sources(config), "trainable_parameters": sum(p.numel() for p in trainable),
-                "device": str(device), "processes": ranks}
-        write_atomically(out / "config.json", json.dumps(info, indent=1))
-        print(f"{out}: {config.preset} preset, credit {config.credit}, rank {config.rank}, "
-              f"{info['trainable_parameters']:,} trainable parameters, {len(train_rows)} training / {len(eval_rows)} eval problems, "
-              f"{device}" + (f", {ranks} processes" if ranks > 1 else ""))
+        write_run_info(out, config, model, device, ranks, train_rows, eval_rows)
 
-    def record_eval(step):
-        result = evaluate(model, tokenizer, eval_rows, config, step, out)  # every rank takes part
-        if rank == 0:
-            evals.append(result)
-            write_atomically(out / "eval.json", json.dumps(evals, indent=1))
-            shown = ("greedy_accuracy", f"pass@{config.pass_k}") if config.reward == "symbolic" else (
-                "greedy_accuracy_strict", f"pass@{config.pass_k}_strict", "greedy_accuracy_symbolic", f"pass@{config.pass_k}_symbolic")
-            tqdm.write(f"step {step}: " + ", ".join(f"{k} {result[k]:.3f}" for k in shown))
-
-    def save(step, rng):
-        rngs = gather(rng)  # every rank's RNG states, for an exact resume of each
-        if rank == 0:
-            save_checkpoint(out, model, optimizer, scheduler, step, rngs, config)
-
-    # The last finished step: its number, RNG states and scheduler position (the adapter and
-    # optimiser are the live ones, unchanged until the next update).
-    done, done_rng, done_updates = start_step, rng_states(generator), scheduler.last_epoch
-    saved = start_step if checkpoint_dir is not None else None  # the step of the newest checkpoint
-    stop = StopRequest()
+    last = LastFinishedStep(out, model, optimizer, scheduler, generator, config, rank, ranks, start_step,
+                            saved=start_step if checkpoint_dir is not None else None)
+    stop, stop_signal = StopRequest(), 0
     handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-    skipped_in_a_row, share = 0, prompts_per_step // ranks
-    stop_signal = None
     try:
-        if is_eval_step(done, config) and done not in [e["step"] for e in evals]:
-            record_eval(done)  # step 0, or an evaluation a stop interrupted
-        # a live bar on a terminal; plain lines (every 5% of the run) in a log file
-        interactive, progress_every = sys.stderr.isatty() and rank == 0, max(1, config.steps // 20)
-        bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", dynamic_ncols=True,
-                   disable=not interactive)
-        for step_index in bar:
+        if is_eval_step(start_step, config) and start_step not in [e["step"] for e in evals]:
+            record_eval(model, tokenizer, eval_rows, config, start_step, out, evals, rank)  # step 0, or one a stop interrupted
+        progress = Progress(config, start_step, rank)
+        for step in progress:
             stop_signal = max(gather(stop.signal or 0))  # every rank stops at the same step
             if stop_signal:
                 break
-            rows = step_prompts(train_rows, step_index, prompts_per_step, config.seed)[rank * share : (rank + 1) * share]
-            seeds = [prompt_seed("rollout", config.seed, step_index, rank * share + i) for i in range(share)]
-            metrics, _, _ = grpo_step(
-                model, optimizer, scheduler, [r["prompt_ids"] for r in rows], [r["answer"] for r in rows],
-                tokenizer, lambda texts, golds: score(texts, golds, config), config, generator,
-                fidelity=is_eval_step(step_index + 1, config), prompt_seeds=seeds,
-            )
+            prompts, golds, seeds = step_batch(train_rows, step, config, rank, ranks)
+            metrics, _, _ = grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, lambda texts, golds: score(texts, golds, config),
+                                      config, generator, fidelity=is_eval_step(step + 1, config), prompt_seeds=seeds)
             if rank == 0:
-                append_line(out / "metrics.jsonl", {"step": step_index + 1, **metrics})
-            done, done_rng, done_updates = step_index + 1, rng_states(generator), scheduler.last_epoch
-            seconds = metrics["rollout_s"] + metrics["reward_s"] + metrics["train_s"]
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", gini=f"{metrics['weight_gini']:.2f}", s_per_step=f"{seconds:.1f}")
-            if not interactive and rank == 0 and (done % progress_every == 0 or done == config.steps):
-                print(f"step {done}/{config.steps}: reward {metrics['reward_mean']:.3f}, gini {metrics['weight_gini']:.3f}, {seconds:.2f} s", flush=True)
-            skipped_in_a_row = skipped_in_a_row + 1 if metrics["skipped_update"] else 0
-            if is_eval_step(done, config):
-                record_eval(done)
-            if done % config.save_every == 0 or done == config.steps or skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                save(done, done_rng)
-                saved = done
-            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                raise SystemExit(f"stopping: {skipped_in_a_row} steps in a row had a non-finite loss or gradient and were skipped "
-                                 f"(steps {done - skipped_in_a_row + 1}-{done}); checkpoint at step {done} in {out}. Check the "
-                                 "rewards for NaN, or lower --lr; --dtype float32 rules out bf16 overflow")
-    except BaseException as err:
-        if isinstance(err, SystemExit):
-            raise
-        moved = scheduler.last_epoch != done_updates  # an update ran after the last finished step
-        if ranks == 1 and not moved:  # (with several ranks the others may be inside a collective: no save)
-            save_checkpoint(out, model, optimizer, scheduler, done, [done_rng], config)
-        what = "stopped" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__} during step {done + 1}"
-        print(f"\n{what}: " + (f"checkpoint saved at step {done} in {out}; continue with --resume" if ranks == 1 and not moved else
-                               f"{out}'s last checkpoint stands; continue with --resume"), file=sys.stderr)
+                append_line(out / "metrics.jsonl", {"step": step + 1, **metrics})
+            last.finished(step + 1, metrics["skipped_update"])
+            progress.show(step + 1, metrics)
+            if is_eval_step(step + 1, config):
+                record_eval(model, tokenizer, eval_rows, config, step + 1, out, evals, rank)
+            last.save_if_due()
+    except (KeyboardInterrupt, Exception) as err:
+        last.save_after_error(err)
         if isinstance(err, KeyboardInterrupt):
             raise SystemExit(130) from None
         raise
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    if stop_signal:
-        if saved != done:
-            save(done, done_rng)
-        if rank == 0:
-            print(f"\n{signal.Signals(stop_signal).name}: checkpoint saved at step {done} in {out}; continue with --resume")
-        raise SystemExit(128 + stop_signal)
-    if rank == 0:
-        if start_step >= config.steps:
-            print(f"{out}: already finished at step {start_step}; raise --steps to train further")
-        if not (out / "adapter" / "adapter_config.json").exists() or start_step < config.steps:
-            save_final_adapter(out, model, config)  # a resume also writes what a finished run lacks
-        print(f"done: adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, evaluations in {out / 'eval.json'}")
+    finish(out, model, config, start_step, last, stop_signal, rank)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Report: the paper's tables from finished runs
-
-
-def read_run(directory):
-    """(info from config.json, evaluations, metrics rows) of a run directory, for --report and --plot."""
-    directory = Path(directory)
-    try:
-        info = json.loads((directory / "config.json").read_text())
-        evals = json.loads((directory / "eval.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SystemExit(f"--report: {directory} is not a run directory ({err})") from None
-    return info, evals, read_metrics(directory)
-
-
-def mean_of(metrics, key):
-    values = [m[key] for m in metrics if m.get(key) is not None]
-    return f"{sum(values) / len(values):.3f}" if values else "-"
-
-
-def report(directories):
-    """Markdown tables (ARCA.md §4) of the runs in `directories`: accuracy under both checkers,
-    concentration, and all five signals on each run's own rollouts.
-
-    Each row names its run directory; a run whose last evaluation is before its --steps, or that
-    has no adapter/ yet, is marked unfinished. Runs from before the strict checker show "-" there.
-    """
-    rows, signal_tables = [], []
-    for directory in directories:
-        info, evals, metrics = read_run(directory)
-        config, final = info["config"], evals[-1]
-        value = lambda key: f"{final[key]:.3f}" if key in final else "-"
-        pass_k = f"pass@{config['pass_k']}"
-        finished = final["step"] >= config["steps"] and (Path(directory) / "adapter").is_dir()
-        run = f"`{directory}`" + ("" if finished else " (unfinished)")
-        sources = info.get("data") or {}
-        rows.append({
-            "run": run, "method": config["credit"], "rank": config["rank"], "task": config.get("task", "math"),
-            "train data": sources.get("train", config.get("data") or "-"), "eval data": sources.get("eval", config.get("eval_data") or "-"),
-            "eval set": f"{config.get('eval_set', 'test')}, {'a seeded sample of ' if config.get('eval_sample') else 'the first '}{config['eval_problems']}",
-            "trainable params": f"{info['trainable_parameters']:,}", "reward": config.get("reward", "symbolic"),
-            "k": config["pass_k"], "greedy acc": value("greedy_accuracy"), "pass@k": value(pass_k),
-            "greedy strict": value("greedy_accuracy_strict"), "pass@k strict": value(f"{pass_k}_strict"),
-            "greedy symbolic": value("greedy_accuracy_symbolic"), "pass@k symbolic": value(f"{pass_k}_symbolic"),
-            "avg train reward": mean_of(metrics, "reward_mean"), "Gini G(w)": mean_of(metrics, "weight_gini"),
-            "EffN/T": mean_of(metrics, "effective_token_ratio"), "steps": final["step"],
-            "arca precision": config.get("arca_precision", "bf16"), "ARCA exact corr": mean_of(metrics, "arca_exact_corr"),
-            "ARCA floor ratio": mean_of(metrics, "arca_floor_ratio"),
-        })
-        signals = [{"signal": method + (" (trains)" if method == config["credit"] else ""), "Gini G(w)": mean_of(metrics, f"gini/{method}"),
-                    "EffN/T": mean_of(metrics, f"effective_token_ratio/{method}"), "top-10% mass": mean_of(metrics, f"top10_mass/{method}")}
-                   for method in METHODS]
-        signal_tables.append(f"{run} ({config['credit']}, rank {config['rank']})\n\n" + markdown_table(signals, ["signal", "Gini G(w)", "EffN/T", "top-10% mass"]))
-
-    return (
-        "Data (hub dataset@revision and file, or the local file)\n\n"
-        + markdown_table(rows, ["run", "task", "train data", "eval data", "eval set"])
-        + "\n\nAccuracy (final evaluation; greedy acc and pass@k under the run's training reward)\n\n"
-        + markdown_table(rows, ["run", "method", "rank", "trainable params", "reward", "greedy acc", "k", "pass@k", "avg train reward", "steps"])
-        + "\n\nBoth checkers (strict: the reference code's string match, compare with the paper; symbolic: equivalent answers)\n\n"
-        + markdown_table(rows, ["run", "method", "rank", "greedy strict", "pass@k strict", "greedy symbolic", "pass@k symbolic"])
-        + "\n\nCredit concentration of the training method (mean over steps); for ARCA, how much of its score is the adapter\n"
-        + "(mean over evaluation steps: Pearson of the training score with the exact fp32 one, mean bf16 score / exact score)\n\n"
-        + markdown_table(rows, ["run", "method", "rank", "Gini G(w)", "EffN/T", "arca precision", "ARCA exact corr", "ARCA floor ratio"])
-        + "\n\nAll five signals on this run's rollouts (mean over steps; ARCA.md §3)\n\n" + "\n\n".join(signal_tables)
-    )
-
-
-def markdown_table(rows, columns):
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "-")) for c in columns) + " |" for row in rows])
-
-
-def plot(directories, path):
-    """--plot: per run, greedy accuracy and pass@k over steps, train reward over steps, and the five
-    signals' Gini over steps, in one PNG (matplotlib, an optional extra that training never imports)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib, an optional extra: pip install matplotlib") from None
-    figure, (accuracy, reward, concentration) = plt.subplots(1, 3, figsize=(15, 4.2))
-    styles = ["-", "--", ":", "-."]
-    for index, directory in enumerate(directories):
-        info, evals, metrics = read_run(directory)
-        config, style, name = info["config"], styles[index % len(styles)], f"{Path(directory).name}"
-        steps = [e["step"] for e in evals]
-        pass_k = f"pass@{config['pass_k']}"
-        line, = accuracy.plot(steps, [e["greedy_accuracy"] for e in evals], style, marker="o", label=f"{name} greedy")
-        accuracy.plot(steps, [e[pass_k] for e in evals], style, marker="s", color=line.get_color(), alpha=0.5, label=f"{name} {pass_k}")
-        window = max(1, len(metrics) // 20)  # a moving mean over 5% of the run
-        rewards = [m["reward_mean"] for m in metrics]
-        smooth = [sum(rewards[max(0, i - window + 1) : i + 1]) / len(rewards[max(0, i - window + 1) : i + 1]) for i in range(len(rewards))]
-        reward.plot([m["step"] for m in metrics], smooth, style, label=name)
-        for color, method in zip(("0.5", "tab:orange", "tab:green", "tab:purple", "tab:red"), METHODS):
-            points = [(m["step"], m[f"gini/{method}"]) for m in metrics if m.get(f"gini/{method}") is not None]
-            if points:
-                concentration.plot(*zip(*points), style, color=color, label=f"{method}" + (f" ({name})" if len(directories) > 1 else ""))
-    accuracy.set(title=f"evaluation ({config.get('reward', 'symbolic')} reward)", xlabel="step", ylabel="accuracy")
-    reward.set(title="train reward (moving mean)", xlabel="step", ylabel="mean reward")
-    concentration.set(title="Gini of each signal's weights, same rollouts", xlabel="step", ylabel="Gini G(w)", ylim=(0, 1))
-    for axes in (accuracy, reward, concentration):
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    print(f"--plot: wrote {path}")
 
 
 def main(argv=None):

@@ -1,0 +1,138 @@
+"""What a finished (or stopped) run shows: its metrics and evaluations read back, the paper's tables
+(`python train.py --report runs/*`) and the plot (`--plot`).
+
+The tables follow the paper's (arXiv 2606.00257, §4; README, "The paper's run"): greedy accuracy and
+pass@k under both answer checkers, the training method's concentration (Gini, EffN/T) and every
+credit signal's concentration on the run's own rollouts. matplotlib is an optional extra, imported
+only by `plot`.
+"""
+
+import json
+from pathlib import Path
+
+from credit import METHODS
+
+
+def read_metrics(out):
+    """metrics.jsonl's rows; a torn last line (a kill or a full disk mid-write) is dropped, any other bad line is an error."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                print(f"{path}: dropped a torn last line ({len(line)} characters)")
+                break
+            raise SystemExit(f"{path}:{number}: not valid JSON; fix or remove that line to resume") from None
+    return rows
+
+
+def read_run(directory):
+    """(info from config.json, evaluations, metrics rows) of a run directory, for --report and --plot."""
+    directory = Path(directory)
+    try:
+        info = json.loads((directory / "config.json").read_text())
+        evals = json.loads((directory / "eval.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"--report: {directory} is not a run directory ({err})") from None
+    return info, evals, read_metrics(directory)
+
+
+def mean_of(metrics, key):
+    values = [m[key] for m in metrics if m.get(key) is not None]
+    return f"{sum(values) / len(values):.3f}" if values else "-"
+
+
+def report(directories):
+    """Markdown tables (ARCA.md §4) of the runs in `directories`: accuracy under both checkers,
+    concentration, and all five signals on each run's own rollouts.
+
+    Each row names its run directory; a run whose last evaluation is before its --steps, or that
+    has no adapter/ yet, is marked unfinished. Runs from before the strict checker show "-" there.
+    """
+    rows, signal_tables = [], []
+    for directory in directories:
+        info, evals, metrics = read_run(directory)
+        config, final = info["config"], evals[-1]
+        value = lambda key: f"{final[key]:.3f}" if key in final else "-"
+        pass_k = f"pass@{config['pass_k']}"
+        finished = final["step"] >= config["steps"] and (Path(directory) / "adapter").is_dir()
+        run = f"`{directory}`" + ("" if finished else " (unfinished)")
+        sources = info.get("data") or {}
+        rows.append({
+            "run": run, "method": config["credit"], "rank": config["rank"], "task": config.get("task", "math"),
+            "train data": sources.get("train", config.get("data") or "-"), "eval data": sources.get("eval", config.get("eval_data") or "-"),
+            "eval set": f"{config.get('eval_set', 'test')}, {'a seeded sample of ' if config.get('eval_sample') else 'the first '}{config['eval_problems']}",
+            "trainable params": f"{info['trainable_parameters']:,}", "reward": config.get("reward", "symbolic"),
+            "k": config["pass_k"], "greedy acc": value("greedy_accuracy"), "pass@k": value(pass_k),
+            "greedy strict": value("greedy_accuracy_strict"), "pass@k strict": value(f"{pass_k}_strict"),
+            "greedy symbolic": value("greedy_accuracy_symbolic"), "pass@k symbolic": value(f"{pass_k}_symbolic"),
+            "avg train reward": mean_of(metrics, "reward_mean"), "Gini G(w)": mean_of(metrics, "weight_gini"),
+            "EffN/T": mean_of(metrics, "effective_token_ratio"), "steps": final["step"],
+            "arca precision": config.get("arca_precision", "bf16"), "ARCA exact corr": mean_of(metrics, "arca_exact_corr"),
+            "ARCA floor ratio": mean_of(metrics, "arca_floor_ratio"),
+        })
+        signals = [{"signal": method + (" (trains)" if method == config["credit"] else ""), "Gini G(w)": mean_of(metrics, f"gini/{method}"),
+                    "EffN/T": mean_of(metrics, f"effective_token_ratio/{method}"), "top-10% mass": mean_of(metrics, f"top10_mass/{method}")}
+                   for method in METHODS]
+        signal_tables.append(f"{run} ({config['credit']}, rank {config['rank']})\n\n" + markdown_table(signals, ["signal", "Gini G(w)", "EffN/T", "top-10% mass"]))
+
+    return (
+        "Data (hub dataset@revision and file, or the local file)\n\n"
+        + markdown_table(rows, ["run", "task", "train data", "eval data", "eval set"])
+        + "\n\nAccuracy (final evaluation; greedy acc and pass@k under the run's training reward)\n\n"
+        + markdown_table(rows, ["run", "method", "rank", "trainable params", "reward", "greedy acc", "k", "pass@k", "avg train reward", "steps"])
+        + "\n\nBoth checkers (strict: the reference code's string match, compare with the paper; symbolic: equivalent answers)\n\n"
+        + markdown_table(rows, ["run", "method", "rank", "greedy strict", "pass@k strict", "greedy symbolic", "pass@k symbolic"])
+        + "\n\nCredit concentration of the training method (mean over steps); for ARCA, how much of its score is the adapter\n"
+        + "(mean over evaluation steps: Pearson of the training score with the exact fp32 one, mean bf16 score / exact score)\n\n"
+        + markdown_table(rows, ["run", "method", "rank", "Gini G(w)", "EffN/T", "arca precision", "ARCA exact corr", "ARCA floor ratio"])
+        + "\n\nAll five signals on this run's rollouts (mean over steps; ARCA.md §3)\n\n" + "\n\n".join(signal_tables)
+    )
+
+
+def markdown_table(rows, columns):
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "-")) for c in columns) + " |" for row in rows])
+
+
+def plot(directories, path):
+    """--plot: per run, greedy accuracy and pass@k over steps, train reward over steps, and the five
+    signals' Gini over steps, in one PNG (matplotlib, an optional extra that training never imports)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib, an optional extra: pip install matplotlib") from None
+    figure, (accuracy, reward, concentration) = plt.subplots(1, 3, figsize=(15, 4.2))
+    styles = ["-", "--", ":", "-."]
+    for index, directory in enumerate(directories):
+        info, evals, metrics = read_run(directory)
+        config, style, name = info["config"], styles[index % len(styles)], f"{Path(directory).name}"
+        steps = [e["step"] for e in evals]
+        pass_k = f"pass@{config['pass_k']}"
+        line, = accuracy.plot(steps, [e["greedy_accuracy"] for e in evals], style, marker="o", label=f"{name} greedy")
+        accuracy.plot(steps, [e[pass_k] for e in evals], style, marker="s", color=line.get_color(), alpha=0.5, label=f"{name} {pass_k}")
+        window = max(1, len(metrics) // 20)  # a moving mean over 5% of the run
+        rewards = [m["reward_mean"] for m in metrics]
+        smooth = [sum(rewards[max(0, i - window + 1) : i + 1]) / len(rewards[max(0, i - window + 1) : i + 1]) for i in range(len(rewards))]
+        reward.plot([m["step"] for m in metrics], smooth, style, label=name)
+        for color, method in zip(("0.5", "tab:orange", "tab:green", "tab:purple", "tab:red"), METHODS):
+            points = [(m["step"], m[f"gini/{method}"]) for m in metrics if m.get(f"gini/{method}") is not None]
+            if points:
+                concentration.plot(*zip(*points), style, color=color, label=f"{method}" + (f" ({name})" if len(directories) > 1 else ""))
+    accuracy.set(title=f"evaluation ({config.get('reward', 'symbolic')} reward)", xlabel="step", ylabel="accuracy")
+    reward.set(title="train reward (moving mean)", xlabel="step", ylabel="mean reward")
+    concentration.set(title="Gini of each signal's weights, same rollouts", xlabel="step", ylabel="Gini G(w)", ylim=(0, 1))
+    for axes in (accuracy, reward, concentration):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    print(f"--plot: wrote {path}")
