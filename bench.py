@@ -45,12 +45,16 @@ device synchronised around every timer):
    over prompt + completion| on the sampled tokens, ours (generate's return_logprobs against
    grpo.completion_forward) and transformers (generate's raw logits against a full forward).
 5. precision: how much of a bf16 ARCA score is the adapter (see bench_precision).
+6. memory (only when named: `--only memory`, and in --gpu-check): the training forward's saved
+   activations per sequence token at the 1.7B geometry with and without gradient checkpointing, and
+   the paper step's planned peak (memory.py), in the paper's configuration (bf16) on any device.
 
 --gpu-check runs, in priority order and while under GPU_CHECK_SECONDS: rollouts at batch 64
 (eager, compiled, transformers, bandwidth bound), the paper preset's GRPO step (ARCA and uniform,
 with and without gradient checkpointing), the train step, rollouts at batch 1 and 16, LoRA
-rollouts at batch 64; then a table of the goals (rollout >= 5x transformers and >= 50% of the
-bound at batch 64, the paper step <= 3 s and <= 24 GB with checkpointing) and whether each is met.
+rollouts at batch 64, memory; then a table of the goals (rollout >= 5x transformers and >= 50% of
+the bound at batch 64, the paper step <= 3 s and <= 24 GB with checkpointing, <= 0.5 MB of
+activations per token with checkpointing, a planned peak <= 20 GB) and whether each is met.
 
 Output: one JSON line per measurement {what, shape, batch, device, ours, reference, ratio, unit,
 note} (ratio = ours / reference), then a Markdown table of the same.
@@ -85,7 +89,8 @@ COMMON = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], rope_theta
               tie_word_embeddings=True, attention_bias=False, hidden_act="silu", use_sliding_window=False,
               rope_scaling=None, bos_token_id=151643, eos_token_id=151643, torch_dtype="bfloat16")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-KINDS = ("rollout", "kernels", "train", "grpo", "agreement", "precision")
+KINDS = ("rollout", "kernels", "train", "grpo", "agreement", "precision")  # run by default
+EXTRA_KINDS = ("memory",)  # run when named in --only (and by --gpu-check)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -765,6 +770,33 @@ def bench_agreement(model, reference, config, device, size, records, shape):
 
 
 # ----------------------------------------------------------------------------------------------
+# 6. Memory: what the paper step keeps, measured at the 1.7B geometry, and its planned peak
+
+
+def bench_memory(device, records, shape):
+    """Saved-activation bytes per sequence token of the training forward (memory.activation_profile: 1 and
+    2 real layers at 64 and 256 tokens, scaled to 28; parameters excluded; the device's attention kernel)
+    with and without gradient checkpointing, in the paper preset's configuration (bf16 weights, bf16
+    LoRA r 64, dropout 0.05) whatever the device; then the paper step's planned peak (memory.planned_peak)."""
+    import memory
+    import train
+
+    model_config = Qwen3Config(**{k: v for k, v in dict(COMMON, **SHAPES[shape]).items() if k in Qwen3Config.__dataclass_fields__})
+    config, _, _ = train.parse_args(["--preset", "paper"])
+    profiles = {setting: memory.activation_profile(model_config, config, device, setting) for setting in (False, True)}
+    for setting, profile in profiles.items():
+        records.append(record("activations_per_token" + ("_checkpointed" if setting else ""), shape, 1, device,
+                              profile["per_token"] / 2**20, None, "MB per token",
+                              f"{model_config.num_hidden_layers} layers, of which one layer {profile['layer_per_token'] / 2**10:.1f} KB; "
+                              f"plus {profile['constant'] / 2**20:.0f} MB whatever the length (LoRA weight casts)"))
+    for setting in (False, True):
+        plan = memory.planned_peak(model_config, config, device, setting, dict(profiles))
+        parts = ", ".join(f"{name} {value:.2f}" for name, value in plan.items() if name not in ("peak", "phase") and value)
+        records.append(record("paper_step_planned_peak" + ("_checkpointed" if setting else ""), shape, None, device, plan["peak"],
+                              None, "GB", f"{plan['phase']} phase: {parts}"))
+
+
+# ----------------------------------------------------------------------------------------------
 # --gpu-check: the goals, measured in one command
 
 
@@ -774,6 +806,8 @@ GOALS = (  # (goal, record, batch or None, field, target, direction)
     ("rollout at batch 64: fraction of the bandwidth bound", "rollout_bandwidth_fraction", 64, "ours", 0.5, ">="),
     ("paper GRPO step (32 completions of up to 512 tokens), s", "paper_step", None, "ours", 3.0, "<="),
     ("paper GRPO step with gradient checkpointing, peak GB", "paper_step_checkpointed_peak_memory", None, "ours", 24.0, "<="),
+    ("activations with gradient checkpointing, MB per token", "activations_per_token_checkpointed", 1, "ours", 0.5, "<="),
+    ("planned paper peak with gradient checkpointing, GB", "paper_step_planned_peak_checkpointed", None, "ours", 20.0, "<="),
 )
 
 
@@ -797,6 +831,7 @@ def gpu_check(directory, device, dtype, size, shape, compile=True):
                                                              records, shape, compile)),
         (f"LoRA rollout at batch {largest}", lambda: bench_rollout_lora(directory, device, dtype, dict(size, batches=(largest,)),
                                                                         records, shape, compile)),
+        ("memory", lambda: bench_memory(device, records, shape)),
     ]
     for name, measure in plan:
         if time.monotonic() - started > GPU_CHECK_SECONDS:
@@ -857,11 +892,13 @@ def markdown_table(records):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="model geometry; default 1.7b on a GPU, tiny on the CPU")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="model geometry; default 1.7b on a GPU, tiny on the CPU (the memory kind: 1.7b on both)")
     parser.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats: under a minute on a CPU")
-    parser.add_argument("--only", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    parser.add_argument("--only", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS + EXTRA_KINDS)} "
+                                                                   f"(default: all but {','.join(EXTRA_KINDS)})")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch; default torch's choice, 1 with --quick (on a busy machine, "
                              "OpenMP threads wait for each other and every small op slows down many times)")
@@ -874,13 +911,14 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint-dir", default=None, help="where to write the random checkpoint (default: a temporary directory)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.memory_shape = args.shape or "1.7b"  # the memory kind is about the paper's geometry on any device
     args.shape = args.shape or ("1.7b" if args.device.type == "cuda" else "tiny")
     args.kernel_shape = args.kernel_shape or ("tiny" if args.quick else "1.7b")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
     args.only = [] if args.gpu_check else [kind.strip() for kind in args.only.split(",") if kind.strip()]
-    unknown = sorted(set(args.only) - set(KINDS))
+    unknown = sorted(set(args.only) - set(KINDS + EXTRA_KINDS))
     if unknown:
-        parser.error(f"--only {','.join(unknown)}: expected a subset of {','.join(KINDS)}")
+        parser.error(f"--only {','.join(unknown)}: expected a subset of {','.join(KINDS + EXTRA_KINDS)}")
     return args
 
 
@@ -918,6 +956,8 @@ def main(argv=None):
             bench_grpo(directory, device, dtype, size, records, shape)
         if "precision" in args.only:
             bench_precision(device, size, records, shape, tmp)
+        if "memory" in args.only:
+            bench_memory(device, records, args.memory_shape)
     print()
     print(f"python {' '.join(sys.argv)}  # torch {torch.__version__}, dtype {str(dtype).removeprefix('torch.')}")
     print()

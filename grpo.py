@@ -450,15 +450,16 @@ def step_metrics(reports, rewards, lengths, stopped, timeouts, lr, clock, device
     first, last = reports[0], reports[-1]
     by_rank = gather(dict(rewards=rewards, lengths=lengths, stopped=stopped, timeouts=timeouts, phases=clock.seconds(),
                           peak_memory_gb=peak_memory_gb(device)))
-    rewards = torch.tensor([r for rank in by_rank for r in rank["rewards"]])  # (N,) every rank's, in order
+    rewards = [r for rank in by_rank for r in rank["rewards"]]  # every rank's, in order: Python numbers, no device read
     lengths, stopped = [n for rank in by_rank for n in rank["lengths"]], [s for rank in by_rank for s in rank["stopped"]]
     phases = {name: max(rank["phases"][name] for rank in by_rank) for name in ("rollout", "reward", "train")}  # the slowest rank
-    group_rewards = rewards.view(-1, config.group_size)  # (P, K): completions are grouped in order
+    groups = [rewards[start : start + config.group_size] for start in range(0, len(rewards), config.group_size)]  # in order
     rows, trained_tokens = max(first["rows"], 1), max(first["trained_tokens"], 1)
+    mean = sum(rewards) / len(rewards)  # (a NaN reward makes a NaN mean and std, as it should)
     return {
-        "reward_mean": rewards.mean().item(),
-        "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-        "zero_spread_groups": (group_rewards.max(dim=1).values == group_rewards.min(dim=1).values).float().mean().item(),
+        "reward_mean": mean,
+        "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1)) if len(rewards) > 1 else 0.0,
+        "zero_spread_groups": sum(max(group) == min(group) for group in groups) / len(groups),
         "reward_timeouts": sum(rank["timeouts"] for rank in by_rank),
         "loss": first["loss"],
         "kl": first["kl"],

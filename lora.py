@@ -6,8 +6,11 @@ Design (Hu et al. 2021, "LoRA"; initialisation and file layout as Hugging Face P
       y = base(x) + (dropout(x) @ A^T @ B^T) * alpha / r      A: (r, in), B: (out, r)
 
   A is Kaiming-uniform (PEFT's default), B is zero, so a fresh adapter changes nothing.
-  A and B are fp32 whatever the base dtype: x is cast to fp32 at the matmul and the sum
-  is rounded once to the base dtype, so small updates are not rounded away in bf16.
+  A and B are fp32 whatever the base dtype (the optimiser's master weights). The update's
+  matmuls run in `compute_dtype` (an `apply_lora` argument; fp32 by default, as PEFT's
+  autocast_adapter_dtype does), or in the input's dtype when that is wider (an fp32 pass on a
+  bf16 model), and the sum is rounded once to the base dtype. With compute_dtype bf16 on a
+  bf16 model the update costs no fp32 copy of x: backward keeps x itself (or its dropout).
 - `apply_lora` swaps every matching linear layer for a `LoRALinear` and freezes every
   other parameter. A target matches a module named `target` or ending in `.target`
   (PEFT's rule for a list of targets).
@@ -27,9 +30,9 @@ Design (Hu et al. 2021, "LoRA"; initialisation and file layout as Hugging Face P
   (addmm): 3 kernels a layer where the training path launches 5 in fp32 (the base, two
   matmuls, the scale, the add) and 7 in bf16 (two casts as well). The update is computed
   in the model dtype, not folded into W, so a small update keeps its relative precision
-  (~2^-8 in bf16) instead of being rounded to W's ulp. The copies are made on entry, so a
-  rollout after an optimiser step always sees the new A and B; they are buffers (left out
-  of the state dict), which a CUDA graph reads in place.
+  (~2^-8 in bf16) instead of being rounded to W's ulp. The copies are refilled on entry, so
+  a rollout after an optimiser step always sees the new A and B; they are buffers (left out
+  of the state dict), allocated once and kept, so that a CUDA graph reads them in place.
 - `save_adapter` / `load_adapter` use PEFT's layout, which PEFT, transformers and vLLM
   load: `adapter_config.json` and `adapter_model.safetensors` with keys
   `base_model.model.<module path>.lora_A.weight` (PEFT drops the adapter name). The
@@ -64,7 +67,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a rank-r update B @ A scaled by alpha / r."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
@@ -77,8 +80,11 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, device=device, dtype=torch.float32))
         self.enabled = True
         self.merged = False
-        # Inside sampling_copies(model): A and B * alpha / r in the base weight's dtype, else None. Buffers
-        # (not in the state dict), so that a CUDA graph of the decode step reads them in place.
+        self.compute_dtype = compute_dtype  # the update's matmuls run in this dtype, or the input's if wider
+        # sampling_copies(model)'s copies of A and B * alpha / r in the base weight's dtype, used while
+        # self.sampling is set. Buffers (not in the state dict) made once and refilled in place, so that a
+        # compiled decode step's CUDA graph reads them at the same address on every rollout.
+        self.sampling = False
         self.register_buffer("sampling_A", None, persistent=False)  # (r, in)
         self.register_buffer("sampling_B", None, persistent=False)  # (out, r)
         self.reset_parameters()
@@ -98,12 +104,13 @@ class LoRALinear(nn.Module):
                                "unmerge_adapter(model) before training (or model.eval() to evaluate)")
         if self.merged or not self.enabled:
             return self.base(x)  # merged: the update is in the weight; disabled: exactly the base layer
-        if self.sampling_A is not None:
+        if self.sampling:
             return self.sampling_forward(x)
         y = self.base(x)  # (..., out)
-        x = self.dropout(x).to(self.lora_A.dtype)  # (..., in), fp32
-        update = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling  # (..., r) -> (..., out)
-        return (y + update).to(y.dtype)  # added in fp32, rounded once
+        dtype = torch.promote_types(self.compute_dtype, x.dtype)  # bf16 on a bf16 model; fp32 for an fp32 adapter or pass
+        h = self.dropout(x).to(dtype)  # (..., in): x itself when no dropout and no cast, so backward keeps no copy of it
+        update = F.linear(F.linear(h, self.lora_A.to(dtype)), self.lora_B.to(dtype)) * self.scaling  # (..., r) -> (..., out)
+        return (y + update).to(y.dtype)  # added in `dtype`, rounded once to the base's
 
     def sampling_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inside sampling_copies: base(x) + (x @ A^T) @ (B * alpha / r)^T in the base dtype, three
@@ -133,8 +140,9 @@ def _matches(name: str, targets) -> bool:
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-               targets=DEFAULT_TARGETS) -> nn.Module:
-    """Wrap every nn.Linear whose name matches a target in a LoRALinear; freeze the rest."""
+               targets=DEFAULT_TARGETS, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Wrap every nn.Linear whose name matches a target in a LoRALinear; freeze the rest.
+    compute_dtype: the dtype of the update's matmuls (A and B themselves stay fp32)."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already has LoRA layers: apply_lora once per model")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -148,7 +156,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
         if _matches(name, targets):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            lora = LoRALinear(linear, rank, alpha, dropout).train(linear.training)  # keep the model's mode
+            lora = LoRALinear(linear, rank, alpha, dropout, compute_dtype).train(linear.training)  # keep the model's mode
             setattr(parent, child, lora)
     return model
 
@@ -172,20 +180,24 @@ def disable_adapter(model: nn.Module):
 @contextmanager
 def sampling_copies(model: nn.Module):
     """Generate inside the block with copies of A and B * alpha / r in the base weights' dtype
-    (see LoRALinear.sampling_forward); taken on entry, dropped on exit."""
+    (see LoRALinear.sampling_forward), refilled on entry; the training path is back on exit."""
     layers = list(lora_layers(model).values())
-    if any(layer.sampling_A is not None for layer in layers):
+    if any(layer.sampling for layer in layers):
         raise RuntimeError("sampling_copies(model) is already active")
     with torch.no_grad():
         for layer in layers:
             dtype = layer.base.weight.dtype
-            layer.sampling_A = layer.lora_A.to(dtype, copy=True)  # (r, in)
-            layer.sampling_B = (layer.lora_B * layer.scaling).to(dtype)  # (out, r)
+            if layer.sampling_A is None or layer.sampling_A.dtype != dtype or layer.sampling_A.device != layer.lora_A.device:
+                layer.sampling_A = torch.empty(layer.lora_A.shape, dtype=dtype, device=layer.lora_A.device)  # (r, in)
+                layer.sampling_B = torch.empty(layer.lora_B.shape, dtype=dtype, device=layer.lora_B.device)  # (out, r)
+            layer.sampling_A.copy_(layer.lora_A)
+            layer.sampling_B.copy_(layer.lora_B * layer.scaling)
+            layer.sampling = True
     try:
         yield model
     finally:
         for layer in layers:
-            layer.sampling_A = layer.sampling_B = None
+            layer.sampling = False
 
 
 @torch.no_grad()

@@ -146,22 +146,28 @@ class Linear(nn.Linear):
 
 
 class KVCache:
-    """Static key/value buffers for every layer, allocated once and written in place.
+    """Key/value buffers written in place: one K and one V tensor per layer, (B, KV, S, D) each.
 
     Rows are left-padded, so all rows write the same slots: `length` (a Python int, no device sync)
-    counts the slots filled so far. The rotary cos/sin of every position a slot can hold are
-    computed once here and looked up by the forward, instead of recomputed at each decode step.
+    counts the slots filled so far. `cos`, `sin` (S, D) are the rotary table of every position a
+    slot can hold, computed once instead of at each decode step. In the compiled decode step, `slot`
+    is a (1,) device tensor, the slot this step writes, and the tensors are views of DecodeBuffers'.
     """
 
-    def __init__(self, config, batch_size, max_length, device, dtype):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, KV, S, D)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, KV, S, D)
+    def __init__(self, keys, values, cos, sin):
+        self.keys, self.values = keys, values  # L tensors (B, KV, S, D) each
+        self.cos, self.sin = cos, sin  # (S, D)
         self.length = 0
-        self.slot = None  # a (1,) device tensor in generate(compile=True)'s static decode step: the slot to write
+        self.slot = None
+
+    @classmethod
+    def allocate(cls, config, batch_size, max_length, device, dtype):
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         positions = torch.arange(max_length, device=device)[None]  # (1, S): a position never exceeds its slot
         cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, dtype)  # (1, S, D)
-        self.cos, self.sin = cos[0], sin[0]  # (S, D)
+        return cls(keys, values, cos[0], sin[0])
 
 
 class Attention(nn.Module):
@@ -186,15 +192,16 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None and cache.slot is not None:  # static decode step: write at a device-tensor slot, read it all
-            cache.keys[self.layer_index].index_copy_(2, cache.slot, k)  # (B, KV, S, D)
-            cache.values[self.layer_index].index_copy_(2, cache.slot, v)
-            k, v = cache.keys[self.layer_index], cache.values[self.layer_index]  # (B, KV, S, D), unwritten slots masked
+            layer_keys, layer_values = cache.keys[self.layer_index], cache.values[self.layer_index]  # (B, KV, S, D)
+            layer_keys.index_copy_(2, cache.slot, k)  # in place: this layer's tensor, at a static address
+            layer_values.index_copy_(2, cache.slot, v)
+            k, v = layer_keys, layer_values  # unwritten slots are masked
         elif cache is not None:
             start, end = cache.length, cache.length + T
-            cache.keys[self.layer_index, :, :, start:end] = k
-            cache.values[self.layer_index, :, :, start:end] = v
-            k = cache.keys[self.layer_index, :, :, :end]  # (B, KV, S, D)
-            v = cache.values[self.layer_index, :, :, :end]  # (B, KV, S, D)
+            cache.keys[self.layer_index][:, :, start:end] = k
+            cache.values[self.layer_index][:, :, start:end] = v
+            k = cache.keys[self.layer_index][:, :, :end]  # (B, KV, S, D)
+            v = cache.values[self.layer_index][:, :, :end]  # (B, KV, S, D)
         if mask is None:  # plain causal attention, no padding: the flash kernel takes GQA as is
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.num_heads != self.num_kv_heads)  # (B, H, T, D)
         else:
@@ -538,16 +545,42 @@ def draw_from_cumulative(cumulative, total, generator=None, uniforms=None):
 
 
 def sample_top_p_sorted(probs, top_p, generator=None, uniforms=None):
-    """Top-p by sorting (any device, no host sync): the reference, and the path used on a GPU.
+    """Top-p by sorting the vocabulary (any device, no host sync): the reference.
 
-    probs (B, V) -> tokens (B,). Kept: the tokens whose strictly likelier mass, cumulative[i - 1],
-    is below p, i.e. the count of cumulative < p plus the token that crosses p.
+    probs (B, V) -> tokens (B,); top_p a float or a 0-d tensor. Kept: the tokens whose strictly
+    likelier mass, cumulative[i - 1], is below p, i.e. the count of cumulative < p plus the token
+    that crosses p. The sort is stable: tokens of equal probability stay in id order.
     """
-    probs, ids = probs.sort(dim=-1, descending=True)  # (B, V)
+    probs, ids = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
     cumulative = probs.cumsum(dim=-1)  # (B, V) nondecreasing
     kept = ((cumulative < top_p).sum(dim=-1, keepdim=True) + 1).clamp(max=probs.shape[-1])  # (B, 1) tokens kept
     choice = draw_from_cumulative(cumulative, cumulative.gather(-1, kept - 1), generator, uniforms)  # (B, 1)
     return ids.gather(-1, choice.clamp(max=kept - 1)).squeeze(-1)  # (B,)
+
+
+def sample_top_k_top_p(logits, top_k, top_p, generator=None, uniforms=None):
+    """Top-k then top-p without sorting the vocabulary: the same tokens, for the same uniforms, as
+    sample_top_p_sorted(top_k_filter(logits, top_k).softmax(-1), top_p), which sorts all of it.
+
+    logits (B, V), already divided by the temperature -> tokens (B,); top_p a float or a 0-d tensor.
+    Only the k candidates of `topk` are sorted. Every token tied with the k-th largest logit is kept,
+    as top_k_filter keeps it, and such tokens come last, in id order, as the stable sort puts them:
+    the draw runs over [the candidates above the k-th value, by probability; the tied ones, by id].
+    Example, logits [[3, 1, 2, 2]], top_k 2: kept 3 (id 0) then the tie 2, 2 (ids 2, 3).
+    """
+    values, ids = logits.topk(top_k, dim=-1)  # (B, k), descending
+    kth = values[:, -1:]  # (B, 1) the k-th largest logit
+    probs = torch.where(logits >= kth, logits, float("-inf")).softmax(dim=-1)  # (B, V) top_k_filter's distribution
+    ids, order = ids.sort(dim=-1)  # by id, then a stable sort by value: ties in id order
+    values, order = values.gather(-1, order).sort(dim=-1, descending=True, stable=True)  # (B, k)
+    ids = ids.gather(-1, order)  # (B, k)
+    head = torch.where(values > kth, probs.gather(-1, ids), 0.0)  # (B, k) the candidates above the k-th value
+    tied = torch.where(logits == kth, probs, 0.0)  # (B, V) the k-th value's tokens, in id order
+    cumulative = torch.cat([head, tied], dim=-1).cumsum(dim=-1)  # (B, k + V): the sorted cumulative, with zeros between
+    kept = ((cumulative < top_p).sum(dim=-1, keepdim=True) + 1).clamp(max=cumulative.shape[-1])  # (B, 1)
+    choice = draw_from_cumulative(cumulative, cumulative.gather(-1, kept - 1), generator, uniforms).clamp(max=kept - 1)  # (B, 1)
+    head_token = ids.gather(-1, choice.clamp(max=top_k - 1))  # (B, 1)
+    return torch.where(choice < top_k, head_token, choice - top_k).squeeze(-1)  # (B,) a tied token's position is its id
 
 
 def sample_top_p_by_rejection(probs, top_p, generator=None, max_rounds=64, uniforms=None):
@@ -603,22 +636,26 @@ def sample_next_token(logits, temperature, top_p, generator=None, top_k=0, unifo
     """One token per row from fp32 logits (B, V): greedy at temperature 0, else temperature, then
     top-k, then top-p, in the order of transformers' sampling warpers.
 
-    Top-k keeps the k most likely tokens (0: all). Top-p then keeps the smallest set of the most
-    likely remaining tokens whose mass reaches p, including the token that crosses p (and any
-    token tied with it, on the CPU). Example, probs [0.5, 0.3, 0.2], p = 0.6: keeps 0.5 and 0.3.
-    With p >= 1 every token top-k left is kept and nothing is sorted. uniforms (B, UNIFORMS_PER_DRAW):
-    pre-drawn random numbers for this token instead of the generator (see generate).
+    Top-k keeps the k most likely tokens (0: all; ties with the k-th kept). Top-p then keeps the
+    smallest set of the most likely remaining tokens whose mass reaches p, including the token that
+    crosses p (and any token tied with it, on the CPU). Example, probs [0.5, 0.3, 0.2], p = 0.6:
+    keeps 0.5 and 0.3. With p >= 1 every token top-k left is kept and nothing is sorted. On the CPU
+    top-p draws by rejection (no sort); elsewhere from the top-k candidates (sample_top_k_top_p), or
+    by sorting when top-k is off. uniforms (B, UNIFORMS_PER_DRAW): pre-drawn random numbers for this
+    token instead of the generator (see generate).
     """
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
-    probs = top_k_filter(logits / temperature, top_k).softmax(dim=-1)  # (B, V)
+    logits = logits / temperature
+    u = None if uniforms is None else uniforms[:, 0]
     if top_p >= 1:
-        cumulative = probs.cumsum(dim=-1)  # (B, V)
-        u = None if uniforms is None else uniforms[:, 0]
-        return draw_from_cumulative(cumulative, cumulative[:, -1:], generator, u).clamp(max=probs.shape[-1] - 1).squeeze(-1)  # (B,)
-    if probs.device.type == "cpu":
-        return sample_top_p_by_rejection(probs, top_p, generator, uniforms=uniforms)
-    return sample_top_p_sorted(probs, top_p, generator, None if uniforms is None else uniforms[:, 0])
+        cumulative = top_k_filter(logits, top_k).softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+        return draw_from_cumulative(cumulative, cumulative[:, -1:], generator, u).clamp(max=logits.shape[-1] - 1).squeeze(-1)  # (B,)
+    if logits.device.type == "cpu":
+        return sample_top_p_by_rejection(top_k_filter(logits, top_k).softmax(dim=-1), top_p, generator, uniforms=uniforms)
+    if 0 < top_k < logits.shape[-1]:
+        return sample_top_k_top_p(logits, top_k, top_p, generator, u)
+    return sample_top_p_sorted(logits.softmax(dim=-1), top_p, generator, u)
 
 
 def next_token_logits(model, hidden, vocab_size):
@@ -634,42 +671,34 @@ def drawn_logprob(logits, token):
     return logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
 
 
-def decode_step(model, hidden, finished, uniforms, position, cache, key_bias, eos_ids, fill_id, temperature, top_p, top_k, vocab_size):
-    """generate's loop body with static shapes, for torch.compile: one token per row from `hidden`
-    (B, H), then the forward of that token with its K/V written at cache.slot (a device tensor).
-
-    No Python number is read from a tensor, the cache and key_bias (B, 1, 1, S) keep their full
-    length S (unwritten slots are -inf in key_bias), the random numbers are pre-drawn (uniforms
-    (B, UNIFORMS_PER_DRAW)) and top-p sorts (no rejection loop), so one compilation serves every
-    step of every call with the same batch and cache length. Returns (token (B,), its log-prob (B,),
-    finished (B,), the next hidden (B, H)).
-    """
-    logits = next_token_logits(model, hidden, vocab_size)  # (B, V)
-    if temperature == 0:
-        token = logits.argmax(dim=-1)  # (B,)
-    else:
-        probs = top_k_filter(logits / temperature, top_k).softmax(dim=-1)  # (B, V)
-        token = sample_top_p_sorted(probs, min(top_p, 1.0), uniforms=uniforms[:, 0])  # (B,)
-    token = token.masked_fill(finished, fill_id)  # (B,)
-    logprob = drawn_logprob(logits, token)  # (B,)
-    finished = finished | torch.isin(token, eos_ids)  # (B,)
-    key_bias.index_fill_(-1, cache.slot, 0.0)  # open the slot this token is written to
-    hidden = model(token[:, None], key_bias, kv_cache=cache, position_ids=position)[:, -1]  # (B, H)
-    return token, logprob, finished, hidden
+def pack_prompts(prompts, device):
+    """Left-padded prompt ids and their mask (B, P), laid out on the host and copied to the device once.
+    [[5, 6], [7]] -> ids [[5, 6], [0, 7]], mask [[1, 1], [0, 1]]."""
+    P = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), P, dtype=torch.long)  # (B, P)
+    mask = torch.zeros(len(prompts), P, dtype=torch.bool)  # (B, P)
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {row} is empty; every prompt needs at least one token")
+        ids[row, P - len(prompt) :] = torch.tensor(prompt)
+        mask[row, P - len(prompt) :] = True
+    return ids.to(device), mask.to(device)
 
 
-_compiled_decode_step = None  # torch.compile(decode_step), built on first use and kept: its compilations are reused
-
-
-def compiled_decode_step(device):
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on a GPU, inductor's default on a CPU
-        _compiled_decode_step = torch.compile(decode_step, fullgraph=True, mode=mode)
-    return _compiled_decode_step
-
-
-CACHE_BUCKET = 256  # compile=True allocates the KV cache in multiples of this: one compilation per (batch, bucket)
+def prefill(model, prompts, samples_per_prompt, cache):
+    """The prompts' keys and values into `cache` (B = prompts x K rows, row p * K + k is prompt p's), each
+    distinct prompt computed once and copied to its K rows; returns the last hidden states (B, H)."""
+    device, K = model.lm_head.weight.device, samples_per_prompt
+    prompt_ids, prompt_mask = pack_prompts(prompts, device)  # (B / K, P)
+    if K == 1:
+        return model(prompt_ids, prompt_mask, kv_cache=cache)[:, -1]  # (B, hidden): the last slot is real in every row
+    shared = KVCache.allocate(model.config, len(prompts), prompt_ids.shape[1], device, cache.keys[0].dtype)
+    hidden = model(prompt_ids, prompt_mask, kv_cache=shared)[:, -1]  # (B / K, hidden)
+    for layer in range(model.config.num_hidden_layers):
+        cache.keys[layer][:, :, : shared.length] = shared.keys[layer].repeat_interleave(K, dim=0)  # (B, KV, P, D)
+        cache.values[layer][:, :, : shared.length] = shared.values[layer].repeat_interleave(K, dim=0)
+    cache.length = shared.length
+    return hidden.repeat_interleave(K, dim=0)  # (B, hidden)
 
 
 @torch.no_grad()
@@ -686,9 +715,8 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
     depend on which other rows share its batch (or its process, in a distributed run).
     samples_per_prompt: K completions of each prompt, rows p * K .. p * K + K - 1: each distinct
     prompt is prefilled once and its K/V copied to its K rows (as GRPO's groups and pass@k need).
-    compile: run the decode steps through torch.compile(decode_step) (CUDA graphs on a GPU) on a
-    KV cache of CACHE_BUCKET-multiple length; greedy tokens equal the eager path's, sampled ones
-    draw from the same distribution (top-p by sorting, not by rejection) with their own numbers.
+    compile: the fast path, generate_compiled (a static-shape decode step under torch.compile, CUDA
+    graphs on a GPU); greedy tokens equal this path's, sampled ones are the sorted sampler's draws.
     Returns tokens (B, N) and mask (B, N), N <= max_new_tokens: mask is True up to and including a
     row's first EOS, False after it (those slots hold the EOS id). With return_logprobs, also the
     fp32 log-probs (B, N) of the drawn tokens under the untempered model distribution (what the
@@ -699,72 +727,51 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
 
     Per decode step the loop does no work that does not depend on the step: the cache holds the
     rotary table, the attention bias is one buffer whose next slot is opened in place, positions
-    are the prompt lengths plus the step. It runs under inference_mode (no autograd bookkeeping at
-    all); every tensor it returns was allocated outside it, so they are ordinary tensors that a
-    training forward may use.
+    are the prompt lengths plus the step. It reads the device once every check_every steps (have
+    all rows stopped?). It runs under inference_mode (no autograd bookkeeping at all); every tensor
+    it returns was allocated outside it, so they are ordinary tensors that a training forward may use.
     """
+    if compile:
+        return generate_compiled(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
+                                 generator=generator, vocab_size=vocab_size, return_logprobs=return_logprobs, check_every=check_every,
+                                 top_k=top_k, row_generators=row_generators, samples_per_prompt=samples_per_prompt)
     device = model.lm_head.weight.device
-    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
-    fill_id = int(eos_ids[0]) if len(eos_ids) else 0  # what finished rows hold; masked out anyway
+    eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos_ids, fill_id = torch.tensor(eos_list, device=device), eos_list[0] if eos_list else 0  # fill_id: what finished rows hold
     K, P = samples_per_prompt, max(len(p) for p in prompts)
     B = len(prompts) * K
-    prompt_ids = torch.zeros(len(prompts), P, dtype=torch.long, device=device)  # (B / K, P) left-padded
-    prompt_mask = torch.zeros(len(prompts), P, dtype=torch.bool, device=device)  # (B / K, P) real prompt slots
-    for row, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {row} is empty; every prompt needs at least one token")
-        prompt_ids[row, P - len(prompt) :] = torch.tensor(prompt, device=device)
-        prompt_mask[row, P - len(prompt) :] = True
-    row_prompt_mask = prompt_mask.repeat_interleave(K, dim=0)  # (B, P)
-    cache_length = -(-(P + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET if compile else P + max_new_tokens
-    cache = KVCache(model.config, B, cache_length, device, model.lm_head.weight.dtype)
+    cache = KVCache.allocate(model.config, B, P + max_new_tokens, device, model.lm_head.weight.dtype)
+    row_prompt_mask = pack_prompts(prompts, device)[1].repeat_interleave(K, dim=0)  # (B, P) real prompt slots
     # Decode-step attention bias (B, 1, 1, S): 0 on real slots, -inf on padding and on slots not yet
     # written. One query row broadcasts over the G folded heads; keys padded to 16 (see attention_bias).
-    key_bias = torch.full((B, 1, 1, -(-cache_length // 16) * 16), float("-inf"), device=device, dtype=cache.keys.dtype)
+    key_bias = torch.full((B, 1, 1, -(-(P + max_new_tokens) // 16) * 16), float("-inf"), device=device, dtype=cache.keys[0].dtype)
     key_bias[:, 0, 0, :P].masked_fill_(row_prompt_mask, 0.0)
     first_position = row_prompt_mask.sum(dim=1, keepdim=True)  # (B, 1) position of each row's first new token
-
     tokens = torch.full((B, max_new_tokens), fill_id, dtype=torch.long, device=device)  # (B, N)
     mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # (B, N)
     logprobs = torch.zeros(B, max_new_tokens, device=device)  # (B, N)
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
-
     uniforms = None
     if row_generators is not None and temperature > 0:
         uniforms = torch.stack([torch.rand(max_new_tokens, UNIFORMS_PER_DRAW, generator=g, device=g.device) for g in row_generators]).to(device)  # (B, N, U)
-    elif compile:  # the compiled step draws no random numbers itself
-        uniforms = torch.rand(B, max_new_tokens, UNIFORMS_PER_DRAW, generator=generator, device=device)  # (B, N, U)
 
     with torch.inference_mode():
-        if K == 1:
-            hidden = model(prompt_ids, prompt_mask, kv_cache=cache)[:, -1]  # (B, hidden): last slot is real in every row
-        else:  # prefill each distinct prompt once, then give its K rows copies of its keys and values
-            prefill = KVCache(model.config, len(prompts), P, device, cache.keys.dtype)
-            hidden = model(prompt_ids, prompt_mask, kv_cache=prefill)[:, -1].repeat_interleave(K, dim=0)  # (B, hidden)
-            cache.keys[:, :, :, :P] = prefill.keys.repeat_interleave(K, dim=1)  # (L, B, KV, P, D)
-            cache.values[:, :, :, :P] = prefill.values.repeat_interleave(K, dim=1)
-            cache.length = P
-        if compile:  # (a contiguous hidden: the compiled step's guards include strides)
-            compiled = finish_compiled(model, hidden.contiguous(), cache, key_bias[..., :cache_length], first_position, uniforms, eos_ids,
-                                       fill_id, temperature, top_p, top_k, vocab_size, max_new_tokens, check_every, P)
-        else:
-            for step in range(max_new_tokens):
-                logits = next_token_logits(model, hidden, vocab_size)  # (B, V)
-                next_token = sample_next_token(logits, temperature, top_p, generator, top_k, None if uniforms is None else uniforms[:, step])  # (B,)
-                next_token = next_token.masked_fill(finished, fill_id)  # (B,)
-                tokens[:, step] = next_token
-                mask[:, step] = ~finished
-                if return_logprobs:
-                    logprobs[:, step] = drawn_logprob(logits, next_token)
-                if len(eos_ids):
-                    finished |= torch.isin(next_token, eos_ids)
-                if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(finished.all())):
-                    break
-                key_bias[..., P + step] = 0.0  # the slot this token is written to
-                hidden = model(next_token[:, None], key_bias[..., : P + step + 1], kv_cache=cache,
-                               position_ids=first_position + step)[:, -1]  # (B, hidden)
-    if compile:  # copies made outside inference_mode are ordinary tensors, which a training forward may use
-        tokens, mask, logprobs = (t.clone() for t in compiled)
+        hidden = prefill(model, prompts, K, cache)  # (B, hidden)
+        for step in range(max_new_tokens):
+            logits = next_token_logits(model, hidden, vocab_size)  # (B, V)
+            next_token = sample_next_token(logits, temperature, top_p, generator, top_k, None if uniforms is None else uniforms[:, step])  # (B,)
+            next_token = next_token.masked_fill(finished, fill_id)  # (B,)
+            tokens[:, step] = next_token
+            mask[:, step] = ~finished
+            if return_logprobs:
+                logprobs[:, step] = drawn_logprob(logits, next_token)
+            if len(eos_ids):
+                finished |= torch.isin(next_token, eos_ids)
+            if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(finished.all())):
+                break
+            key_bias[..., P + step] = 0.0  # the slot this token is written to
+            hidden = model(next_token[:, None], key_bias[..., : P + step + 1], kv_cache=cache,
+                           position_ids=first_position + step)[:, -1]  # (B, hidden)
     return trim(tokens, mask, logprobs, return_logprobs)
 
 
@@ -775,28 +782,154 @@ def trim(tokens, mask, logprobs, return_logprobs):
     return (tokens, mask, logprobs) if return_logprobs else (tokens, mask)
 
 
-def finish_compiled(model, hidden, cache, key_bias, first_position, uniforms, eos_ids, fill_id, temperature, top_p, top_k,
-                    vocab_size, max_new_tokens, check_every, P):
-    """generate's decode loop through the compiled static step (see decode_step): tokens, mask, log-probs (B, N)."""
-    B = hidden.shape[0]
-    step_fn = compiled_decode_step(hidden.device)
-    # A CUDA graph may mutate only inputs at a fixed address: these buffers are written in place at every
-    # step (a new generate call re-records the graph for its new buffers, without a recompilation).
-    for buffer in (cache.keys, cache.values, cache.cos, cache.sin, key_bias):
-        torch._dynamo.mark_static_address(buffer)
-    finished = torch.zeros(B, dtype=torch.bool, device=hidden.device)  # (B,)
-    uniforms = uniforms.transpose(0, 1).contiguous()  # (N, B, U): each step's (B, U) has the same strides whatever N is
+# ----------------------------------------------------------------------------------------------
+# The fast path: a static-shape decode step under torch.compile (CUDA graphs on a GPU)
+#
+# One compiled graph per (greedy or sampling, batch bucket, cache-length bucket): batches are padded
+# to a power of two and caches to a multiple of CACHE_BUCKET slots, so a paper run compiles a handful
+# of graphs (rollouts of 32, evaluation batches of 64 and their tail) and reuses them every step.
+# Temperature and top-p are tensor inputs, not constants: changing them recompiles nothing. The
+# tensors the step writes in place (each layer's K and V, the attention bias) and reads (the rotary
+# table, the LoRA sampling copies) stay at the same addresses between calls (DecodeBuffers, kept on
+# the model), so a CUDA graph is recorded once per bucket and then replayed.
+
+COMPILE_MIN_TORCH = (2, 6)  # torch.compile features the fast path needs (static addresses, cudagraph step marks, recompile limits)
+CACHE_BUCKET = 256  # cache lengths are multiples of this
+MAX_GRAPHS = 64  # compiled graphs of the decode step before torch.compile refuses (an error, never a silent eager fallback)
+
+
+def batch_bucket(rows):
+    """The compiled step's batch size for `rows` rows: the next power of two. 3 -> 4, 32 -> 32, 33 -> 64."""
+    return 1 << (rows - 1).bit_length()
+
+
+class DecodeBuffers:
+    """The compiled decode step's state, kept on the model so that every call of a bucket reads and
+    writes the same addresses: per layer one K and one V arena, one attention-bias arena and the
+    rotary table, each as large as the largest bucket used so far. A bucket's cache is made of views
+    of the arenas' first elements, built once and reused. Growing the arenas (a larger bucket) moves
+    them, so each graph is recorded again once. The arenas start at zero and unwritten slots are
+    masked, so values left by an earlier call are never read."""
+
+    def __init__(self, config, device, dtype):
+        self.config, self.device, self.dtype = config, device, dtype
+        self.capacity = self.length = 0  # elements per K/V arena; rotary table length
+        self.caches = {}  # (batch, length) -> (KVCache, key_bias (batch, 1, 1, length))
+
+    def get(self, batch, length):
+        config = self.config
+        width = -(-length // 16) * 16  # the bias's key axis, padded as attention_bias pads it
+        per_layer = batch * config.num_key_value_heads * length * config.head_dim
+        if per_layer > self.capacity or length > self.length:
+            self.capacity, self.length = max(per_layer, self.capacity), max(length, self.length)
+            self.keys = [torch.zeros(self.capacity, device=self.device, dtype=self.dtype) for _ in range(config.num_hidden_layers)]
+            self.values = [torch.zeros(self.capacity, device=self.device, dtype=self.dtype) for _ in range(config.num_hidden_layers)]
+            self.bias = torch.zeros(self.capacity, device=self.device, dtype=self.dtype)  # >= batch * width: head_dim >= 16
+            positions = torch.arange(self.length, device=self.device)[None]  # (1, S)
+            self.cos, self.sin = (t[0] for t in rotary_cos_sin(positions, config.head_dim, config.rope_theta, self.dtype))  # (S, D)
+            self.caches = {}
+        if (batch, length) not in self.caches:
+            shape = (batch, config.num_key_value_heads, length, config.head_dim)
+            cache = KVCache([k[:per_layer].view(shape) for k in self.keys], [v[:per_layer].view(shape) for v in self.values],
+                            self.cos[:length], self.sin[:length])
+            key_bias = self.bias[: batch * width].view(batch, 1, 1, width)[..., :length]  # (B, 1, 1, S)
+            for tensor in (*cache.keys, *cache.values, cache.cos, cache.sin, key_bias):
+                torch._dynamo.mark_static_address(tensor)  # a CUDA graph may write them in place
+            self.caches[batch, length] = cache, key_bias
+        return self.caches[batch, length]
+
+
+def decode_step(model, hidden, finished, uniforms, position, cache, key_bias, eos_ids, fill_id, temperature, top_p, top_k,
+                vocab_size, greedy):
+    """generate's loop body with static shapes, for torch.compile: one token per row from `hidden`
+    (B, H), then the forward of that token with its K/V written at cache.slot (a device tensor).
+
+    No Python number is read from a tensor, the cache and key_bias (B, 1, 1, S) keep their full
+    length S (unwritten slots are -inf in key_bias), the random numbers are pre-drawn (uniforms
+    (B, UNIFORMS_PER_DRAW)), temperature and top_p are 0-d tensors, and top-p draws from the top-k
+    candidates (or sorts, without top-k): no rejection loop. Returns (token (B,), its log-prob (B,),
+    finished (B,), the next hidden (B, H)).
+    """
+    logits = next_token_logits(model, hidden, vocab_size)  # (B, V)
+    if greedy:
+        token = logits.argmax(dim=-1)  # (B,)
+    elif 0 < top_k < logits.shape[-1]:
+        token = sample_top_k_top_p(logits / temperature, top_k, top_p, uniforms=uniforms[:, 0])  # (B,)
+    else:
+        token = sample_top_p_sorted((logits / temperature).softmax(dim=-1), top_p, uniforms=uniforms[:, 0])  # (B,)
+    token = token.masked_fill(finished, fill_id)  # (B,)
+    logprob = drawn_logprob(logits, token)  # (B,)
+    finished = finished | torch.isin(token, eos_ids)  # (B,)
+    key_bias.index_fill_(-1, cache.slot, 0.0)  # open the slot this token is written to
+    hidden = model(token[:, None], key_bias, kv_cache=cache, position_ids=position)[:, -1]  # (B, H)
+    return token, logprob, finished, hidden
+
+
+_compiled_decode_step = None  # torch.compile(decode_step), built on first use and kept: its compilations are reused
+
+
+def compiled_decode_step(device):
+    global _compiled_decode_step
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < COMPILE_MIN_TORCH:
+        raise RuntimeError(f"--compile needs torch >= {'.'.join(map(str, COMPILE_MIN_TORCH))}, this is {torch.__version__}; "
+                           "upgrade torch or run without --compile (the eager path computes the same completions)")
+    if _compiled_decode_step is None:
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on a GPU, inductor's default on a CPU
+        _compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+    return _compiled_decode_step
+
+
+@torch.no_grad()
+def generate_compiled(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id, generator=None, vocab_size=None,
+                      return_logprobs=False, check_every=8, top_k=0, row_generators=None, samples_per_prompt=1):
+    """generate(..., compile=True): the same contract as generate, through the compiled decode_step.
+
+    The B rows are padded to batch_bucket(B) (the padding rows repeat row 0 and start finished) and
+    the cache to a multiple of CACHE_BUCKET slots, in DecodeBuffers' tensors. Greedy tokens equal
+    the eager path's; sampled tokens are sample_top_p_sorted's (or sample_top_k_top_p's, the same)
+    for pre-drawn uniforms, which the eager CPU path, drawing by rejection, spends differently.
+    """
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    step_fn = compiled_decode_step(device)
+    eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos_ids, fill_id = torch.tensor(eos_list, device=device), eos_list[0] if eos_list else 0
+    K, P = samples_per_prompt, max(len(p) for p in prompts)
+    B = len(prompts) * K
+    rows, length = batch_bucket(B), -(-(P + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    if getattr(model, "decode_buffers", None) is None or model.decode_buffers.dtype != dtype:
+        model.decode_buffers = DecodeBuffers(model.config, device, dtype)
+    cache, key_bias = model.decode_buffers.get(rows, length)
+    cache.length = 0
+    with torch.inference_mode():
+        hidden = prefill(model, prompts, K, KVCache([k[:B] for k in cache.keys], [v[:B] for v in cache.values], cache.cos, cache.sin))
+        for keys, values in zip(cache.keys, cache.values):  # padding rows: row 0's prompt
+            keys[B:], values[B:] = keys[:1], values[:1]
+    hidden = torch.cat([hidden, hidden[:1].expand(rows - B, -1)]).contiguous()  # (rows, H)
+    row_prompt_mask = pack_prompts(prompts, device)[1].repeat_interleave(K, dim=0)  # (B, P)
+    row_prompt_mask = torch.cat([row_prompt_mask, row_prompt_mask[:1].expand(rows - B, -1)])  # (rows, P)
+    key_bias.fill_(float("-inf"))
+    key_bias[:, 0, 0, :P].masked_fill_(row_prompt_mask, 0.0)
+    first_position = row_prompt_mask.sum(dim=1, keepdim=True)  # (rows, 1)
+    finished = torch.arange(rows, device=device) >= B  # (rows,) the padding rows never sample
+    uniforms = torch.zeros(max_new_tokens, rows, UNIFORMS_PER_DRAW, device=device)  # (N, rows, U): a step's (rows, U) has fixed strides
+    if temperature > 0 and row_generators is not None:
+        uniforms[:, :B] = torch.stack([torch.rand(max_new_tokens, UNIFORMS_PER_DRAW, generator=g, device=g.device) for g in row_generators], dim=1).to(device)
+    elif temperature > 0:
+        uniforms[:, :B] = torch.rand(B, max_new_tokens, UNIFORMS_PER_DRAW, generator=generator, device=device).transpose(0, 1)
+    settings = dict(eos_ids=eos_ids, fill_id=fill_id, top_k=top_k, vocab_size=vocab_size, greedy=temperature == 0,
+                    temperature=torch.tensor(float(temperature or 1.0), device=device), top_p=torch.tensor(float(min(top_p, 1.0)), device=device))
     tokens, logprobs, valid = [], [], []
     for step in range(max_new_tokens):
-        cache.slot = torch.full((1,), P + step, dtype=torch.long, device=hidden.device)
+        cache.slot = torch.full((1,), P + step, dtype=torch.long, device=device)
         valid.append(~finished)
         torch.compiler.cudagraph_mark_step_begin()  # a CUDA graph's replay overwrites its last outputs: keep copies
-        outputs = step_fn(model, hidden, finished, uniforms[step], first_position + step, cache, key_bias,
-                          eos_ids, fill_id, temperature, top_p, top_k, vocab_size)
+        with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS, fail_on_recompile_limit_hit=True):
+            outputs = step_fn(model, hidden, finished, uniforms[step], first_position + step, cache, key_bias, **settings)
         token, logprob, finished, hidden = (t.clone() for t in outputs)
         tokens.append(token)
         logprobs.append(logprob)
         if (step + 1) % check_every == 0 and bool(finished.all()):
             break
     cache.slot = None
-    return torch.stack(tokens, dim=1), torch.stack(valid, dim=1), torch.stack(logprobs, dim=1)  # (B, N) each
+    tokens, mask, logprobs = (torch.stack(t, dim=1)[:B] for t in (tokens, valid, logprobs))  # (B, N) each
+    return trim(tokens, mask, logprobs, return_logprobs)

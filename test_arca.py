@@ -22,8 +22,8 @@ from lora import (LoRALinear, apply_lora, disable_adapter, load_adapter, lora_la
                   sampling_copies, save_adapter, unmerge_adapter)
 import math
 import re
-from credit import (arca_scores, credit_diagnostics, credit_html, credit_page, credit_scores, credit_section, divergence_scores,
-                    effective_token_ratio, entropy_reduction_scores, gini, surprisal_scores, token_weights,
+from credit import (arca_scores, credit_diagnostics, credit_html, credit_page, credit_scores, credit_section, diagnostic_sums,
+                    divergence_scores, effective_token_ratio, entropy_reduction_scores, gini, surprisal_scores, token_weights,
                     top_mass, uniform_scores)
 
 REPO = Path(__file__).resolve().parent
@@ -240,35 +240,97 @@ def inductor_missing():
 
 
 @pytest.mark.skipif(inductor_missing() is not None, reason=str(inductor_missing()))
-def test_compiled_decode_step_matches_eager_and_compiles_once(tiny_checkpoint):
+def test_compiled_decode_step_matches_eager_and_compiles_once(tiny_checkpoint, monkeypatch):
+    """Inductor's compiled step: each layer's K and V written in place (its generated code allocates no cache-sized
+    buffer, which a copy of the cache would need), greedy tokens equal eager's, sampled ones equal the eager sorted
+    sampler's on the same uniforms at three temperatures without recompiling, log-probs the trainer's, LoRA too."""
+    import model as model_module
     from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
 
+    monkeypatch.setattr(model_module, "_compiled_decode_step", None)  # a fresh compilation, whose code is read below
+    torch._dynamo.reset()
     model = Qwen3.from_pretrained(tiny_checkpoint[0], dtype=torch.float32)
     prompts = [[5, 9, 2, 7], [4, 11], [3]]
     greedy = dict(temperature=0, top_p=1.0, eos_token_id=[1, 2, 3])
     eager_tokens, eager_mask = generate(model, prompts, 24, **greedy)
     graphs = counters["stats"]["unique_graphs"]
-    tokens, mask = generate(model, prompts, 24, compile=True, **greedy)
+    (tokens, mask), code = run_and_get_code(lambda: generate(model, prompts, 24, compile=True, **greedy))
     assert counters["stats"]["unique_graphs"] - graphs == 1  # one compilation for all 24 steps
+    batch, kv_heads, slots, head_dim = model.decode_buffers.caches[4, 256][0].keys[0].shape  # 3 rows in the bucket of 4
+    allocations = re.findall(r"empty_strided\w*\(\(([\d, ]+)\)", "\n".join(code))
+    assert allocations and f"{batch}, {kv_heads}, {slots}, {head_dim}" not in allocations  # the cache is never copied
     assert torch.equal(tokens, eager_tokens) and torch.equal(mask, eager_mask) and not mask.all()  # EOS stopped some rows
     generate(model, [[7, 8], [9, 10], [11]], 24, compile=True, **greedy)
     generate(model, [[7, 8], [9, 10], [11]], 40, compile=True, **greedy)
     assert counters["stats"]["unique_graphs"] - graphs == 1  # the same batch and cache bucket, any length in it: reused
-    sampling = dict(temperature=1.0, top_p=0.9, top_k=20, eos_token_id=[], return_logprobs=True, compile=True)
-    first = generate(model, prompts, 12, generator=torch.Generator().manual_seed(0), **sampling)
-    graphs = counters["stats"]["unique_graphs"]
-    second = generate(model, prompts, 12, generator=torch.Generator().manual_seed(0), **sampling)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))  # seeded: reproducible
-    generate(model, prompts, 30, generator=torch.Generator().manual_seed(0), **sampling)
-    assert counters["stats"]["unique_graphs"] == graphs  # another length in the same bucket: no recompilation
-    tokens, mask, logprobs = first
-    trained, _, _ = grpo.completion_forward(model, prompts, tokens, mask)
-    torch.testing.assert_close(logprobs[mask], trained[mask], atol=1e-5, rtol=0)  # the sampler's log-probs are the trainer's
+
+    def sorted_sampler(logits, temperature, top_p, generator=None, top_k=0, uniforms=None):  # the eager reference
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        return sample_top_p_sorted(top_k_filter(logits / temperature, top_k).softmax(dim=-1), top_p, uniforms=uniforms[:, 0])
+
+    graphs = None
+    for temperature in (0.7, 1.0, 1.3):
+        rows = lambda: [g for seed in (1, 2, 3) for g in [torch.Generator().manual_seed(seed)] * 4]  # a prompt's K rows share one
+        sampling = dict(temperature=temperature, top_p=0.9, top_k=20, eos_token_id=[1], samples_per_prompt=4, return_logprobs=True)
+        compiled = generate(model, prompts, 16, compile=True, row_generators=rows(), **sampling)
+        with monkeypatch.context() as patched:
+            patched.setattr(model_module, "sample_next_token", sorted_sampler)
+            reference = generate(model, prompts, 16, row_generators=rows(), **sampling)
+        assert torch.equal(compiled[0], reference[0]) and torch.equal(compiled[1], reference[1]), temperature
+        graphs = graphs or counters["stats"]["unique_graphs"]
+        trained, _, _ = grpo.completion_forward(model, [p for p in prompts for _ in range(4)], compiled[0], compiled[1])
+        torch.testing.assert_close(compiled[2][compiled[1]], trained[compiled[1]], atol=1e-5, rtol=0)  # the trainer's log-probs
+    assert counters["stats"]["unique_graphs"] == graphs  # temperature and top-p are inputs: no recompilation
+    assert len({tuple(row) for row in compiled[0][:4].tolist()}) > 1  # a prompt's 4 samples differ
     randomise_adapter(apply_lora(model, rank=4, alpha=8))  # the rollout path: unmerged LoRA in sampling_copies
     with sampling_copies(model):
         eager_lora = generate(model, prompts, 24, **greedy)
         compiled_lora = generate(model, prompts, 24, compile=True, **greedy)
     assert all(torch.equal(a, b) for a, b in zip(eager_lora, compiled_lora)) and not torch.equal(eager_lora[0], eager_tokens)
+    torch._dynamo.reset()
+
+
+def test_a_paper_run_compiles_a_known_number_of_graphs(tiny_checkpoint, monkeypatch):
+    """The calls of a paper run (rollouts of 8 prompts x K 4, evaluation batches of 64 and their tails, greedy and
+    sampled), with temperature, top-p, max_new_tokens and the batch size changing: one graph per (greedy or sampled,
+    batch bucket, cache bucket), counted by dynamo (eager backend: the graphs, not inductor's kernels, are counted),
+    reused by every later call, its buffers at the same addresses."""
+    import model as model_module
+    from torch._dynamo.testing import CompileCounter
+
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(model_module, "_compiled_decode_step", None)
+    monkeypatch.setattr(model_module, "CACHE_BUCKET", 32)  # the tiny model's lengths, as 256 is the paper's
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=counter, fullgraph=True, dynamic=False))
+    torch._dynamo.reset()
+    model = Qwen3.from_pretrained(tiny_checkpoint[0], dtype=torch.float32)
+    prompt = lambda i: [5 + i % 7, 9, 2 + i % 5][: 1 + i % 3]
+    rollout = dict(samples_per_prompt=4, top_k=20, eos_token_id=[1], generator=torch.Generator().manual_seed(0), compile=True)
+    calls = [  # (what, prompts, max_new_tokens, sampling)
+        ("rollout, a long one: cache bucket 64", 8, 40, dict(temperature=1.0, top_p=0.95, **rollout)),
+        ("rollout", 8, 12, dict(temperature=1.0, top_p=0.95, **rollout)),
+        ("rollout, other T, p and length", 8, 20, dict(temperature=0.7, top_p=0.9, **rollout)),
+        ("greedy evaluation, batch 64", 64, 12, dict(temperature=0.0, top_p=1.0, eos_token_id=[1], compile=True)),
+        ("greedy evaluation, the tail of 200", 8, 12, dict(temperature=0.0, top_p=1.0, eos_token_id=[1], compile=True)),
+        ("pass@4, 16 prompts x 4", 16, 12, dict(temperature=1.0, top_p=0.95, **rollout)),
+        ("pass@4, the tail: 8 x 4", 8, 12, dict(temperature=1.3, top_p=0.8, **rollout)),
+        ("5 prompts x 4: padded to 32 rows", 5, 16, dict(temperature=1.0, top_p=0.95, **rollout)),
+    ]
+    graphs = []
+    for what, count, new, sampling in calls:
+        generate(model, [prompt(i) for i in range(count)], new, **sampling)
+        graphs.append(counter.frame_count)
+    assert graphs == [1, 2, 2, 3, 4, 5, 5, 5], graphs
+    caches = dict(model.decode_buffers.caches)
+    addresses = {key: cache.keys[0].data_ptr() for key, (cache, _) in caches.items()}
+    for what, count, new, sampling in calls:  # a second paper step: no new graph, every bucket's buffers where they were
+        generate(model, [prompt(i) for i in range(count)], new, **sampling)
+    assert counter.frame_count == 5 and sorted(caches) == [(8, 32), (32, 32), (32, 64), (64, 32)]
+    assert all(model.decode_buffers.caches[key][0] is caches[key][0] and caches[key][0].keys[0].data_ptr() == addresses[key]
+               for key in caches)
+    torch._dynamo.reset()
 
 
 def test_top_p_keeps_exactly_the_nucleus():
@@ -605,6 +667,31 @@ def test_adapter_stays_fp32_on_a_bf16_base():
     assert layer.lora_B.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
 
 
+def test_a_bf16_adapter_keeps_no_fp32_copy_of_its_input():
+    """compute_dtype bf16 on a bf16 layer: backward keeps x itself (no fp32 copy); fp32 (PEFT's way) keeps one. The
+    gradients still reach fp32 A and B, and the output is the fp32 computation's to bf16 rounding."""
+    from model import Linear  # the model's linear layer: computes in its input's dtype
+
+    torch.manual_seed(0)
+    base = Linear(64, 32, bias=False).to(torch.bfloat16)
+    x = torch.randn(4, 10, 64).to(torch.bfloat16).requires_grad_()
+    kept, outputs = {}, {}
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.manual_seed(1)  # the same A and B for both
+        layer = LoRALinear(base, rank=8, alpha=16, compute_dtype=dtype)
+        nn.init.normal_(layer.lora_B, std=0.1)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            outputs[dtype] = layer(x)
+        kept[dtype] = [t for t in saved if t.numel() == x.numel() and t.dtype == torch.float32]  # an fp32 copy of the input
+        outputs[dtype].float().sum().backward()
+        assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_A.grad.abs().sum() > 0
+    assert kept[torch.bfloat16] == [] and len(kept[torch.float32]) == 1
+    torch.testing.assert_close(outputs[torch.bfloat16].float(), outputs[torch.float32].float(), atol=0.05, rtol=0.02)
+    exact = LoRALinear(base, rank=8, alpha=16, compute_dtype=torch.bfloat16)  # an fp32 pass computes the update in fp32
+    assert exact(x.detach().float()).dtype == torch.float32
+
+
 def test_sampling_copies_compute_the_update_in_the_base_dtype():
     torch.manual_seed(0)
     for dtype, tolerance in [(torch.float32, 1e-6), (torch.bfloat16, 2**-7)]:
@@ -626,11 +713,13 @@ def test_sampling_copies_compute_the_update_in_the_base_dtype():
     model = nn.Sequential(layer)
     with sampling_copies(model), pytest.raises(RuntimeError, match="torch.no_grad"):
         layer(x)  # gradients would not reach A and B
-    assert layer.sampling_A is None and layer.sampling_B is None  # dropped on exit, after an error too
+    assert not layer.sampling  # the training path again on exit, after an error too
+    address = layer.sampling_B.data_ptr()
     with torch.no_grad():
         layer.lora_B.zero_()  # an optimiser step: the next block copies the new B
         with sampling_copies(model):
             torch.testing.assert_close(layer(x), layer.base(x))
+    assert layer.sampling_B.data_ptr() == address  # refilled in place: a CUDA graph reads the same buffer
     with sampling_copies(model), pytest.raises(RuntimeError, match="already active"):
         with sampling_copies(model):
             pass
@@ -682,6 +771,35 @@ def test_apply_lora_on_meta_then_materialise(checkpoint_dir):
 # Qwen3-1.7B's config.json (../shared/data/qwen3-configs/qwen3-1.7b-base.json), the fields the model reads.
 QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+
+
+def test_the_memory_plan_predicts_what_the_training_forward_keeps(monkeypatch):
+    """memory.activation_profile's fit (1 and 2 layers, two lengths) predicts the bytes a 3-layer model keeps at a third
+    length, with and without gradient checkpointing; the planned peak counts the model's own parameters; auto
+    resolves to on exactly when the plan without checkpointing passes 90% of the device's memory."""
+    import memory
+    import train
+
+    model_config = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    config, _, _ = train.parse_args(["--preset", "paper", "--rank", "8", "--max-prompt-tokens", "48", "--max-new-tokens", "40"])
+    cpu = torch.device("cpu")
+    profiles = {setting: memory.activation_profile(model_config, config, cpu, setting) for setting in (False, True)}
+    for setting, profile in profiles.items():
+        measured = memory.saved_activation_bytes(model_config, config, cpu, 3, setting, 2, 48, 40)
+        predicted = profile["constant"] + profile["per_token"] * 2 * (48 + 40 - 1)
+        assert predicted == pytest.approx(measured, rel=0.02), setting  # the shared attention bias grows as T x S: nearly linear
+    assert profiles[True]["layer_per_token"] == pytest.approx(2 * 64, rel=0.05)  # checkpointed: each layer's bf16 input alone
+    assert profiles[False]["layer_per_token"] > 10 * profiles[True]["layer_per_token"]
+    with torch.device("meta"):
+        model = apply_lora(Qwen3(model_config), rank=8, alpha=16)
+    assert memory.lora_parameter_count(model_config, 8) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert memory.weight_count(model_config) == sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    without = memory.planned_peak(model_config, config, cpu, False, dict(profiles))
+    assert without["weights"] == pytest.approx(2 * memory.weight_count(model_config) / 2**30)
+    for available, expected in ((without["peak"] * 2**30 / 0.95, "on"), (without["peak"] * 2**30 / 0.8, "off")):
+        monkeypatch.setattr(memory, "device_memory_bytes", lambda device: available)
+        assert memory.resolve_gradient_checkpointing(model_config, config, cpu) == expected
 
 
 @pytest.mark.parametrize("rank, expected", [(4, 4_358_144), (16, 17_432_576), (64, 69_730_304)])
@@ -1433,6 +1551,153 @@ def test_exact_and_bf16_arca_are_zero_and_uniform_at_b_zero(tiny_checkpoint):
         assert stats["weight_gini"] == 0.0 and stats["effective_token_ratio"] == pytest.approx(2.0)  # 2 rows, each EffN/T 1
 
 
+def test_exact_arca_keeps_the_kl_and_divergence_on_the_bf16_pair(tiny_checkpoint):
+    """--arca-precision exact with bf16 weights: at B = 0 the KL is exactly 0 and divergence's weights uniform (the
+    policy and reference passes differ by the adapter alone), and with beta > 0 the KL still has its gradient."""
+    b = STEP_BATCH
+    bf16_model, _ = bf16_and_rounded_fp32_models(tiny_checkpoint[0], b_scale=0.0)
+    for credit in ("arca", "divergence"):
+        config = StepConfig(credit=credit, arca_precision="exact", beta=0.1)
+        stats, _ = micro_batch_stats(bf16_model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2, diagnose_all=True)
+        assert stats["kl"] == 0.0 and stats["gini/divergence"] / stats["rows"] < 1e-6 and stats["arca_norm_sum"] == 0.0, credit
+    grads = {}  # on the fp32 twin, where a gradient difference is not bf16 noise: the same code path
+    for beta in (0.0, 1.0):
+        _, model = bf16_and_rounded_fp32_models(tiny_checkpoint[0], b_scale=1e-2)
+        grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], StepConfig(credit="arca", arca_precision="exact", beta=beta), 2)
+        grads[beta] = lora_gradient(model)
+    _, model = bf16_and_rounded_fp32_models(tiny_checkpoint[0], b_scale=1e-2)  # the KL term's gradient alone, by autograd
+    logprobs, _, _ = grpo.completion_forward(model, b["prompts"], b["tokens"], b["mask"])
+    with torch.no_grad(), disable_adapter(model):
+        ref_logprobs, _, _ = grpo.completion_forward(model, b["prompts"], b["tokens"], b["mask"])
+    k3_kl(logprobs, ref_logprobs, b["mask"], 2).backward()
+    assert lora_gradient(model).abs().sum() > 1e-4
+    torch.testing.assert_close(grads[1.0] - grads[0.0], lora_gradient(model), atol=1e-5, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU, faithfully on a CPU: another device for the no-grad code, a dispatch mode for a whole step
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.nonzero.default)
+
+
+def tensor_arguments(args, kwargs):
+    return [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+
+
+class DeviceChecks(TorchDispatchMode):
+    """Fails on an op whose tensors are on different devices (a 0-d CPU tensor excepted, as CUDA takes it) and records
+    each host read (.item(), bool(), int(): aten._local_scalar_dense or is_nonzero; nonzero; a copy to the CPU) under
+    the label in self.phase. A read of a tensor made from host copies alone (self.host) is not one. With stub_reads
+    (tensors without values), a read returns False for a bool, else `stub`."""
+
+    def __init__(self, stub_reads=False, stub=0):
+        super().__init__()
+        self.stub_reads, self.stub, self.phase, self.reads, self.host = stub_reads, stub, "step", [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = tensor_arguments(args, kwargs)
+        devices = {t.device for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
+        copy_to_host = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and (
+            kwargs.get("device", tensors[0].device).type == "cpu") and any(t.device.type != "cpu" for t in tensors)
+        if len(devices) > 1 and not copy_to_host and func is not torch.ops.aten.copy_.default:
+            raise AssertionError(f"{func} mixes devices {sorted(map(str, devices))}")
+        on_host = bool(tensors) and all(t.untyped_storage().data_ptr() in self.host for t in tensors)
+        if (func in HOST_READS and not on_host) or copy_to_host:
+            self.reads.append(self.phase)
+            if self.stub_reads and func is not torch.ops.aten.nonzero.default:
+                return False if tensors[0].dtype == torch.bool else self.stub
+        result = func(*args, **kwargs)
+        if on_host:  # a tensor made from host tensors alone is on the host too
+            self.host.update(t.untyped_storage().data_ptr() for t in tensor_arguments(result, {}))
+        return result
+
+
+def test_generation_and_the_credit_passes_never_mix_devices_and_read_the_device_when_said():
+    """generate, the training forward without grad, the adapter-off and exact passes and every credit method, on a
+    model on the meta device: like a GPU it is not the CPU (a tensor made without device= would mix and fail) and its
+    tensors have no values (every read of one to the host is seen, and stubbed). generate reads the device once every
+    8 decode steps (have all rows stopped?) and once at the end (the longest completion); the credit passes never.
+    (FakeTensorMode's CUDA tensors would do, but a CPU build cannot index them: its indexing bindings take a CUDA
+    device guard before any mode runs.)"""
+    config = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = apply_lora(Qwen3(config), rank=4, alpha=8)
+    with DeviceChecks(stub_reads=True, stub=17) as checks:
+        with sampling_copies(model):
+            sampled = generate(model, [[5, 9, 2], [4, 11]], 17, temperature=1.0, top_p=0.9, top_k=20, eos_token_id=[1],
+                               samples_per_prompt=4, return_logprobs=True)
+            generate(model, [[5, 9, 2], [4, 11]], 17, temperature=0.0, top_p=1.0, eos_token_id=[1])
+        assert all(t.device.type == "meta" for t in sampled) and len(checks.reads) == 2 * (2 + 1)  # steps 8 and 16, the end
+        checks.reads.clear()
+        tokens, mask = sampled[0], sampled[1]
+        prompts = [[5, 9, 2]] * 4 + [[4, 11]] * 4
+        with torch.no_grad():
+            logprobs, entropies, hidden = grpo.completion_forward(model, prompts, tokens, mask)
+            for precision in ("bf16", "exact"):
+                signals = grpo.credit_signals(model, prompts, tokens, mask, logprobs, entropies, hidden,
+                                              StepConfig(credit="arca", beta=0.1, arca_precision=precision))
+                for method in ("uniform", "surprisal", "entropy", "divergence", "arca"):
+                    weights = token_weights(credit_scores(method, mask, **signals), mask, power=2.0)
+                    assert weights.device.type == "meta" and diagnostic_sums(weights, mask).device.type == "meta"
+                assert grpo.k3_kl(logprobs, signals["ref_token_logprobs"], mask, 8).device.type == "meta"
+            grpo.all_method_weights(model, prompts, tokens, mask, power=2.0)
+        assert checks.reads == []  # the credit passes never wait for the device
+    with pytest.raises(AssertionError, match="mixes devices"), DeviceChecks():  # the check can fail
+        torch.ones(3, device="meta") + torch.ones(3)
+
+
+def test_a_grpo_step_reads_the_device_a_known_number_of_times(tiny_checkpoint, monkeypatch):
+    """One whole grpo_step on real CPU tensors under DeviceChecks (and .cpu() and .tolist() counted): per decode step
+    one read every 8 steps, per micro-batch none, per update one (its statistics and the grad norm together), and per
+    step a copy of the completions to the host and two in the advantages. The optimiser's own (CPU step counters) aside."""
+    model = lora_tiny_model(tiny_checkpoint[0])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    checks = DeviceChecks()
+
+    def labelled(owner, name, phase):
+        real = getattr(owner, name)
+
+        def run(*args, **kwargs):
+            outer, checks.phase = checks.phase, phase
+            try:
+                return real(*args, **kwargs)
+            finally:
+                checks.phase = outer
+        monkeypatch.setattr(owner, name, run)
+
+    labelled(grpo, "generate", "decode")
+    labelled(grpo, "train_micro_batch", "micro-batch")
+    labelled(grpo, "micro_batch_statistics", "micro-batch")
+    labelled(grpo, "read_statistics", "update")
+    labelled(optimizer, "step", "optimiser")
+    real_cpu, real_tolist = torch.Tensor.cpu, torch.Tensor.tolist
+
+    def cpu(tensor, *args, **kwargs):  # a copy to the host: a read; what is made from it stays on the host
+        checks.reads.append(checks.phase)
+        copy = real_cpu(tensor, *args, **kwargs)
+        checks.host.add(copy.untyped_storage().data_ptr())
+        return copy
+
+    def tolist(tensor):
+        if tensor.untyped_storage().data_ptr() not in checks.host:
+            checks.reads.append(checks.phase)
+        return real_tolist(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    config = StepConfig(credit="arca", beta=0.05, max_new_tokens=17, diagnose_all=True)  # 2 micro-batches of 1 prompt x 4
+    with checks:
+        grpo.grpo_step(model, optimizer, scheduler, [[5, 9, 2], [4, 11]], ["0", "0"], CharTokenizer(), reward_first_token_even,
+                       config, torch.Generator().manual_seed(0))
+    counts = {phase: checks.reads.count(phase) for phase in ("decode", "micro-batch", "update", "step")}
+    assert counts == {"decode": 2 + 1, "micro-batch": 0, "update": 1, "step": 1 + 2}, checks.reads
+
+
 class CharTokenizer:
     """The model.Tokenizer surface over single characters, for GRPO steps on the tiny checkpoint."""
 
@@ -1761,6 +2026,22 @@ def test_kill_at_every_point_of_the_checkpoint_swap(char_run_setup, tmp_path, mo
         train.main(run_args(char_run_setup, out, *args, "--resume"))  # resumes, and saves again (steps 2 and 3)
         assert_same_run(out, straight)
         assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+
+def test_a_checkpoint_restores_its_rng_states_whatever_the_device(char_run_setup, tmp_path, monkeypatch):
+    """load_state(path, device) keeps the RNG states as CPU byte tensors (torch.set_rng_state and a generator's
+    set_state take nothing else); the optimiser's moments go to `device` (meta here, standing in for a GPU)."""
+    monkeypatch.setattr(train, "score", parity_reward)
+    out = tmp_path / "run"
+    train.main(run_args(char_run_setup, out, "--steps", "2", "--save-every", "1"))
+    state = train.load_state(train.find_checkpoint(out) / "state.pt", torch.device("meta"))
+    rng = state["rng"][0]
+    assert rng["torch"].device.type == "cpu" and rng["torch"].dtype == torch.uint8 and rng["sampler"].device.type == "cpu"
+    generator = torch.Generator()
+    train.set_rng_states(rng, generator)
+    assert torch.equal(torch.get_rng_state(), rng["torch"]) and torch.equal(generator.get_state(), rng["sampler"])
+    moments = [value for moment in state["optimizer"]["state"].values() for name, value in moment.items() if name != "step"]
+    assert moments and all(value.device.type == "meta" for value in moments)
 
 
 def test_resume_refuses_a_pickled_payload_and_runs_nothing(char_run_setup, tmp_path, monkeypatch):
@@ -2362,7 +2643,7 @@ def test_gpu_check_measures_the_goals_and_names_what_it_could_not(tmp_path, monk
     assert skipped == []
     whats = {(line["what"], line["batch"]) for line in records}
     assert whats >= {("rollout", 4), ("rollout", 1), ("paper_step", 4), ("paper_step_checkpointed", 4), ("train_step", 2),
-                     ("rollout_lora", 4)}
+                     ("rollout_lora", 4), ("activations_per_token_checkpointed", 1), ("paper_step_planned_peak_checkpointed", None)}
     table = bench.goals_table(records, skipped, seconds, cpu)
     assert "| paper GRPO step (32 completions of up to 512 tokens), s | <= 3 |" in table
     assert "| rollout at batch 64: compiled / transformers generate | >= 5 | not measured |" in table  # no batch 64, no compile
@@ -2375,7 +2656,8 @@ def test_gpu_check_measures_the_goals_and_names_what_it_could_not(tmp_path, monk
     monkeypatch.setattr(bench, "GPU_CHECK_SECONDS", 0)
     records, skipped, _ = bench.gpu_check(directory, cpu, torch.float32, size, "tiny", compile=False)
     assert records == [] and skipped == [f"{name} (out of time)" for name in
-                                         ("rollout at batch 4", "paper step", "train step", "rollout at batch 1", "LoRA rollout at batch 4")]
+                                         ("rollout at batch 4", "paper step", "train step", "rollout at batch 1", "LoRA rollout at batch 4",
+                                          "memory")]
     assert "not measured: rollout at batch 4 (out of time); paper step (out of time)" in bench.goals_table(records, skipped, 1.0, cpu)
 
 

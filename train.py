@@ -38,6 +38,7 @@ from credit import METHODS, credit_page, credit_section
 from data import CACHE_DIR, PROMPTS, data_sources, encode_prompts, load_data, select_eval_rows
 from grpo import all_method_weights, gather, group_advantages, grpo_step, process_rank, world_size
 from lora import apply_lora, load_adapter, sampling_copies, save_adapter
+from memory import resolve_gradient_checkpointing
 from math_reward import gsm8k_reward, gsm8k_strict_match, math_reward, score_batch, strict_match
 from model import Qwen3, generate, load_tokenizer
 from report import plot, read_metrics, report
@@ -98,7 +99,8 @@ class TrainConfig:
     reward_timeout: float = option(5.0, "seconds the answer checker may spend on one completion")
     seed: int = option(1337, "random seed")
     dtype: str = option("bfloat16", "base weight dtype: bfloat16 or float32 (LoRA weights are fp32)")
-    gradient_checkpointing: bool = option(False, "recompute each layer in backward to save memory")
+    lora_dtype: str = option("bfloat16", "dtype of the LoRA update's matmuls (A, B and AdamW's state stay fp32): bfloat16 or float32; never narrower than the activations (an exact-ARCA pass computes fp32)")
+    gradient_checkpointing: str = option("auto", "recompute each layer in backward to save memory: on, off, or auto (on when the planned peak without it passes 90%% of the device's memory)")
     compile: bool = option(False, "sample through a static-shape decode step under torch.compile (CUDA graphs on a GPU), compiled once per batch and cache bucket")
     cpu_threads: int = option(0, "torch CPU threads, 0 = torch's default; the demo pins 1, so it prints the same numbers on every machine")
     out: str | None = option(None, "output directory; default runs/<preset>-<credit>-r<rank>")
@@ -131,6 +133,8 @@ DEMO = dataclasses.replace(
     eval_batch_size=200,
     save_every=50,
     dtype="float32",
+    lora_dtype="float32",
+    gradient_checkpointing="off",
 )
 
 PRESETS = {"paper": PAPER, "demo": DEMO}
@@ -177,7 +181,8 @@ def parse_args(argv=None):
 def check_config(config, parser):
     """Every option in its valid range, or parser.error naming the flag, the value and the range."""
     choices = {"credit": ("uniform", "surprisal", "entropy", "divergence", "arca"), "advantage": ("grpo", "rloo"),
-               "task": ("math", "gsm8k", "demo"), "eval_set": ("test", "math500"),
+               "task": ("math", "gsm8k", "demo"), "eval_set": ("test", "math500"), "lora_dtype": ("bfloat16", "float32"),
+               "gradient_checkpointing": ("auto", "on", "off"),
                "reward": ("strict", "symbolic"), "dtype": ("bfloat16", "float32"), "arca_precision": ("bf16", "exact")}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
@@ -416,10 +421,11 @@ def is_run_directory(out):
 
 
 def check_resumable(out, config):
-    """The saved config must equal this one in everything but the step budget and the output path."""
+    """The saved config must equal this one in everything but the step budget, the output path and gradient checkpointing."""
     saved = json.loads((Path(out) / "config.json").read_text())["config"]
     current = asdict(config)
-    differences = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if k not in ("steps", "out") and saved.get(k) != current[k]]
+    same_run = ("steps", "out", "gradient_checkpointing")  # the step budget, the path, and a memory trade that changes no number
+    differences = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if k not in same_run and saved.get(k) != current[k]]
     if differences:
         raise SystemExit(f"--resume: the config differs from the run in {out} (only --steps may change):\n  " + "\n  ".join(differences))
 
@@ -558,7 +564,8 @@ def on_first_rank(fn, rank, ranks):
 
 def load_model(config, device, rank, ranks):
     """The model with its LoRA adapter, and the tokenizer. The demo's checkpoint is built on first use.
-    The same LoRA A on every rank (seeded before apply_lora), then each rank its own dropout masks."""
+    The same LoRA A on every rank (seeded before apply_lora), then each rank its own dropout masks.
+    --gradient-checkpointing auto is resolved here (memory.py) and the config keeps the answer."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     if config.task == "demo" and config.model == DEMO.model:
@@ -566,10 +573,11 @@ def load_model(config, device, rank, ranks):
 
         on_first_rank(lambda: demo.build_demo_checkpoint(config.model), rank, ranks)  # built once, then cached
     model = Qwen3.from_pretrained(config.model, device=device, dtype=getattr(torch, config.dtype))
-    apply_lora(model, config.rank, config.lora_alpha, config.lora_dropout)
+    apply_lora(model, config.rank, config.lora_alpha, config.lora_dropout, compute_dtype=getattr(torch, config.lora_dtype))
     if ranks > 1:
         torch.manual_seed(config.seed + 1 + rank)
-    model.gradient_checkpointing = config.gradient_checkpointing
+    config.gradient_checkpointing = resolve_gradient_checkpointing(model.config, config, device)  # auto -> on or off, in config.json
+    model.gradient_checkpointing = config.gradient_checkpointing == "on"
     return model, load_tokenizer(config.model)
 
 
@@ -802,7 +810,7 @@ def main(argv=None):
         if dist.is_initialized():
             dist.barrier()  # every rank done (rank 0 writes last) before the process group goes
     except torch.cuda.OutOfMemoryError:
-        raise SystemExit("CUDA out of memory. Lower memory with --gradient-checkpointing, --prompts-per-micro-batch 1 "
+        raise SystemExit("CUDA out of memory. Lower memory with --gradient-checkpointing on, --prompts-per-micro-batch 1 "
                          "--micro-batches 8 (same batch), a smaller --eval-batch-size, or --max-new-tokens.") from None
     finally:
         if dist.is_initialized():
