@@ -42,7 +42,9 @@ import math
 
 import torch
 
-METHODS = ("uniform", "surprisal", "entropy", "divergence", "arca")
+SCORED = ("uniform", "surprisal", "entropy", "divergence", "arca")  # a salience per token, then token_weights
+CONTROLS = ("arca-shuffled", "entropy-top20")  # weights made another way (credit_weights)
+METHODS = SCORED + CONTROLS
 
 
 # ----------------------------------------------------------------------------
@@ -116,7 +118,7 @@ def credit_scores(method, mask, *, token_logprobs=None, entropies=None,
     if method == "arca":
         _require(method, h_adapted=h_adapted, h_base=h_base)
         return arca_scores(h_adapted, h_base)
-    raise ValueError(f"unknown credit method {method!r}; expected one of {', '.join(METHODS)}")
+    raise ValueError(f"unknown credit method {method!r}; expected one of {', '.join(SCORED)} (or, for weights, {', '.join(CONTROLS)})")
 
 
 # ----------------------------------------------------------------------------
@@ -148,6 +150,61 @@ def token_weights(scores, mask, eps=1e-8, power=1.0):
     # The sum is >= 1 on a row with a valid token (its largest term is 1) and 0 on
     # an empty row, whose weights then stay 0.
     return a / a.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, T)
+
+
+# ----------------------------------------------------------------------------
+# The two controls, and every method's weights (README, The method: two controls)
+
+def shuffle_within_rows(weights, mask, seeds):
+    """Each row's valid weights moved to a uniformly random permutation of its valid positions;
+    padding keeps 0. One permutation per row, drawn on the host from that row's seed, so it
+    depends on the seed and the row's valid length alone (not on the batch or its padding).
+
+    The valid positions in order get the weights of the valid positions in a random order (each
+    position's key is a uniform number; padding's key is infinite, so it sorts last):
+
+        weights [[0.1, 0.6, 0.3, 0.0]], mask [[1, 1, 1, 0]] -> e.g. [[0.6, 0.3, 0.1, 0.0]]
+    """
+    mask = mask.bool()  # (B, T)
+    B, T = mask.shape
+    keys = torch.stack([torch.rand(T, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]).to(mask.device)  # (B, T)
+    keys = torch.where(mask, keys, float("inf"))  # (B, T) padding last
+    in_order = torch.where(mask, torch.arange(T, device=mask.device).float(), float("inf")).argsort(dim=1, stable=True)  # (B, T)
+    shuffled = keys.argsort(dim=1, stable=True)  # (B, T) the valid positions in a random order, then padding
+    return torch.zeros_like(weights).scatter_(1, in_order, weights.gather(1, shuffled))  # (B, T)
+
+
+def top_fraction_weights(entropies, mask, fraction=0.2):
+    """1/k on the k = ceil(fraction * T) highest-entropy valid tokens of each row (at least 1; a tie
+    goes to the earlier position), exact zeros elsewhere: the high-entropy minority of a completion.
+
+        entropies [[0.5, 2.0, 1.0, 2.0, 0.1, 0.0]], mask [[1, 1, 1, 1, 1, 0]], 0.2 ->
+        T = 5, k = 1: [[0, 1, 0, 0, 0, 0]]   (the two 2.0s tie: the earlier one)
+    """
+    mask = mask.bool()  # (B, T)
+    n = mask.sum(dim=1, keepdim=True)  # (B, 1)
+    k = torch.ceil(n.double() * fraction - 1e-9).long().clamp(min=1)  # (B, 1), as top_mass counts
+    scores = torch.where(mask, entropies.detach().float(), float("-inf"))  # (B, T)
+    order = scores.argsort(dim=1, descending=True, stable=True)  # (B, T) ties keep position order
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(mask.shape[1], device=mask.device).expand_as(order))  # (B, T)
+    return torch.where((rank < k) & mask, 1.0 / k.float(), 0.0)  # (B, T)
+
+
+def credit_weights(method, mask, eps=1e-8, power=1.0, shuffle_seeds=None, **signals):
+    """The weights (B, T) of any of METHODS from the signals credit_scores takes:
+
+        the five scored methods   token_weights(credit_scores(method, ...), eps, power)
+        arca-shuffled             ARCA's weights, shuffled within each completion (shuffle_within_rows,
+                                  one seed per row; default 0, 1, 2, ...): the same values on random tokens
+        entropy-top20             top_fraction_weights(entropies, 0.2): 1/k on the top 20% by entropy
+    """
+    if method == "arca-shuffled":
+        arca = token_weights(credit_scores("arca", mask, **signals), mask, eps=eps, power=power)  # (B, T)
+        return shuffle_within_rows(arca, mask, range(mask.shape[0]) if shuffle_seeds is None else shuffle_seeds)
+    if method == "entropy-top20":
+        _require(method, entropies=signals.get("entropies"))
+        return top_fraction_weights(signals["entropies"], mask, 0.2)
+    return token_weights(credit_scores(method, mask, **signals), mask, eps=eps, power=power)
 
 
 # ----------------------------------------------------------------------------

@@ -1,35 +1,43 @@
-"""The CPU demo: a tiny Qwen3 that half knows two-digit addition, built on first use and cached.
+"""The CPU demo: a tiny Qwen3 that half knows column addition, built on first use and cached.
 
 `python train.py --preset demo` runs the real pipeline (loader, LoRA, sampler, GRPO, credit, math
-reward) on a model small enough to train on a laptop CPU in about a minute and a half. This file makes that
+reward) on a model small enough to train on a laptop CPU in a few minutes. This file makes that
 model and its task; nothing else in the project knows it is a toy.
 
-Task: `a+b=` with a, b in 0..99, answered as `\\boxed{a+b}` and scored by `math_reward` on the
-last `\\boxed{}`. The 10,000 pairs are split once, by a fixed permutation, into 9,000 "train"
-and 1,000 "test" problems, so evaluation is on additions the model never saw. Completions are
-4 to 6 tokens (`\\boxed{`, the digits, `}`, EOS), and only the digits are in doubt: credit that
-lands on them is credit in the right place. The prompt is the problem text as it is.
+Task: `a+b=` with a, b in 10..99, answered by adding the columns with a scratchpad, then
+`\\boxed{a+b}`, scored by `math_reward` on the last `\\boxed{}`:
+
+    47+85=  ->  7+5=12,4+8+1=13,\\boxed{132}
+
+Each column writes its two digits, the carry into it (the tens column always: +0 or +1) and its sum
+as two digits (carry and digit). The 8,100 pairs are split once, by a fixed permutation, into
+7,100 "train" and 1,000 "test" problems, so evaluation is on additions the model never saw.
+Completions are 21 or 22 tokens with EOS. Every token is one of three kinds (`token_roles`):
+- a copy: an operand digit (of the prompt), the carry (the tens digit of the ones column's sum),
+  an answer digit (of the column sums);
+- computed: a column sum's two digits, where the addition happens;
+- format: `+`, `=`, `,`, `\\boxed{`, `}`, EOS.
+A credit method that finds where the answer is decided puts its weight on the computed tokens:
+each step logs that share (train.py's computed_mass/<method>).
 
 Tokenizer (`tokenizers`, saved as tokenizer.json): one token per character of the task, plus
 `\\boxed{` as a single token and `<|endoftext|>` (id 0) as EOS and pad, as in Qwen3. A word-level
 model over a split into those pieces, fused back on decode; an unknown character is an error.
 
 Model: Qwen3 with hidden 64, 2 layers, 4 query and 2 key/value heads of dim 16, MLP 256, tied
-embeddings, fp32: 124,288 parameters, small enough that a GRPO step of 128 completions takes about
-0.1 s on one CPU core. Initialised N(0, 0.02) from its own generator, norm weights 1.
+embeddings, fp32: 124,352 parameters. Initialised N(0, 0.02) from its own generator, norm weights 1.
 
 Warm-up: supervised fine-tuning of the whole model on train problems (loss on the completion
 tokens only), AdamW, batches of 128, constant lr 3e-3 after 20 warm-up steps, until the greedy
-accuracy on 200 train problems held back from it first reaches 30% (checked every 5 steps; about
-230 steps, 10 to 15 s on 2 cores). Stopping on accuracy rather than after a fixed step count
-puts the start of RL at the same place on every machine and seed (30 to 35% held-out greedy
-accuracy for seeds 0, 1, 2): mid-way through learning the carry, neither hopeless (GRPO needs
-groups whose rewards differ) nor solved (it needs room to climb). The format is learnt long
-before the arithmetic, so RL works on the digits alone. Everything draws from one seeded
-torch.Generator and no global RNG is touched, and the warm-up runs on one CPU thread (how a
-matmul is split across threads changes its rounding, and over 300 steps the checkpoint): two builds
-with the same seed are bit-identical whatever the machine's core count or load (same CPU kernels,
-i.e. the same instruction set and torch version).
+accuracy on 200 train problems held back from it first reaches 25% (checked every 5 steps).
+Stopping on accuracy rather than after a fixed step count puts the start of RL at the same place
+on every machine and seed: mid-way through learning the column sums, neither hopeless (GRPO needs
+groups whose rewards differ) nor solved (it needs room to climb). The format is learnt long before
+the arithmetic, so RL works on the sums. Everything draws from one seeded torch.Generator and no
+global RNG is touched, and the warm-up runs on one CPU thread (how a matmul is split across threads
+changes its rounding, and over hundreds of steps the checkpoint): two builds with the same seed are
+bit-identical on a machine whatever its core count or load (same CPU kernels: the same instruction
+set and torch version).
 
 Files (the layout of a Hugging Face checkpoint, loaded by `Qwen3.from_pretrained` and
 `load_tokenizer` like a real one): config.json, model.safetensors, tokenizer.json, and
@@ -59,8 +67,8 @@ from model import Qwen3, Qwen3Config, generate
 DEMO_PROMPT_TEMPLATE = "{problem}"  # train.py's --prompt-template for the demo
 EOS = "<|endoftext|>"
 BOXED = "\\boxed{"
-VOCAB = [EOS, BOXED, *"0123456789+=}"]  # id 0 is EOS (and pad)
-MAX_OPERAND = 99
+VOCAB = [EOS, BOXED, *"0123456789+=,}"]  # id 0 is EOS (and pad)
+OPERANDS = range(10, 100)  # two-digit a and b
 TEST_SIZE = 1000
 SPLIT_SEED = 0  # fixes which problems are held out; independent of every run's seed
 
@@ -69,9 +77,9 @@ MODEL = dict(
     num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=10000.0, tie_word_embeddings=True,
     bos_token_id=0, eos_token_id=0, torch_dtype="float32",
 )
-WARMUP = dict(batch_size=128, lr=3e-3, lr_warmup_steps=20, max_steps=2000, check_every=5, target_accuracy=0.30,
+WARMUP = dict(batch_size=128, lr=1e-3, lr_warmup_steps=20, max_steps=3000, check_every=5, target_accuracy=0.25,
               validation_problems=200, init_std=0.02)
-RECIPE_VERSION = 2  # bump when the code below changes what a build produces (2: built on one thread)
+RECIPE_VERSION = 3  # bump when the code below changes what a build produces (3: column addition with a scratchpad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +88,7 @@ RECIPE_VERSION = 2  # bump when the code below changes what a build produces (2:
 
 def _split_pairs():
     """{"train": [(a, b), ...], "test": [...]}: a fixed permutation of every pair, the first TEST_SIZE held out."""
-    pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
+    pairs = [(a, b) for a in OPERANDS for b in OPERANDS]
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     return {"test": [pairs[i] for i in order[:TEST_SIZE]], "train": [pairs[i] for i in order[TEST_SIZE:]]}
 
@@ -88,8 +96,7 @@ def _split_pairs():
 def demo_problems(split, count, seed):
     """`count` problems of `split` ("train" or "test"), drawn without replacement by `seed`.
 
-    Example: demo_problems("test", 2, 0) ->
-        [{"problem": "82+91=", "answer": "173"}, {"problem": "6+84=", "answer": "90"}]
+    Example: demo_problems("test", 2, 0) -> [{"problem": "64+73=", "answer": "137"}, ...]
     Asking for more than the split holds is an error.
     """
     splits = _split_pairs()
@@ -102,9 +109,38 @@ def demo_problems(split, count, seed):
     return [{"problem": f"{pairs[i][0]}+{pairs[i][1]}=", "answer": str(sum(pairs[i]))} for i in order]
 
 
-def completion_text(answer):
-    """What the warm-up teaches the model to write after the prompt (EOS follows)."""
-    return f"{BOXED}{answer}}}"
+def completion_text(problem):
+    """What the warm-up teaches the model to write after the prompt (EOS follows).
+    "47+85=" -> "7+5=12,4+8+1=13,\\boxed{132}"."""
+    a, b = (int(operand) for operand in problem.removesuffix("=").split("+"))
+    ones = a % 10 + b % 10
+    tens = a // 10 + b // 10 + ones // 10
+    return f"{a % 10}+{b % 10}={ones:02d},{a // 10}+{b // 10}+{ones // 10}={tens:02d},{BOXED}{a + b}}}"
+
+
+# The scratchpad's tokens in order; a column sum's two digits are where the addition happens.
+_COLUMNS = ("digit", "+", "digit", "=", "sum", "sum", ",", "digit", "+", "digit", "+", "digit", "=", "sum", "sum", ",", BOXED)
+
+
+def token_roles(problem, tokens):
+    """Which completion tokens are computed: [True on a column sum's two digits, False on copies and format]
+    for `tokens` (the completion's token texts, EOS included or not), or None when they do not follow the
+    scratchpad's layout (`problem` is the prompt; the roles depend on the layout, not on the arithmetic).
+
+        "7 + 5 = 1 2 , 4 + 8 + 1 = 1 3 , \\boxed{ 1 3 2 } EOS" -> True at the 5th, 6th, 14th and 15th tokens
+    """
+    if len(tokens) < len(_COLUMNS) + 2:
+        return None
+    for token, kind in zip(tokens, _COLUMNS):
+        expected_digit = kind in ("digit", "sum")
+        if (expected_digit and not (len(token) == 1 and token.isdigit())) or (not expected_digit and token != kind):
+            return None
+    rest = tokens[len(_COLUMNS) :]
+    closing = rest.index("}") if "}" in rest else -1
+    answer, after = rest[:closing], rest[closing + 1 :]
+    if closing < 1 or not all(len(t) == 1 and t.isdigit() for t in answer) or after not in ([], [EOS]):
+        return None
+    return [kind == "sum" for kind in _COLUMNS] + [False] * len(rest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +193,7 @@ def sft_batch(examples):
 def greedy_accuracy(model, tokenizer, problems):
     """Share of problems whose greedy completion's last \\boxed{} answer is right (math_reward)."""
     prompts = [tokenizer.encode(DEMO_PROMPT_TEMPLATE.format(problem=p["problem"])).ids for p in problems]
-    tokens, mask = generate(model, prompts, 8, temperature=0.0, top_p=1.0, eos_token_id=0)  # (B, N)
+    tokens, mask = generate(model, prompts, 24, temperature=0.0, top_p=1.0, eos_token_id=0)  # (B, N)
     texts = [tokenizer.decode(row[valid].tolist(), skip_special_tokens=False) for row, valid in zip(tokens, mask)]
     return sum(math_reward(text, p["answer"]) for text, p in zip(texts, problems)) / len(problems)
 
@@ -170,7 +206,7 @@ def warm_up(model, tokenizer, generator):
     train = demo_problems("train", len(_split_pairs()["train"]), seed=0)
     validation, train = train[: WARMUP["validation_problems"]], train[WARMUP["validation_problems"] :]
     encode = lambda text: tokenizer.encode(text).ids
-    examples = [(encode(DEMO_PROMPT_TEMPLATE.format(problem=p["problem"])), encode(completion_text(p["answer"])) + [0])
+    examples = [(encode(DEMO_PROMPT_TEMPLATE.format(problem=p["problem"])), encode(completion_text(p["problem"])) + [0])
                 for p in train]
     optimizer = torch.optim.AdamW(model.parameters(), lr=WARMUP["lr"], weight_decay=0.0, betas=(0.9, 0.98))
     accuracy = 0.0
@@ -201,7 +237,7 @@ def warm_up(model, tokenizer, generator):
 def recipe_hash(seed):
     """Hash of everything that decides the checkpoint's bytes."""
     recipe = {"version": RECIPE_VERSION, "seed": seed, "vocab": VOCAB, "model": MODEL, "warmup": WARMUP,
-              "max_operand": MAX_OPERAND, "test_size": TEST_SIZE, "split_seed": SPLIT_SEED,
+              "operands": [OPERANDS.start, OPERANDS.stop], "test_size": TEST_SIZE, "split_seed": SPLIT_SEED,
               "template": DEMO_PROMPT_TEMPLATE, "torch": torch.__version__.split("+")[0]}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -228,7 +264,7 @@ def write_checkpoint(directory, model, tokenizer, record):
 
 
 def build_demo_checkpoint(directory, seed=0):
-    """The demo checkpoint in `directory`, built (10 to 15 s on 2 idle CPU cores) unless already there.
+    """The demo checkpoint in `directory`, built (a warm-up of some seconds, once) unless already there.
 
     Returns the directory as a Path. Deterministic given the seed on a given machine.
     """
@@ -236,7 +272,7 @@ def build_demo_checkpoint(directory, seed=0):
     if is_built(directory, seed):
         return directory
     print(f"building the demo checkpoint in {directory}: a tiny Qwen3 and a supervised warm-up on "
-          f"two-digit additions (once; cached)", flush=True)
+          f"column additions (once; cached)", flush=True)
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     config = Qwen3Config(**MODEL)

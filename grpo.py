@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from credit import METHODS, arca_scores, credit_scores, diagnostic_sums, token_weights
+from credit import METHODS, arca_scores, credit_weights, diagnostic_sums
 from lora import disable_adapter, sampling_copies
 from model import generate, token_logprobs
 
@@ -95,6 +95,7 @@ class Rollout:
     mask: torch.Tensor  # (N, T) valid completion tokens (up to and including the first EOS)
     sampler_logprobs: torch.Tensor  # (N, T) log pi of each drawn token, from the sampler
     ends_with_eos: torch.Tensor  # (N,) the completion stopped on EOS (False: truncated at the length limit)
+    seeds: list  # N seeds, one per completion: arca-shuffled's permutation of it
 
 
 def eos_positions(tokens, mask, eos_token_id):
@@ -121,6 +122,14 @@ def loss_mask(rollout, credit_eos):
     return rollout.mask & ~((columns == last) & rollout.ends_with_eos[:, None])  # (N, T)
 
 
+def completion_seeds(prompt_seeds, group_size):
+    """One seed per completion from its prompt's seed and its place k in the group: like the prompt seeds, the same
+    whatever the batch, the micro-batch or the rank. Without prompt seeds: 0, 1, 2, ..."""
+    if prompt_seeds is None:
+        return None
+    return [(seed * 1_000_003 + k) % 2**63 for seed in prompt_seeds for k in range(group_size)]
+
+
 def prompt_generators(seeds, group_size, device):
     """One generator per completion row: a prompt's K rows share the generator of its seed, drawn in
     row order, so a prompt's completions depend on its seed alone, not on its batch or its rank."""
@@ -142,15 +151,17 @@ def sample_rollouts(model, prompts, config, eos_token_id, vocab_size, generator,
             samples_per_prompt=config.group_size, compile=config.compile,
         )
     prompt_index = torch.arange(len(prompts), device=tokens.device).repeat_interleave(config.group_size)  # (N,)
-    return Rollout(repeated, prompt_index, tokens, mask, logprobs, eos_positions(tokens, mask, eos_token_id))
+    seeds = completion_seeds(prompt_seeds, config.group_size) or list(range(len(repeated)))
+    return Rollout(repeated, prompt_index, tokens, mask, logprobs, eos_positions(tokens, mask, eos_token_id), seeds)
 
 
 def completion_texts(rollout, tokenizer):
-    """(texts, lengths, stopped): each completion as text (up to and including its EOS), its length and
-    whether it stopped on EOS, as Python values from one copy to the host."""
+    """(texts, lengths, stopped, ids): each completion as text (up to and including its EOS), its length,
+    whether it stopped on EOS and its token ids, as Python values from one copy to the host."""
     on_host = torch.cat([rollout.tokens, rollout.mask.sum(dim=1, keepdim=True), rollout.ends_with_eos[:, None].long()], dim=1).cpu()  # (N, T + 2)
-    tokens, lengths, stopped = on_host[:, :-2], on_host[:, -2].tolist(), on_host[:, -1].bool().tolist()
-    return [tokenizer.decode(row[:length].tolist()) for row, length in zip(tokens, lengths)], lengths, stopped
+    lengths, stopped = on_host[:, -2].tolist(), on_host[:, -1].bool().tolist()
+    ids = [row[:length].tolist() for row, length in zip(on_host[:, :-2], lengths)]
+    return [tokenizer.decode(row) for row in ids], lengths, stopped, ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,8 +256,8 @@ def k3_kl(logprobs, ref_logprobs, mask, num_completions):
 
 
 def needs_reference(config):
-    """Whether a step runs the adapter-off pass: for the divergence signal, ARCA's h_base or the KL."""
-    return config.credit in ("divergence", "arca") or config.beta > 0
+    """Whether a step runs the adapter-off pass: for the divergence signal, ARCA's h_base (also arca-shuffled's) or the KL."""
+    return config.credit in ("divergence", "arca", "arca-shuffled") or config.beta > 0
 
 
 @torch.no_grad()
@@ -287,17 +298,19 @@ def credit_signals(model, prompts, tokens, mask, logprobs, entropies, hidden, co
 # One micro-batch: forward, credit, loss, backward
 
 
-def train_micro_batch(model, prompts, tokens, mask, advantages, config, num_completions, vocab_size=None, old_logprobs=None):
+def train_micro_batch(model, prompts, tokens, mask, advantages, config, num_completions, vocab_size=None, old_logprobs=None,
+                      seeds=None):
     """Forward, credit weights, loss and backward of one micro-batch; the gradients accumulate in .grad.
 
-    prompts: B token-id lists; tokens, mask (B, T); advantages (B,); num_completions: the step's N.
+    prompts: B token-id lists; tokens, mask (B, T); advantages (B,); num_completions: the step's N;
+    seeds: one per completion, for arca-shuffled's permutations.
     Returns (signals, weights, loss, kl): the credit inputs (credit_signals), the weights (B, T) that
     trained, and this micro-batch's share of the loss and of the KL, as detached device scalars.
     """
     mask = mask.bool()
     logprobs, entropies, hidden = completion_forward(model, prompts, tokens, mask, vocab_size)  # (B, T), (B, T), (B, T, H)
     signals = credit_signals(model, prompts, tokens, mask, logprobs, entropies, hidden, config, vocab_size)
-    weights = token_weights(credit_scores(config.credit, mask, **signals), mask, eps=config.credit_eps, power=config.power)  # (B, T)
+    weights = credit_weights(config.credit, mask, config.credit_eps, config.power, seeds, **signals)  # (B, T), detached
     loss = policy_loss(logprobs, advantages, weights, num_completions, old_logprobs, config.clip_eps)
     kl = torch.zeros((), device=logprobs.device)
     if signals["ref_token_logprobs"] is not None:  # beta 0: the KL is only logged, kept off the graph
@@ -310,7 +323,8 @@ def train_micro_batch(model, prompts, tokens, mask, advantages, config, num_comp
 # The step
 
 
-def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, config, generator, fidelity=False, prompt_seeds=None):
+def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, config, generator, fidelity=False, prompt_seeds=None,
+              roles_fn=None):
     """Rollout, reward, advantages, then per micro-batch forward, credit, loss and backward, then clip
     and step. Returns (metrics dict, Rollout, rewards).
 
@@ -319,6 +333,9 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
     prompt_seeds: one random seed per prompt for its completions (else generator draws them all).
     fidelity: also measure, on the first micro-batch, how much of ARCA's score is the adapter
     (arca_exact_corr, arca_floor_ratio; credit arca only); train.py asks for it at evaluation steps.
+    roles_fn(problem text, completion token texts): which tokens compute the answer (a list of bools,
+    or None when the completion cannot be parsed), for a task that knows (the demo): the step then
+    logs computed_mass/<method>, each method's share of weight on those tokens.
 
     Distributed (torch.distributed initialised, W ranks): prompts are this rank's share of the
     step's; a group's K completions stay on one rank, so advantages need no communication. The loss
@@ -329,7 +346,7 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
     clock = PhaseClock(model.lm_head.weight.device)
     rollout = sample_rollouts(model, prompts, config, tokenizer.eos_token_id, tokenizer.vocab_size, generator, prompt_seeds)
     clock.lap("rollout")
-    texts, lengths, stopped = completion_texts(rollout, tokenizer)
+    texts, lengths, stopped, ids = completion_texts(rollout, tokenizer)
     scores, timeouts = score_fn(texts, [gold for gold in golds for _ in range(config.group_size)])
     rewards = torch.tensor(scores, dtype=torch.float32, device=rollout.tokens.device)  # (N,)
     advantages = group_advantages(rewards, rollout.prompt_index, config.advantage)  # (N,)
@@ -339,6 +356,7 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
     trained = loss_mask(rollout, config.credit_eos)  # (N, T) the tokens that are trained and diagnosed
     N = len(rollout.prompts) * world_size()  # the loss's normaliser: the step's completions on every rank
     trainable = [p for p in model.parameters() if p.requires_grad]
+    roles = token_roles(rollout, ids, tokenizer, roles_fn) if roles_fn else None  # the task's computed tokens, to measure credit
     lr, first_pass, reports = scheduler.get_last_lr()[0], {}, []
     for update in range(config.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
@@ -346,12 +364,13 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
         for rows, width in micro_batches(lengths, config):
             tokens, mask = rollout.tokens[rows, :width], trained[rows, :width]  # (B, T) padding columns trimmed
             signals, weights, loss, kl = train_micro_batch(model, rollout.prompts[rows], tokens, mask, advantages[rows], config, N,
-                                                           tokenizer.vocab_size, first_pass.get(rows.start))
+                                                           tokenizer.vocab_size, first_pass.get(rows.start), rollout.seeds[rows])
             if update == 0 and config.updates_per_batch > 1:
                 first_pass[rows.start] = signals["token_logprobs"]  # PPO's old log-probs for the later updates
             measure = update == 0 and rows.start == 0 and process_rank() == 0  # the measuring passes: once, on rank 0
             stats = micro_batch_statistics(model, rollout.prompts[rows], tokens, mask, rollout.sampler_logprobs[rows, :width], signals,
-                                           weights, loss, kl, config, measure and config.diagnose_all, measure and fidelity)
+                                           weights, loss, kl, config, measure and config.diagnose_all, measure and fidelity, rollout.seeds[rows],
+                                           roles and (roles[0][rows, :width], roles[1][rows]))
             totals = add_statistics(totals, stats)
         if world_size() > 1:
             all_reduce_gradients(trainable)  # the distributed path: the gradients summed over the ranks
@@ -381,28 +400,49 @@ def micro_batches(lengths, config):
 # What a step reports: statistics summed on the device, read to the host once per update
 
 
+def token_roles(rollout, ids, tokenizer, roles_fn):
+    """(computed (N, T) bool, parsed (N,) bool) on the device, from roles_fn(problem, completion token texts) for each
+    completion (ids: their token ids); a completion roles_fn cannot parse has no computed token and parsed False."""
+    computed = torch.zeros(rollout.tokens.shape, dtype=torch.bool)  # (N, T) on the host
+    parsed = torch.zeros(len(ids), dtype=torch.bool)  # (N,)
+    for row, (prompt, completion) in enumerate(zip(rollout.prompts, ids)):
+        flags = roles_fn(tokenizer.decode(prompt), [tokenizer.decode([token]) for token in completion])
+        if flags is not None:
+            computed[row, : len(flags)], parsed[row] = torch.tensor(flags, dtype=torch.bool), True
+    return computed.to(rollout.tokens.device), parsed.to(rollout.tokens.device)
+
+
 def micro_batch_statistics(model, prompts, tokens, mask, sampler_logprobs, signals, weights, loss, kl, config, diagnose_all=False,
-                           fidelity=False):
+                           fidelity=False, seeds=None, roles=None):
     """This micro-batch's contribution to the step's metrics, as device tensors (sums; *_max: maxima).
     sampler_logprobs (B, T): the rollout's, for the sampler/trainer gap; the rest as train_micro_batch's.
 
     Every method's Gini, EffN/T and top-10% mass on the same tokens (gini/<method>, ...; sums over
-    rows, with rows/<method>): uniform, surprisal and entropy always, divergence and ARCA when the
-    adapter-off pass ran. diagnose_all runs that pass here when the step did not. fidelity adds
-    arca_exact_corr and arca_floor_ratio (credit arca; see arca_fidelity).
+    rows, with rows/<method>): uniform, surprisal, entropy and entropy-top20 always, divergence,
+    ARCA and arca-shuffled when the adapter-off pass ran. diagnose_all runs that pass here when the
+    step did not. fidelity adds arca_exact_corr and arca_floor_ratio (credit arca; see
+    arca_fidelity). roles, (computed (B, T), parsed (B,)) from token_roles, add each method's weight
+    on the computed tokens of the parsed completions (computed_mass/<method>, with parsed/<method>)
+    and the count of completions the task could not parse.
     """
     stats = {"loss": loss, "kl": kl, "trained_tokens": mask.sum(), "entropy_sum": (signals["entropies"] * mask).sum(),
              "logprob_gap_sum": ((signals["token_logprobs"] - sampler_logprobs).abs() * mask).sum()}
     if diagnose_all and signals["h_base"] is None:
         signals = credit_signals(model, prompts, tokens, mask, signals["token_logprobs"], signals["entropies"], signals["h_adapted"],
                                  config, reference=True)
-    for method in METHODS if signals["h_base"] is not None else ("uniform", "surprisal", "entropy"):
-        method_weights = weights if method == config.credit else token_weights(
-            credit_scores(method, mask, **signals), mask, eps=config.credit_eps, power=config.power)  # (B, T)
+    for method in METHODS if signals["h_base"] is not None else ("uniform", "surprisal", "entropy", "entropy-top20"):
+        method_weights = weights if method == config.credit else credit_weights(method, mask, config.credit_eps, config.power, seeds,
+                                                                                 **signals)  # (B, T)
         for key, value in zip(("gini", "effective_token_ratio", "top10_mass", "rows"), diagnostic_sums(method_weights, mask)):
             stats[f"{key}/{method}"] = value  # gini/arca, rows/arca, ...
+        if roles is not None:
+            computed, parsed = roles[0] & mask, roles[1] & mask.any(dim=1)  # (B, T), (B,)
+            stats[f"computed_mass/{method}"] = ((method_weights * computed).sum(dim=1) * parsed).sum()
+            stats[f"parsed/{method}"] = parsed.sum()
     stats.update(rows=stats[f"rows/{config.credit}"], weight_gini=stats[f"gini/{config.credit}"],
                  effective_token_ratio=stats[f"effective_token_ratio/{config.credit}"], top10_mass=stats[f"top10_mass/{config.credit}"])
+    if roles is not None:
+        stats["unparsed_completions"] = (~roles[1]).sum()
     if signals["h_base"] is not None:
         residual = arca_scores(signals["h_adapted"], signals["h_base"]) * mask  # (B, T) ||h_adapted - h_base||
         stats.update(arca_norm_sum=residual.sum(), arca_norm_max=residual.max(), arca_tokens=mask.sum())
@@ -476,6 +516,9 @@ def step_metrics(reports, rewards, lengths, stopped, timeouts, lr, clock, device
         "arca_floor_ratio": first.get("arca_floor_ratio"),
         **{f"{key}/{method}": first[f"{key}/{method}"] / first[f"rows/{method}"]
            for method in METHODS if first.get(f"rows/{method}") for key in ("gini", "effective_token_ratio", "top10_mass")},
+        **{f"computed_mass/{method}": first[f"computed_mass/{method}"] / first[f"parsed/{method}"]
+           for method in METHODS if first.get(f"parsed/{method}")},  # a task with roles_fn (the demo)
+        **({"unparsed_completions": first["unparsed_completions"]} if "unparsed_completions" in first else {}),
         "grad_norm": last["grad_norm"],
         "skipped_update": not (math.isfinite(last["grad_norm"]) and math.isfinite(last["loss"])),
         "lr": lr,
@@ -588,4 +631,4 @@ def all_method_weights(model, prompts, tokens, mask, power, eps=1e-8, vocab_size
     with disable_adapter(model):
         ref_logprobs, _, h_base = completion_forward(model, prompts, tokens, mask, vocab_size)
     inputs = dict(token_logprobs=logprobs, entropies=entropies, ref_token_logprobs=ref_logprobs, h_adapted=h_adapted, h_base=h_base)
-    return {method: token_weights(credit_scores(method, mask, **inputs), mask, eps=eps, power=power) for method in METHODS}
+    return {method: credit_weights(method, mask, eps, power, **inputs) for method in METHODS}

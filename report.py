@@ -49,7 +49,7 @@ def mean_of(metrics, key):
 
 def report(directories):
     """Markdown tables (ARCA.md §4) of the runs in `directories`: accuracy under both checkers,
-    concentration, and all five signals on each run's own rollouts.
+    concentration, and all seven credit signals on each run's own rollouts.
 
     Each row names its run directory; a run whose last evaluation is before its --steps, or that
     has no adapter/ yet, is marked unfinished. Runs from before the strict checker show "-" there.
@@ -91,7 +91,7 @@ def report(directories):
         + "\n\nCredit concentration of the training method (mean over steps); for ARCA, how much of its score is the adapter\n"
         + "(mean over evaluation steps: Pearson of the training score with the exact fp32 one, mean bf16 score / exact score)\n\n"
         + markdown_table(rows, ["run", "method", "rank", "Gini G(w)", "EffN/T", "arca precision", "ARCA exact corr", "ARCA floor ratio"])
-        + "\n\nAll five signals on this run's rollouts (mean over steps; ARCA.md §3)\n\n" + "\n\n".join(signal_tables)
+        + f"\n\nAll seven signals on this run's rollouts ({', '.join(METHODS)}; mean over steps)\n\n" + "\n\n".join(signal_tables)
     )
 
 
@@ -101,7 +101,7 @@ def markdown_table(rows, columns):
 
 
 def plot(directories, path):
-    """--plot: per run, greedy accuracy and pass@k over steps, train reward over steps, and the five
+    """--plot: per run, greedy accuracy and pass@k over steps, train reward over steps, and the seven
     signals' Gini over steps, in one PNG (matplotlib, an optional extra that training never imports)."""
     try:
         import matplotlib
@@ -123,7 +123,7 @@ def plot(directories, path):
         rewards = [m["reward_mean"] for m in metrics]
         smooth = [sum(rewards[max(0, i - window + 1) : i + 1]) / len(rewards[max(0, i - window + 1) : i + 1]) for i in range(len(rewards))]
         reward.plot([m["step"] for m in metrics], smooth, style, label=name)
-        for color, method in zip(("0.5", "tab:orange", "tab:green", "tab:purple", "tab:red"), METHODS):
+        for color, method in zip(("0.5", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:pink", "tab:olive"), METHODS):
             points = [(m["step"], m[f"gini/{method}"]) for m in metrics if m.get(f"gini/{method}") is not None]
             if points:
                 concentration.plot(*zip(*points), style, color=color, label=f"{method}" + (f" ({name})" if len(directories) > 1 else ""))

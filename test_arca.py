@@ -1167,6 +1167,45 @@ def test_credit_scores_dispatches_and_names_valid_methods():
         credit_scores("arca", mask, h_adapted=h_a)
 
 
+def test_arca_shuffled_moves_arcas_own_weights_to_random_tokens():
+    """The control for "non-uniform by the right amount": each row's weights are exactly ARCA's, sorted alike, on
+    a uniformly random permutation of its valid tokens; padding stays 0; a row's permutation depends on its seed and
+    length alone, not on the batch's padding width; another seed, another permutation."""
+    from credit import credit_weights, shuffle_within_rows
+
+    torch.manual_seed(0)
+    h_adapted, h_base = torch.randn(3, 9, 16), torch.randn(3, 9, 16)
+    mask = lengths_mask([9, 5, 1], 9)
+    arca = credit_weights("arca", mask, power=2.0, h_adapted=h_adapted, h_base=h_base)
+    shuffled = credit_weights("arca-shuffled", mask, power=2.0, shuffle_seeds=[11, 12, 13], h_adapted=h_adapted, h_base=h_base)
+    for row in range(3):
+        assert torch.equal(shuffled[row].sort().values, arca[row].sort().values)  # the same numbers, bit for bit
+    assert (shuffled[~mask] == 0).all() and not torch.equal(shuffled[0], arca[0])
+    assert torch.equal(gini(shuffled, mask), gini(arca, mask)) and torch.equal(top_mass(shuffled, mask), top_mass(arca, mask))
+    narrow = shuffle_within_rows(arca[1:2, :5], mask[1:2, :5], [12])  # the same row, trimmed to its length
+    assert torch.equal(narrow[0], shuffled[1, :5])
+    assert not torch.equal(shuffle_within_rows(arca[:1], mask[:1], [99]), shuffled[:1])
+    counts = {}
+    for seed in range(3000):  # 3 valid tokens: each of the 6 orders about 1/6 of the time
+        order = tuple(shuffle_within_rows(torch.tensor([[1.0, 2.0, 3.0, 0.0]]), lengths_mask([3], 4), [seed])[0].tolist())
+        counts[order] = counts.get(order, 0) + 1
+    assert len(counts) == 6 and all(400 < n < 600 for n in counts.values()), counts
+
+
+def test_entropy_top20_puts_equal_weight_on_the_highest_entropy_fifth():
+    """1/k on the k = ceil(0.2 T) highest-entropy valid tokens, a tie to the earlier position, exact zeros elsewhere
+    (the per-completion variant of the high-entropy-minority rule)."""
+    from credit import credit_weights
+
+    entropies = torch.tensor([[0.5, 2.0, 1.0, 2.0, 0.1, 9.0], [3.0, 1.0, 3.0, 3.0, 0.2, 0.1], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    mask = lengths_mask([5, 6, 0], 6)  # T 5 -> k 1; T 6 -> k 2; an empty row
+    weights = credit_weights("entropy-top20", mask, entropies=entropies)
+    assert weights.tolist() == [[0, 1, 0, 0, 0, 0], [0.5, 0, 0.5, 0, 0, 0], [0] * 6]  # padding's 9.0 is never chosen
+    assert weights[:2].sum(dim=1).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="needs entropies"):
+        credit_weights("entropy-top20", mask)
+
+
 def test_credit_diagnostics_leaves_out_rows_without_tokens():
     w = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0]])
     d = credit_diagnostics(w, lengths_mask([4, 0], 4))
@@ -1449,7 +1488,7 @@ def eos_rollout():
     """Two completions: one stops on EOS (id 1) at its third token, one is truncated at 4 tokens."""
     tokens = torch.tensor([[7, 8, 1, 1], [3, 4, 5, 6]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
-    return grpo.Rollout([[5, 9, 2], [4, 11]], torch.tensor([0, 0]), tokens, mask, torch.zeros(2, 4), grpo.eos_positions(tokens, mask, 1))
+    return grpo.Rollout([[5, 9, 2], [4, 11]], torch.tensor([0, 0]), tokens, mask, torch.zeros(2, 4), grpo.eos_positions(tokens, mask, 1), [0, 1])
 
 
 def test_eos_positions_are_read_at_the_last_valid_token():
@@ -2286,7 +2325,7 @@ def test_report_and_plot_show_every_run_and_signal(char_run_setup, tmp_path, mon
     shutil.rmtree(unfinished / "adapter")  # as if killed before the end
     report = train.report([finished, unfinished])
     assert f"| `{finished}` | uniform |" in report and f"| `{unfinished}` (unfinished) | arca |" in report
-    signals = report.split("All five signals")[1]
+    signals = report.split("All seven signals")[1]
     assert signals.count("| uniform (trains) |") == 1 and signals.count("| arca (trains) |") == 1
     assert signals.count("| divergence | 0.") == 2  # measured in both runs, the uniform one included (--diagnose-all)
     pytest.importorskip("matplotlib")
@@ -2756,9 +2795,9 @@ DEMO_TARGET_ACCURACY = demo.WARMUP["target_accuracy"]
 
 @pytest.fixture(scope="module")
 def demo_checkpoint(tmp_path_factory):
-    """A demo checkpoint built with a short warm-up (the full one takes a minute; the demo run shows it)."""
+    """A demo checkpoint built with a short warm-up that learns the layout, not yet the sums (the full one takes a minute)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(demo.WARMUP, "target_accuracy", 0.0)
+        patch.setitem(demo.WARMUP, "target_accuracy", 0.02)
         yield demo.build_demo_checkpoint(tmp_path_factory.mktemp("demo") / "demo-qwen3")
 
 
@@ -2769,12 +2808,12 @@ def quick_recipe(monkeypatch):
 
 
 def test_splits_are_disjoint_and_cover_every_pair():
-    train = demo.demo_problems("train", 9000, seed=0)
+    train = demo.demo_problems("train", 7100, seed=0)
     test = demo.demo_problems("test", 1000, seed=0)
     train_texts, test_texts = {p["problem"] for p in train}, {p["problem"] for p in test}
-    assert len(train_texts) == 9000 and len(test_texts) == 1000
+    assert len(train_texts) == 7100 and len(test_texts) == 1000
     assert not train_texts & test_texts
-    assert len(train_texts | test_texts) == (demo.MAX_OPERAND + 1) ** 2
+    assert len(train_texts | test_texts) == len(demo.OPERANDS) ** 2 == 8100
 
 
 def test_problems_are_seeded_samples_of_their_split():
@@ -2790,25 +2829,45 @@ def test_problems_are_seeded_samples_of_their_split():
 
 
 def test_gold_answers_score_one_and_wrong_answers_zero():
+    assert demo.completion_text("47+85=") == "7+5=12,4+8+1=13,\\boxed{132}" and demo.completion_text("23+45=") == "3+5=08,2+4+0=06,\\boxed{68}"
     for p in demo.demo_problems("test", 200, seed=0):
-        assert math_reward(demo.completion_text(p["answer"]), p["answer"]) == 1.0
-        assert math_reward(demo.completion_text(int(p["answer"]) + 1), p["answer"]) == 0.0
-    assert math_reward("12+30=", "42") == 0.0  # no \boxed{}: no reward
+        a, b = (int(x) for x in p["problem"].removesuffix("=").split("+"))
+        assert math_reward(demo.completion_text(p["problem"]), p["answer"]) == 1.0
+        assert math_reward(demo.completion_text(p["problem"]).replace(f"{{{a + b}}}", f"{{{a + b + 1}}}"), p["answer"]) == 0.0
+    assert math_reward("7+5=12,4+8+1=13,", "132") == 0.0  # no \boxed{}: no reward
+
+
+def test_token_roles_mark_the_column_sums():
+    """Computed: the two digits of each column's sum; copies (operand digits, the carry, the answer) and format are not.
+    A completion out of the layout (cut short, a wrong separator, junk after the box) is not parsed."""
+    tokenizer = demo.build_tokenizer()
+    pieces = lambda text: [tokenizer.decode([i]) for i in tokenizer.encode(text).ids] + [demo.EOS]
+    completion = pieces(demo.completion_text("47+85="))  # 7 + 5 = 1 2 , 4 + 8 + 1 = 1 3 , \boxed{ 1 3 2 } EOS
+    roles = demo.token_roles("47+85=", completion)
+    assert len(roles) == len(completion) == 22 and [i for i, computed in enumerate(roles) if computed] == [4, 5, 13, 14]
+    assert demo.token_roles("47+85=", completion[:-1]) == roles[:-1]  # truncated just before EOS: still parsed
+    wrong_sums = pieces("7+5=13,4+8+1=99,\\boxed{932}")  # the arithmetic is wrong, the layout is not: the same roles
+    assert demo.token_roles("47+85=", wrong_sums) == roles
+    for broken in (completion[:10], completion[:4] + ["+"] + completion[5:], completion[:-1] + ["7", demo.EOS], pieces("\\boxed{132}")):
+        assert demo.token_roles("47+85=", broken) is None
 
 
 def test_tokenizer_round_trips_every_problem_and_completion(demo_checkpoint):
     tokenizer = load_tokenizer(demo_checkpoint)
     assert tokenizer.eos_token_id == tokenizer.pad_token_id == 0
     assert tokenizer.vocab_size == len(demo.VOCAB)
-    problems = demo.demo_problems("train", 9000, seed=0) + demo.demo_problems("test", 1000, seed=0)
-    texts = [demo.DEMO_PROMPT_TEMPLATE.format(problem=p["problem"]) + demo.completion_text(p["answer"]) + demo.EOS
+    problems = demo.demo_problems("train", 7100, seed=0) + demo.demo_problems("test", 1000, seed=0)
+    texts = [demo.DEMO_PROMPT_TEMPLATE.format(problem=p["problem"]) + demo.completion_text(p["problem"]) + demo.EOS
              for p in problems]
     for text, encoding in zip(texts, tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False)):
         assert tokenizer.decode(encoding.ids) == text
         assert encoding.ids[-1] == tokenizer.eos_token_id
         assert encoding.ids.count(tokenizer.tokenizer.token_to_id(demo.BOXED)) == 1  # \boxed{ is one token
-    completions = [len(tokenizer.encode(demo.completion_text(p["answer"]))) + 1 for p in problems]
-    assert min(completions) == 4 and max(completions) == 6  # \boxed{ digits } EOS
+    completions = [len(tokenizer.encode(demo.completion_text(p["problem"]))) + 1 for p in problems]
+    assert min(completions) == 21 and max(completions) == 22 and sum(completions) / len(completions) > 21  # with EOS
+    assert train.DEMO.max_new_tokens >= max(completions)  # the demo's length limit fits every completion
+    prompts = [len(tokenizer.encode(p["problem"])) for p in problems]
+    assert max(prompts) + train.DEMO.max_new_tokens <= demo.MODEL["max_position_embeddings"]  # and the model's positions
     with pytest.raises(Exception, match="UNK|unk"):
         tokenizer.encode("12/4=")  # a character outside the task is an error, not a silent token
 
@@ -2830,12 +2889,33 @@ def test_warm_up_leaves_the_model_neither_hopeless_nor_perfect(tmp_path, monkeyp
     model, tokenizer = Qwen3.from_pretrained(checkpoint), load_tokenizer(checkpoint)
     problems = demo.demo_problems("test", 400, seed=0)
     prompts = [tokenizer.encode(demo.DEMO_PROMPT_TEMPLATE.format(problem=p["problem"])) for p in problems]
-    tokens, mask = generate(model, prompts, 8, temperature=0.0, top_p=1.0, eos_token_id=tokenizer.eos_token_id)
-    texts = [tokenizer.decode(row[valid].tolist()) for row, valid in zip(tokens, mask)]
-    accuracy = sum(math_reward(text, p["answer"]) for text, p in zip(texts, problems)) / len(problems)
+    tokens, mask = generate(model, prompts, train.DEMO.max_new_tokens, temperature=0.0, top_p=1.0, eos_token_id=tokenizer.eos_token_id)
+    completions = [row[valid].tolist() for row, valid in zip(tokens, mask)]
+    accuracy = sum(math_reward(tokenizer.decode(ids), p["answer"]) for ids, p in zip(completions, problems)) / len(problems)
     assert 0.1 <= accuracy <= 0.6
-    well_formed = [text.startswith(demo.BOXED) and text.endswith("}" + demo.EOS) for text in texts]
-    assert sum(well_formed) / len(texts) > 0.95  # the format is learnt; the digits are what is left to learn
+    well_formed = [demo.token_roles(p["problem"], [tokenizer.decode([i]) for i in ids]) is not None for ids, p in zip(completions, problems)]
+    assert sum(well_formed) / len(completions) > 0.95  # the layout is learnt; the column sums are what is left to learn
+
+
+@pytest.mark.parametrize("credit", ["arca-shuffled", "entropy-top20"])
+def test_the_controls_train_end_to_end_and_every_signal_finds_the_computed_tokens(demo_checkpoint, tmp_path, credit, monkeypatch):
+    """Each control trains a demo run (the adapter moves), and every step of a demo run logs all seven methods' Gini
+    and computed_mass (their weight's share on the column sums of the completions token_roles parses)."""
+    monkeypatch.setattr(train, "score", parity_reward)  # a reward earned half the time: every step has a gradient
+    out = tmp_path / credit
+    train.main(["--preset", "demo", "--model", str(demo_checkpoint), "--out", str(out), "--credit", credit, "--steps", "2",
+                "--eval-every", "2", "--eval-problems", "8", "--prompts-per-micro-batch", "4", "--group-size", "4", "--lr", "1e-3",
+                "--warmup-steps", "0"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in metrics:
+        for method in ("uniform", "surprisal", "entropy", "divergence", "arca", "arca-shuffled", "entropy-top20"):
+            assert 0 <= row[f"gini/{method}"] < 1 and 0 <= row[f"computed_mass/{method}"] <= 1, (method, row)
+        assert row["unparsed_completions"] <= 16
+        assert 0.1 < row["computed_mass/uniform"] < 0.25  # 4 of the 21 or 22 tokens
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+    report = train.report([out])
+    assert "arca-shuffled" in report and "entropy-top20" in report
 
 
 def test_cached_checkpoint_is_reused(demo_checkpoint):

@@ -6,7 +6,7 @@
     python train.py --report runs/*                  # the paper's tables from finished runs
 
 Outputs in --out: config.json (resolved config and trainable parameter count), metrics.jsonl (one
-line per step), eval.json (greedy accuracy and pass@k, step 0 first), credit.html (the five credit
+line per step), eval.json (greedy accuracy and pass@k, step 0 first), credit.html (the seven credit
 methods' weights on a few evaluation completions), adapter/ (PEFT format) and checkpoint/ (all
 that --resume needs: adapter, optimiser, scheduler, step, RNG states).
 
@@ -62,7 +62,7 @@ class TrainConfig:
     data_revision: str | None = option(None, "hub revision (commit, branch or tag) of the task's dataset; default: the one data.py pins")
     eval_set: str = option("test", "evaluation problems: test (the task's own test split) or math500 (HuggingFaceH4/MATH-500, with --task math)")
     prompt_template: str | None = option(None, "prompt text; {problem} is replaced by the problem; default: the task's (the reference code's for math and gsm8k)")
-    credit: str = option("arca", "token credit: uniform, surprisal, entropy, divergence or arca (ARCA.md §2)")
+    credit: str = option("arca", "token credit: uniform, surprisal, entropy, divergence, arca, or a control: arca-shuffled, entropy-top20")
     power: float = option(2.0, "sharpening power p of w = (alpha + eps)^p / sum")
     credit_eps: float = option(1e-8, "eps of the credit weights")
     arca_precision: str = option("bf16", "ARCA's two hidden states: bf16 (the paper's: the training forward and a bf16 adapter-off pass) or exact (two no-grad passes with fp32 activations, so the score is the adapter's, not bf16 rounding)")
@@ -86,7 +86,7 @@ class TrainConfig:
     top_p: float = option(0.95, "nucleus mass of training rollouts and pass@k")
     top_k: int = option(50, "keep only the k most likely tokens before top-p, 0 = off (transformers' default 50)")
     beta: float = option(0.0, "coefficient of the k3 KL to the base model")
-    diagnose_all: bool = option(True, "log all five methods' Gini, EffN/T and top-10% mass on each step's completions (adds an adapter-off pass on one micro-batch when the method has none)")
+    diagnose_all: bool = option(True, "log all seven methods' Gini, EffN/T and top-10% mass on each step's completions (adds an adapter-off pass on one micro-batch when the method has none)")
     updates_per_batch: int = option(1, "optimiser updates per batch of rollouts; > 1 uses the PPO clipped ratio")
     clip_eps: float = option(0.2, "PPO clip range, used when updates-per-batch > 1")
     eval_problems: int | None = option(None, "evaluation problems: the first ones of the eval set, in file order; default 200 (math500: all 500)")
@@ -114,7 +114,8 @@ DEMO = dataclasses.replace(
     task="demo",
     model=str(CACHE_DIR / "demo-qwen3"),
     reward="symbolic",
-    credit_eos=True,  # completions are 4-6 tokens: learning to stop matters
+    credit_eos=True,  # stopping after the box is part of the answer
+    temperature=0.5,  # 22 sampled tokens: at 1.0 the half-trained model's copies fail too often for a signal in 150 steps
     top_k=0,
     eval_sample=True,
     cpu_threads=1,  # a CPU matmul's rounding depends on its thread count: one thread, the same result everywhere
@@ -123,11 +124,11 @@ DEMO = dataclasses.replace(
     group_size=8,
     prompts_per_micro_batch=16,
     micro_batches=1,
-    steps=300,
-    lr=2e-3,
-    warmup_steps=3,
+    steps=150,
+    lr=1e-3,
+    warmup_steps=10,
     max_prompt_tokens=32,
-    max_new_tokens=8,  # answers need 6; more lets a run drift into junk after the box, which the reward cannot see
+    max_new_tokens=24,  # completions need 21 or 22 with EOS; more lets a run drift into junk after the box, which the reward cannot see
     eval_problems=200,
     eval_every=50,
     eval_batch_size=200,
@@ -156,7 +157,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("--report", nargs="+", metavar="DIR", help="print the paper's tables for these runs and exit")
-    parser.add_argument("--plot", metavar="FILE.png", help="with --report: also draw accuracy, reward and the five signals' Gini over steps (needs matplotlib)")
+    parser.add_argument("--plot", metavar="FILE.png", help="with --report: also draw accuracy, reward and the seven signals' Gini over steps (needs matplotlib)")
     args = parser.parse_args(argv)
 
     preset_given = args.preset is not None
@@ -180,7 +181,7 @@ def parse_args(argv=None):
 
 def check_config(config, parser):
     """Every option in its valid range, or parser.error naming the flag, the value and the range."""
-    choices = {"credit": ("uniform", "surprisal", "entropy", "divergence", "arca"), "advantage": ("grpo", "rloo"),
+    choices = {"credit": METHODS, "advantage": ("grpo", "rloo"),
                "task": ("math", "gsm8k", "demo"), "eval_set": ("test", "math500"), "lora_dtype": ("bfloat16", "float32"),
                "gradient_checkpointing": ("auto", "on", "off"),
                "reward": ("strict", "symbolic"), "dtype": ("bfloat16", "float32"), "arca_precision": ("bf16", "exact")}
@@ -222,6 +223,16 @@ def score_symbolic(texts, golds, config):
     """Symbolic equivalence of the task's answer (math_reward; GSM8K: gsm8k_reward), in worker processes
     bounded by --reward-timeout."""
     return score_batch(texts, golds, timeout=config.reward_timeout, scorer=gsm8k_reward if config.task == "gsm8k" else math_reward)
+
+
+def task_roles(config):
+    """The task's function from (problem, completion token texts) to its computed tokens, or None: the demo's
+    additions know theirs (demo.token_roles); MATH, GSM8K and --data files do not."""
+    if config.task == "demo" and not config.data:
+        import demo
+
+        return demo.token_roles
+    return None
 
 
 def score(texts, golds, config):
@@ -298,7 +309,7 @@ def evaluate(model, tokenizer, eval_rows, config, step, out):
 def write_credit_page(model, tokenizer, eval_rows, sampled, scores, config, step, out):
     """credit.html: the k sampled completions of the first evaluation problem whose rewards differ
     (else the first problem), right and wrong ones alternating, up to html_completions of them, each
-    with its reward and the GRPO advantage its group gives it, and all five methods' weights."""
+    with its reward and the GRPO advantage its group gives it, and all seven methods' weights."""
     k, device = config.pass_k, model.lm_head.weight.device
     groups = torch.tensor(scores).view(-1, k)  # (problems, k)
     spread = (groups.amax(dim=1) > groups.amin(dim=1)).nonzero().flatten().tolist()
@@ -753,6 +764,7 @@ def run(config, resume=False):
 
     last = LastFinishedStep(out, model, optimizer, scheduler, generator, config, rank, ranks, start_step,
                             saved=start_step if checkpoint_dir is not None else None)
+    roles_fn = task_roles(config)  # the demo knows which tokens compute the answer: computed_mass/<method>
     stop, stop_signal = StopRequest(), 0
     handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -765,7 +777,7 @@ def run(config, resume=False):
                 break
             prompts, golds, seeds = step_batch(train_rows, step, config, rank, ranks)
             metrics, _, _ = grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, lambda texts, golds: score(texts, golds, config),
-                                      config, generator, fidelity=is_eval_step(step + 1, config), prompt_seeds=seeds)
+                                      config, generator, fidelity=is_eval_step(step + 1, config), prompt_seeds=seeds, roles_fn=roles_fn)
             if rank == 0:
                 append_line(out / "metrics.jsonl", {"step": step + 1, **metrics})
             last.finished(step + 1, metrics["skipped_update"])
