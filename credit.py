@@ -1,8 +1,9 @@
 """Token credit for outcome-reward RL: ARCA, four baselines, concentration diagnostics.
 
-Follows ../shared/ARCA.md (Lafuente-Mercado, "ARCA: Adapter-Residual Credit
-Assignment When Token Signals Degenerate", 2026). A completion's scalar advantage
-is spread over its T tokens with weights w_t >= 0 that sum to 1 (ARCA.md §2).
+Follows the paper (Lafuente-Mercado, "ARCA: Adapter-Residual Credit Assignment
+When Token Signals Degenerate", arXiv 2606.00257, 2026) as the README's "The
+method" states it. A completion's scalar advantage is spread over its T tokens
+with weights w_t >= 0 that sum to 1 (README, The method (2)).
 Each method gives a raw salience alpha_t >= 0 per token:
 
     uniform     alpha_t = 1                                  (the per-sequence mean of log-probs)
@@ -14,7 +15,10 @@ Each method gives a raw salience alpha_t >= 0 per token:
 
 and `token_weights` turns them into w_t = (alpha_t + eps)^p / sum_k (alpha_k + eps)^p.
 `gini`, `effective_token_ratio` and `top_mass` measure how concentrated the
-weights are (ARCA.md §3); `credit_html` shows where they land in one completion.
+weights are (README, The method (4)); `credit_html` shows where they land in one
+completion. Two controls make their weights another way (`credit_weights`):
+arca-shuffled, ARCA's weights on random tokens, and entropy-top20, 1/k on the
+highest-entropy fifth of a completion (README, The method (3)).
 
 Every (B, T) tensor is aligned with the completion tokens: column t is about
 token y_t, and a model quantity in it (log-prob, entropy, hidden state) is read
@@ -32,7 +36,7 @@ scored at position P - 1 + t (HF's last `hidden_states` entry is after the final
     weights = token_weights(arca_scores(h_adapted, h_base), mask, power=2.0)  # (B, T)
 
 (In a training loop h_adapted is the training forward's own hidden state,
-detached, and the one adapter-off forward also gives pi_ref; ARCA.md §5.)
+detached, and the one adapter-off forward also gives pi_ref; README, The method (3).)
 The weights are constants for the gradient: every function here returns
 detached float32 tensors.
 """
@@ -48,7 +52,7 @@ METHODS = SCORED + CONTROLS
 
 
 # ----------------------------------------------------------------------------
-# Raw scores alpha_t, one per method (ARCA.md §2, table)
+# Raw scores alpha_t, one per method (README, The method (3))
 
 def uniform_scores(mask):
     """alpha_t = 1 on every valid token."""
@@ -75,7 +79,7 @@ def entropy_reduction_scores(entropies, mask):
     h = entropies.detach().float()  # (B, T)
     h_next = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], dim=1)  # (B, T) H_{t+1}
     next_valid = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)  # (B, T)
-    # ARCA.md §2: alpha_t = max(0, H_t - H_{t+1}), the last token gets 0
+    # README, The method (3): alpha_t = max(0, H_t - H_{t+1}), the last token gets 0
     return torch.where(mask & next_valid, (h - h_next).clamp(min=0.0), 0.0)  # (B, T)
 
 
@@ -122,7 +126,7 @@ def credit_scores(method, mask, *, token_logprobs=None, entropies=None,
 
 
 # ----------------------------------------------------------------------------
-# Scores -> weights (ARCA.md §2)
+# Scores -> weights (README, The method (2))
 
 def token_weights(scores, mask, eps=1e-8, power=1.0):
     """w_t = (alpha_t + eps)^p / sum_k (alpha_k + eps)^p over each row's valid tokens.
@@ -146,14 +150,14 @@ def token_weights(scores, mask, eps=1e-8, power=1.0):
     vanished = row_max == 0  # (B, 1) all valid scores 0 with eps = 0, or no valid token
     a = torch.where(vanished, mask.float(), a / torch.where(vanished, 1.0, row_max))  # (B, T) in [0, 1]
     a = a ** power  # (B, T)
-    # ARCA.md §2: w_t = (alpha_t + eps)^p / sum_k (alpha_k + eps)^p, each term over the row max.
+    # README, The method (2): w_t = (alpha_t + eps)^p / sum_k (alpha_k + eps)^p, each term over the row max.
     # The sum is >= 1 on a row with a valid token (its largest term is 1) and 0 on
     # an empty row, whose weights then stay 0.
     return a / a.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, T)
 
 
 # ----------------------------------------------------------------------------
-# The two controls, and every method's weights (README, The method: two controls)
+# The two controls, and every method's weights (README, The method (3))
 
 def shuffle_within_rows(weights, mask, seeds):
     """Each row's valid weights moved to a uniformly random permutation of its valid positions;
@@ -208,7 +212,7 @@ def credit_weights(method, mask, eps=1e-8, power=1.0, shuffle_seeds=None, **sign
 
 
 # ----------------------------------------------------------------------------
-# Concentration diagnostics per row, over its valid tokens (ARCA.md §3)
+# Concentration diagnostics per row, over its valid tokens (README, The method (4))
 
 def gini(weights, mask):
     """Gini coefficient of each row's valid weights: 0 uniform, (T-1)/T all on one token.
@@ -223,7 +227,7 @@ def gini(weights, mask):
     n_pad = mask.shape[1] - n  # (B, 1)
     i = torch.arange(1, mask.shape[1] + 1, device=w.device) - n_pad  # (B, T) rank among valid
     total = v.sum(dim=1)  # (B,)
-    # ARCA.md §3: G = sum_i (2i - T - 1) v_i / (T * sum_i v_i)
+    # README, The method (4): G = sum_i (2i - T - 1) v_i / (T * sum_i v_i)
     g = ((2 * i - n - 1) * v).sum(dim=1) / (n.squeeze(1) * total)  # (B,)
     return torch.where(total > 0, g.clamp(min=0.0), 0.0)  # (B,) >= 0; rounding made -1e-8 at uniform
 
@@ -238,7 +242,7 @@ def effective_token_ratio(weights, mask):
     w = torch.where(mask, weights.detach().float(), 0.0)  # (B, T)
     n = mask.sum(dim=1).float()  # (B,)
     sq = (w ** 2).sum(dim=1)  # (B,)
-    # ARCA.md §3: EffN/T = 1 / (T * sum_t w_t^2)
+    # README, The method (4): EffN/T = 1 / (T * sum_t w_t^2)
     ratio = w.sum(dim=1) ** 2 / (n * sq)  # (B,)
     return torch.where(sq > 0, ratio, 0.0)  # (B,) 0 on a row without weight
 

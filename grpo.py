@@ -2,7 +2,7 @@
 
 A step samples K completions for each of P prompts (adapter on, unmerged, no dropout), scores them,
 turns the rewards into one advantage per completion, weights each completion's tokens with a credit
-method, and takes one optimiser step on (README, "The method"; the paper, arXiv 2606.00257, §3)
+method, and takes one optimiser step on (README, The method (1)-(2); the paper's Methods section)
 
     L = -(1/N) sum_i A_i sum_t w_it log pi(y_it | y_i<t, x_i)   +   beta (1/N) sum_i mean_t k3_it
 
@@ -54,7 +54,7 @@ from model import generate, token_logprobs
 
 
 # ----------------------------------------------------------------------------------------------
-# Advantages (README, The method: GRPO)
+# Advantages (README, The method (1))
 
 
 def group_advantages(rewards, prompt_index, estimator="grpo", eps=1e-4):
@@ -224,7 +224,7 @@ def completion_forward(model, prompts, tokens, mask, vocab_size=None, compute_dt
 
 
 # ----------------------------------------------------------------------------------------------
-# The loss (README, The method: the objective)
+# The loss (README, The method (2))
 
 
 def policy_loss(logprobs, advantages, weights, num_completions, old_logprobs=None, clip_eps=0.2):
@@ -252,7 +252,7 @@ def k3_kl(logprobs, ref_logprobs, mask, num_completions):
 
 
 # ----------------------------------------------------------------------------------------------
-# The credit of a micro-batch (README, The method: credit)
+# The credit of a micro-batch (README, The method (3))
 
 
 def needs_reference(config):
@@ -370,7 +370,7 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
             measure = update == 0 and rows.start == 0 and process_rank() == 0  # the measuring passes: once, on rank 0
             stats = micro_batch_statistics(model, rollout.prompts[rows], tokens, mask, rollout.sampler_logprobs[rows, :width], signals,
                                            weights, loss, kl, config, measure and config.diagnose_all, measure and fidelity, rollout.seeds[rows],
-                                           roles and (roles[0][rows, :width], roles[1][rows]))
+                                           None if roles is None else (roles[0][rows, :width], roles[1][rows]))
             totals = add_statistics(totals, stats)
         if world_size() > 1:
             all_reduce_gradients(trainable)  # the distributed path: the gradients summed over the ranks

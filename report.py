@@ -47,16 +47,58 @@ def mean_of(metrics, key):
     return f"{sum(values) / len(values):.3f}" if values else "-"
 
 
+def mean_and_range(values):
+    """A few runs' numbers as "mean (min-max)": 0.430 (0.410-0.455)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def over_seeds(runs):
+    """One row per (method, rank) that has several runs (seeds): greedy accuracy and pass@k at the first and the
+    last evaluation, and the training method's Gini, EffN/T and computed mass (each run's mean over steps),
+    as mean (min-max) over the runs. runs: [(config, evals, metrics)]."""
+    groups = {}
+    for config, evals, metrics in runs:
+        groups.setdefault((config["credit"], config["rank"]), []).append((config, evals, metrics))
+    rows = []
+    for (method, rank), members in groups.items():
+        if len(members) < 2:
+            continue
+        pass_k = f"pass@{members[0][0]['pass_k']}"
+        step_mean = lambda metrics, key: (lambda v: sum(v) / len(v) if v else None)([m[key] for m in metrics if m.get(key) is not None])
+        rows.append({
+            "method": method, "rank": rank, "seeds": len(members),
+            "greedy acc, first": mean_and_range([e[0]["greedy_accuracy"] for _, e, _ in members]),
+            "greedy acc, last": mean_and_range([e[-1]["greedy_accuracy"] for _, e, _ in members]),
+            f"{pass_k}, first": mean_and_range([e[0][pass_k] for _, e, _ in members]),
+            f"{pass_k}, last": mean_and_range([e[-1][pass_k] for _, e, _ in members]),
+            "Gini G(w)": mean_and_range([step_mean(m, "weight_gini") for _, _, m in members]),
+            "EffN/T": mean_and_range([step_mean(m, "effective_token_ratio") for _, _, m in members]),
+            "computed mass": mean_and_range([step_mean(m, f"computed_mass/{method}") for _, _, m in members]),
+        })
+    if not rows:
+        return ""
+    columns = ["method", "rank", "seeds", "greedy acc, first", "greedy acc, last", f"{pass_k}, first", f"{pass_k}, last", "Gini G(w)",
+               "EffN/T", "computed mass"]
+    return ("\n\nOver seeds (each method's runs: mean (min-max); first and last evaluation; Gini, EffN/T and computed mass of the "
+            "training method, mean over steps)\n\n" + markdown_table(rows, columns))
+
+
 def report(directories):
-    """Markdown tables (ARCA.md §4) of the runs in `directories`: accuracy under both checkers,
-    concentration, and all seven credit signals on each run's own rollouts.
+    """Markdown tables of the runs in `directories` (the paper's, README "The paper's run"): accuracy under
+    both checkers, concentration, the runs of a method over seeds, and all seven credit signals on
+    each run's own rollouts.
 
     Each row names its run directory; a run whose last evaluation is before its --steps, or that
     has no adapter/ yet, is marked unfinished. Runs from before the strict checker show "-" there.
     """
-    rows, signal_tables = [], []
+    rows, signal_tables, runs = [], [], []
     for directory in directories:
         info, evals, metrics = read_run(directory)
+        runs.append((info["config"], evals, metrics))
         config, final = info["config"], evals[-1]
         value = lambda key: f"{final[key]:.3f}" if key in final else "-"
         pass_k = f"pass@{config['pass_k']}"
@@ -77,9 +119,11 @@ def report(directories):
             "ARCA floor ratio": mean_of(metrics, "arca_floor_ratio"),
         })
         signals = [{"signal": method + (" (trains)" if method == config["credit"] else ""), "Gini G(w)": mean_of(metrics, f"gini/{method}"),
-                    "EffN/T": mean_of(metrics, f"effective_token_ratio/{method}"), "top-10% mass": mean_of(metrics, f"top10_mass/{method}")}
-                   for method in METHODS]
-        signal_tables.append(f"{run} ({config['credit']}, rank {config['rank']})\n\n" + markdown_table(signals, ["signal", "Gini G(w)", "EffN/T", "top-10% mass"]))
+                    "EffN/T": mean_of(metrics, f"effective_token_ratio/{method}"), "top-10% mass": mean_of(metrics, f"top10_mass/{method}"),
+                    "computed mass": mean_of(metrics, f"computed_mass/{method}")} for method in METHODS]
+        columns = ["signal", "Gini G(w)", "EffN/T", "top-10% mass"] + (["computed mass"] if any(m.get(f"computed_mass/{config['credit']}") is not None
+                                                                                                 for m in metrics) else [])
+        signal_tables.append(f"{run} ({config['credit']}, rank {config['rank']})\n\n" + markdown_table(signals, columns))
 
     return (
         "Data (hub dataset@revision and file, or the local file)\n\n"
@@ -91,7 +135,9 @@ def report(directories):
         + "\n\nCredit concentration of the training method (mean over steps); for ARCA, how much of its score is the adapter\n"
         + "(mean over evaluation steps: Pearson of the training score with the exact fp32 one, mean bf16 score / exact score)\n\n"
         + markdown_table(rows, ["run", "method", "rank", "Gini G(w)", "EffN/T", "arca precision", "ARCA exact corr", "ARCA floor ratio"])
-        + f"\n\nAll seven signals on this run's rollouts ({', '.join(METHODS)}; mean over steps)\n\n" + "\n\n".join(signal_tables)
+        + over_seeds(runs)
+        + f"\n\nAll seven signals on this run's rollouts ({', '.join(METHODS)}; mean over steps; computed mass: the share of weight on "
+        + "the tokens that compute the answer, for a task that marks them)\n\n" + "\n\n".join(signal_tables)
     )
 
 
@@ -101,8 +147,10 @@ def markdown_table(rows, columns):
 
 
 def plot(directories, path):
-    """--plot: per run, greedy accuracy and pass@k over steps, train reward over steps, and the seven
-    signals' Gini over steps, in one PNG (matplotlib, an optional extra that training never imports)."""
+    """--plot: per run, greedy accuracy and pass@k over steps, train reward over steps, the seven signals'
+    Gini over steps (arca-shuffled's is ARCA's, by construction: one line), and, for a task that marks
+    its computed tokens (the demo), each signal's weight on them, in one PNG (matplotlib, an optional
+    extra that training never imports)."""
     try:
         import matplotlib
 
@@ -110,11 +158,14 @@ def plot(directories, path):
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib, an optional extra: pip install matplotlib") from None
-    figure, (accuracy, reward, concentration) = plt.subplots(1, 3, figsize=(15, 4.2))
+    runs = [(Path(directory).name, *read_run(directory)) for directory in directories]
+    marked = any(m.get("computed_mass/uniform") is not None for _, _, _, metrics in runs for m in metrics)
+    figure, panels = plt.subplots(1, 4 if marked else 3, figsize=(20 if marked else 15, 4.2))
+    accuracy, reward, concentration = panels[:3]
+    colors = dict(zip(METHODS, ("0.5", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:pink", "tab:olive")))
     styles = ["-", "--", ":", "-."]
-    for index, directory in enumerate(directories):
-        info, evals, metrics = read_run(directory)
-        config, style, name = info["config"], styles[index % len(styles)], f"{Path(directory).name}"
+    for index, (name, info, evals, metrics) in enumerate(runs):
+        config, style = info["config"], styles[index % len(styles)]
         steps = [e["step"] for e in evals]
         pass_k = f"pass@{config['pass_k']}"
         line, = accuracy.plot(steps, [e["greedy_accuracy"] for e in evals], style, marker="o", label=f"{name} greedy")
@@ -123,14 +174,20 @@ def plot(directories, path):
         rewards = [m["reward_mean"] for m in metrics]
         smooth = [sum(rewards[max(0, i - window + 1) : i + 1]) / len(rewards[max(0, i - window + 1) : i + 1]) for i in range(len(rewards))]
         reward.plot([m["step"] for m in metrics], smooth, style, label=name)
-        for color, method in zip(("0.5", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:pink", "tab:olive"), METHODS):
-            points = [(m["step"], m[f"gini/{method}"]) for m in metrics if m.get(f"gini/{method}") is not None]
-            if points:
-                concentration.plot(*zip(*points), style, color=color, label=f"{method}" + (f" ({name})" if len(directories) > 1 else ""))
+        suffix = f" ({name})" if len(runs) > 1 else ""
+        for key, axes in (("gini", concentration), ("computed_mass", panels[3] if marked else None)):
+            for method in METHODS:
+                points = [(m["step"], m[f"{key}/{method}"]) for m in metrics if m.get(f"{key}/{method}") is not None]
+                if axes is None or not points or (key == "gini" and method == "arca-shuffled"):
+                    continue
+                label = "arca and arca-shuffled" if key == "gini" and method == "arca" else method
+                axes.plot(*zip(*points), style, color=colors[method], label=label + suffix)
     accuracy.set(title=f"evaluation ({config.get('reward', 'symbolic')} reward)", xlabel="step", ylabel="accuracy")
     reward.set(title="train reward (moving mean)", xlabel="step", ylabel="mean reward")
     concentration.set(title="Gini of each signal's weights, same rollouts", xlabel="step", ylabel="Gini G(w)", ylim=(0, 1))
-    for axes in (accuracy, reward, concentration):
+    if marked:
+        panels[3].set(title="weight on the computed tokens, same rollouts", xlabel="step", ylabel="computed mass", ylim=(0, 1))
+    for axes in panels:
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
     figure.tight_layout()

@@ -768,7 +768,7 @@ def test_apply_lora_on_meta_then_materialise(checkpoint_dir):
     assert layer.lora_A.abs().sum() > 0 and torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))
 
 
-# Qwen3-1.7B's config.json (../shared/data/qwen3-configs/qwen3-1.7b-base.json), the fields the model reads.
+# Qwen3-1.7B-Base's config.json, the fields the model reads.
 QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
 
@@ -904,6 +904,45 @@ def test_merge_matches_unmerged_and_unmerge_restores_the_base(checkpoint_dir):
 # PEFT's format, with PEFT as the oracle
 
 
+def readme_snippet(heading):
+    """The first ```python block after `heading` in README.md."""
+    text = (REPO / "README.md").read_text()
+    return text[text.index(heading):].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_snippet_computes_arca_as_the_step_does(checkpoint_dir, tmp_path):
+    """README's "ARCA in your own loop", read out of the file and run on transformers + PEFT: its weights and loss
+    equal this project's (our Qwen3 and LoRA, the same adapter) and its gradient reaches the adapter."""
+    code = readme_snippet("## ARCA in your own loop")
+    assert len([line for line in code.splitlines() if line.strip()]) <= 15
+    reference = get_peft_model(transformers.Qwen3ForCausalLM.from_pretrained(checkpoint_dir),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), lora_dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3)  # a trained adapter: ARCA's weights are not uniform
+    reference.save_pretrained(tmp_path / "adapter")
+    prompts = [[5, 9, 2, 7], [4, 11, 6, 3]]
+    completions, mask = torch.tensor([[7, 8, 9, 1], [3, 4, 1, 1]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool()
+    advantages = torch.tensor([1.0, -1.0])
+    names = dict(model=reference, input_ids=torch.cat([torch.tensor(prompts), completions], dim=1), P=4, mask=mask,
+                 attention_mask=torch.ones(2, 8, dtype=torch.long), advantages=advantages)
+    exec(code, names)
+
+    ours = apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8)
+    load_adapter(ours, tmp_path / "adapter")
+    with torch.no_grad():
+        logprobs, _, h_adapted = grpo.completion_forward(ours, prompts, completions, mask)
+        with disable_adapter(ours):
+            h_base = grpo.completion_hidden(ours, prompts, completions, mask)
+    weights = token_weights(arca_scores(h_adapted, h_base), mask, power=2.0)
+    assert weights.max() > 0.4  # not uniform: the check below can fail
+    torch.testing.assert_close(names["weights"], weights, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(names["loss"], grpo.policy_loss(logprobs, advantages, weights, 2), atol=1e-5, rtol=1e-4)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in reference.named_parameters() if "lora_B" in n)
+
+
 def test_peft_loads_our_adapter(checkpoint_dir, tmp_path):
     model = randomise_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8))
     ids = input_ids()
@@ -980,7 +1019,7 @@ def lengths_mask(lengths, T):
 
 
 # ----------------------------------------------------------------------------
-# Diagnostics, hand-computed (ARCA.md §3)
+# Diagnostics, hand-computed (README, The method (4))
 
 def test_uniform_weights_have_gini_0_and_effn_1():
     w = torch.full((1, 7), 1 / 7)
@@ -1050,7 +1089,7 @@ def test_padding_changes_nothing():
 
 
 # ----------------------------------------------------------------------------
-# token_weights (ARCA.md §2)
+# token_weights (README, The method (2))
 
 def test_token_weights_hand_values():
     scores = torch.tensor([[1.0, 3.0, 9.9]])
@@ -1061,7 +1100,7 @@ def test_token_weights_hand_values():
 
 def test_token_weights_add_eps_before_the_power():
     mask = full_mask(1, 2)
-    # ARCA.md §2: (alpha + eps)^p; with eps 1, p 2: (0 + 1)^2 : (1 + 1)^2 = 1 : 4 (eps after the power: 1 : 2)
+    # README, The method (2): (alpha + eps)^p; with eps 1, p 2: (0 + 1)^2 : (1 + 1)^2 = 1 : 4 (eps after the power: 1 : 2)
     torch.testing.assert_close(token_weights(torch.tensor([[0.0, 1.0]]), mask, eps=1.0, power=2.0), torch.tensor([[0.2, 0.8]]))
     torch.testing.assert_close(token_weights(torch.tensor([[1.0, 3.0]]), mask, eps=1.0, power=1.0), torch.tensor([[1 / 3, 2 / 3]]))
 
@@ -1108,7 +1147,7 @@ def test_token_weights_are_detached():
 
 
 # ----------------------------------------------------------------------------
-# Raw scores (ARCA.md §2, table)
+# Raw scores (README, The method (3))
 
 def test_arca_scores_zero_for_equal_states_and_hand_norm():
     h = torch.randn(2, 3, 4)
@@ -1815,7 +1854,8 @@ def run_args(root, out, *extra):
     return ["--preset", "demo", "--model", str(root / "model"), "--data", str(root / "train.jsonl"),
             "--eval-data", str(root / "test.jsonl"), "--out", str(out), "--group-size", "4",
             "--prompts-per-micro-batch", "1", "--micro-batches", "2", "--max-new-tokens", "6", "--eval-problems", "4",
-            "--eval-batch-size", "16", "--pass-k", "2", "--rank", "4", "--lr", "5e-2", "--lora-dropout", "0.05", *extra]
+            "--eval-batch-size", "16", "--pass-k", "2", "--rank", "4", "--lr", "5e-2", "--lora-dropout", "0.05", "--warmup-steps", "3",
+            "--temperature", "1.0", *extra]
 
 
 METRIC_FIELDS = {
@@ -2268,16 +2308,16 @@ def test_prompts_that_do_not_divide_among_the_processes_are_refused(char_run_set
     assert result.returncode != 0 and "3 prompts per step" in result.stdout + result.stderr and "among 2 processes" in result.stdout + result.stderr
 
 
-def test_dry_run_of_the_paper_preset_prints_arca_md_settings(capsys):
+def test_dry_run_of_the_paper_preset_prints_the_papers_settings(capsys):
     train.main(["--preset", "paper", "--dry-run"])
     config = json.loads(capsys.readouterr().out)
-    expected = {  # ARCA.md §4
+    expected = {  # the paper's settings (README, The paper's run)
         "model": "Qwen/Qwen3-1.7B-Base", "group_size": 4, "prompts_per_micro_batch": 2, "micro_batches": 4,
         "steps": 100, "lr": 5e-6, "warmup_steps": 10, "weight_decay": 0.0, "grad_clip": 1.0, "max_prompt_tokens": 512,
         "max_new_tokens": 512, "temperature": 1.0, "top_p": 0.95, "rank": 64, "lora_alpha": 128.0, "lora_dropout": 0.05,
         "power": 2.0, "credit_eps": 1e-8, "eval_problems": 200, "pass_k": 4, "save_every": 20, "seed": 1337,
         "credit": "arca", "advantage": "grpo", "beta": 0.0, "updates_per_batch": 1, "dtype": "bfloat16",
-        # the reference code's protocol (ARCA.md §4): prompt, strict reward, EOS out of the loss, top-k 50, first 200 rows
+        # the reference code's protocol (README, This implementation and the reference code): prompt, strict reward, EOS out of the loss, top-k 50, first 200 rows
         "prompt_template": "Solve this math problem step by step. Put your final answer in \\boxed{{}}.\n\nProblem: {problem}\n",
         "reward": "strict", "credit_eos": False, "top_k": 50, "eval_sample": False,
     }
@@ -2668,6 +2708,7 @@ def test_bench_compiled_rows(tiny_checkpoint):
     bench.bench_compiled(model, model.config, torch.device("cpu"), dict(prompt=8), records, "tiny")
     rows = {line["what"]: line for line in records}
     assert rows["decode_step_compilations"]["ours"] == 1 and rows["decode_step_compilations"]["note"].endswith("added 0")
+    assert rows["decode_step_compile_seconds"]["ours"] > 0  # a compilation costs more than a replay
     assert rows["compiled_greedy_tokens_equal_eager"]["ours"] == 1.0
     assert rows["compiled_sampler_trainer_gap"]["ours"] < 1e-5 and "repeated every token" in rows["compiled_sampler_trainer_gap"]["note"]
 

@@ -1,7 +1,7 @@
 """Train a LoRA adapter with GRPO and token-level credit: the paper's MATH sweep on one GPU, or the demo.
 
     python train.py                                  # GPU: the paper preset with ARCA; CPU: the demo
-    python train.py --preset paper --credit uniform  # one row of the paper's sweep (ARCA.md §4)
+    python train.py --preset paper --credit uniform  # one row of the paper's sweep (README, The paper's run)
     python train.py --preset paper --rank 4          # ARCA at rank 4 (lora alpha follows: 2 r)
     python train.py --report runs/*                  # the paper's tables from finished runs
 
@@ -68,7 +68,7 @@ class TrainConfig:
     arca_precision: str = option("bf16", "ARCA's two hidden states: bf16 (the paper's: the training forward and a bf16 adapter-off pass) or exact (two no-grad passes with fp32 activations, so the score is the adapter's, not bf16 rounding)")
     credit_eos: bool = option(False, "train and weight the EOS token that ends a completion (the reference code leaves it out)")
     reward: str = option("strict", "training reward: strict (the reference code's string match) or symbolic (math_reward's equivalence)")
-    advantage: str = option("grpo", "advantage estimator: grpo or rloo (ARCA.md §1)")
+    advantage: str = option("grpo", "advantage estimator: grpo or rloo (README, The method (1))")
     rank: int = option(64, "LoRA rank r")
     lora_alpha: float | None = option(None, "LoRA alpha; default 2 r")
     lora_dropout: float = option(0.05, "LoRA dropout")
@@ -106,7 +106,7 @@ class TrainConfig:
     out: str | None = option(None, "output directory; default runs/<preset>-<credit>-r<rank>")
 
 
-PAPER = TrainConfig()  # ARCA.md §4
+PAPER = TrainConfig()  # the paper's settings (README, The paper's run)
 
 DEMO = dataclasses.replace(
     PAPER,
@@ -167,7 +167,7 @@ def parse_args(argv=None):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     config = dataclasses.replace(PRESETS[preset], **overrides)
     if config.lora_alpha is None:
-        config.lora_alpha = 2.0 * config.rank  # ARCA.md §4: alpha = 2 r
+        config.lora_alpha = 2.0 * config.rank  # the paper's alpha = 2 r
     if config.prompt_template is None and config.task in PROMPTS:
         config.prompt_template = PROMPTS[config.task]
     if config.eval_problems is None:
@@ -813,10 +813,10 @@ def main(argv=None):
                              "On this machine run the CPU demo, python train.py --preset demo, or pass a small local --model DIR")
         print(f"no CUDA GPU: running the paper preset on the CPU with {config.model}; expect it to be slow")
     if not preset_given:
-        print("No CUDA GPU found: running the demo preset (a tiny Qwen3 learning synthetic arithmetic on the CPU: about "
-              "80 s on 2 idle cores, 20 s of it building the model the first time). On a GPU, `python train.py` runs the paper's "
-              "MATH experiment." if config.preset == "demo"
-              else "CUDA GPU found: running the paper preset (Qwen3-1.7B-Base on MATH, ARCA.md §4).")
+        print("No CUDA GPU found: running the demo preset (a tiny Qwen3 learning column addition on the CPU: about "
+              "2.5 minutes on 2 idle cores, 40 s of it building the model the first time). On a GPU, `python train.py` runs the "
+              "paper's MATH experiment." if config.preset == "demo"
+              else "CUDA GPU found: running the paper preset (Qwen3-1.7B-Base on MATH, README: The paper's run).")
     try:
         run(config, resume=args.resume)
         if dist.is_initialized():
