@@ -1,7 +1,7 @@
 """Speed of arca against transformers (+ PEFT) on the same random weights, in one process.
 
     python bench.py                     # GPU: Qwen3-1.7B geometry, bf16; CPU: the tiny shape, fp32
-    python bench.py --quick             # CPU, tiny shape, one thread, well under a minute (a test runs it)
+    python bench.py --quick             # CPU, tiny shape, one thread, about 80 s on 2 cores (a test runs it)
     python bench.py --shape 1.7b --only rollout,train
     python bench.py --threads 1 --compile --only rollout,kernels     # the README's CPU rows
     python bench.py --shape 1.7b --gpu-check                         # the goals table of a GPU run
@@ -392,12 +392,12 @@ def bench_rollout_lora(directory, device, dtype, size, records, shape, compile=F
 # 1b. Kernels per decode step
 
 
-NOT_A_KERNEL = {  # aten operators that make a view, allocate, or return their input: no kernel of their own
+NOT_A_KERNEL = {  # aten operators that make a view, allocate, return their input or pick a dtype on the host: no kernel
     "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::as_strided_",
     "aten::t", "aten::transpose", "aten::permute", "aten::expand", "aten::expand_as", "aten::unsqueeze", "aten::squeeze",
     "aten::slice", "aten::select", "aten::narrow", "aten::split", "aten::split_with_sizes", "aten::chunk", "aten::unbind",
     "aten::alias", "aten::detach", "aten::detach_", "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg",
-    "aten::to", "aten::contiguous", "aten::flatten", "aten::view_as", "aten::numpy_T", "aten::result_type",
+    "aten::to", "aten::contiguous", "aten::flatten", "aten::view_as", "aten::numpy_T", "aten::result_type", "aten::promote_types",
     "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resize_", "aten::is_nonzero", "aten::item",
     "aten::_local_scalar_dense", "aten::type_as", "aten::linear", "aten::matmul", "aten::dropout", "aten::scalar_tensor"}
 HOST_LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
@@ -654,7 +654,7 @@ def bench_grpo(directory, device, dtype, size, records, shape):
         records.append(record(f"grpo_update_arca_over_uniform_beta{beta:g}", shape, N, device, arca, uniform, "s per update", setting + "; step minus rollout and reward"))
     diagnosed, plain = statistics.median(update["uniform", "diagnose_all"]), statistics.median(update["uniform", 0.0])
     records.append(record("grpo_update_diagnose_all_over_off", shape, N, device, diagnosed, plain, "s per update",
-                          setting + "; credit uniform, --diagnose-all (all five signals, one adapter-off pass on one micro-batch) over off"))
+                          setting + "; credit uniform, --diagnose-all (all seven signals, one adapter-off pass on one micro-batch) over off"))
     exact, bf16 = statistics.median(update["arca", "exact"]), statistics.median(update["arca", 0.0])
     records.append(record("grpo_update_arca_exact_over_bf16", shape, N, device, exact, bf16, "s per update",
                           setting + f"; credit arca, --arca-precision exact over bf16 (model dtype {str(dtype).removeprefix('torch.')})"))
@@ -904,7 +904,7 @@ def parse_args(argv=None):
                         help="model geometry; default 1.7b on a GPU, tiny on the CPU (the memory kind: 1.7b on both)")
     parser.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats: under a minute on a CPU")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats: about 80 s on a 2-core CPU")
     parser.add_argument("--only", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS + EXTRA_KINDS)} "
                                                                    f"(default: all but {','.join(EXTRA_KINDS)})")
     parser.add_argument("--threads", type=int, default=None,
