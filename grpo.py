@@ -50,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 
 from credit import METHODS, arca_scores, credit_weights, diagnostic_sums
 from lora import disable_adapter, sampling_copies
-from model import generate, token_logprobs
+from model import generate, pack_prompts, token_logprobs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,19 +175,12 @@ def pack_sequences(prompts, completions, completion_mask):
         input_ids      [[5, 6, 8, 1], [0, 7, 9, 1]]
         attention_mask [[1, 1, 1, 1], [0, 1, 1, 0]]
     and prompt width P = 2: the hidden state at column P - 1 + t predicts completion token t.
-    The prompts are laid out on the host and copied to the device once.
+    The prompts are laid out as the sampler lays them out (model.pack_prompts, one copy to the device).
     """
-    P = max(len(p) for p in prompts)
-    prompt_ids = torch.zeros(len(prompts), P, dtype=torch.long)  # (B, P) on the host
-    for row, prompt in enumerate(prompts):
-        prompt_ids[row, P - len(prompt) :] = torch.tensor(prompt)
-    prompt_ids = prompt_ids.to(completions.device)
-    prompt_mask = prompt_ids.new_ones(prompt_ids.shape, dtype=torch.bool)  # (B, P)
-    lengths = torch.tensor([len(p) for p in prompts]).to(completions.device)  # (B,)
-    prompt_mask &= torch.arange(P, device=completions.device) >= P - lengths[:, None]  # (B, P) left padding off
+    prompt_ids, prompt_mask = pack_prompts(prompts, completions.device)  # (B, P) each
     input_ids = torch.cat([prompt_ids, completions], dim=1)  # (B, P + T)
     attention_mask = torch.cat([prompt_mask, completion_mask.bool()], dim=1)  # (B, P + T)
-    return input_ids, attention_mask, P
+    return input_ids, attention_mask, prompt_ids.shape[1]
 
 
 def completion_logprobs(model, hidden, tokens, vocab_size=None, chunk_size=64):
@@ -453,14 +446,15 @@ def micro_batch_statistics(model, prompts, tokens, mask, sampler_logprobs, signa
 
 
 def add_statistics(totals, stats):
-    """Micro-batch statistics added up: sums add, *_max take the larger, a fidelity figure is kept."""
+    """Micro-batch statistics added up: sums add, *_max take the larger (the fidelity figures come from
+    the first micro-batch alone, so they are never added)."""
     merged = dict(totals)
     for key, value in stats.items():
         if key not in merged:
             merged[key] = value
         elif key.endswith("_max"):
             merged[key] = torch.maximum(merged[key], value)
-        elif not key.startswith("arca_exact_corr") and not key.startswith("arca_floor_ratio"):
+        else:
             merged[key] = merged[key] + value
     return merged
 

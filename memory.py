@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from model import CACHE_BUCKET, batch_bucket
+
 LOGPROB_CHUNK = 64  # grpo.completion_logprobs' chunk of positions
 BYTES_PER_LOGIT = 16  # a chunk's bf16 logits (2), their fp32 copy (4) and softmax (4), fp32 and bf16 gradients (4 + 2)
 
@@ -120,7 +122,7 @@ def planned_peak(model_config, config, device, checkpointing, profiles=None):
     rollout_rows = config.prompts_per_micro_batch * config.micro_batches * config.group_size
     kept = 0  # --compile: the decode buffers (the largest bucket: an evaluation batch) and the LoRA sampling copies
     if config.compile:
-        kept = kv_cache_bytes(model_config, config.eval_batch_size, -(-sequence // 256) * 256, e) + lora * e
+        kept = kv_cache_bytes(model_config, batch_bucket(config.eval_batch_size), -(-sequence // CACHE_BUCKET) * CACHE_BUCKET, e) + lora * e
     common = {"weights": weight_count(model_config) * e, "kept decode buffers (--compile)": kept}
     phases = {
         "rollout": {**common, "LoRA, gradients and AdamW moments": 16 * lora, "KV cache": kv_cache_bytes(model_config, rollout_rows, sequence, e),
