@@ -42,9 +42,15 @@ def read_run(directory):
     return info, evals, read_metrics(directory)
 
 
-def mean_of(metrics, key):
+def step_mean(metrics, key):
+    """A metric's mean over a run's steps, or None when no step logged it."""
     values = [m[key] for m in metrics if m.get(key) is not None]
-    return f"{sum(values) / len(values):.3f}" if values else "-"
+    return sum(values) / len(values) if values else None
+
+
+def mean_of(metrics, key):
+    mean = step_mean(metrics, key)
+    return "-" if mean is None else f"{mean:.3f}"
 
 
 def mean_and_range(values):
@@ -68,7 +74,6 @@ def over_seeds(runs):
         if len(members) < 2:
             continue
         pass_k = f"pass@{members[0][0]['pass_k']}"
-        step_mean = lambda metrics, key: (lambda v: sum(v) / len(v) if v else None)([m[key] for m in metrics if m.get(key) is not None])
         rows.append({
             "method": method, "rank": rank, "seeds": len(members),
             "greedy acc, first": mean_and_range([e[0]["greedy_accuracy"] for _, e, _ in members]),
