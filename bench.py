@@ -785,7 +785,10 @@ def bench_memory(device, records, shape):
     """Saved-activation bytes per sequence token of the training forward (memory.activation_profile: 1 and
     2 real layers at 64 and 256 tokens, scaled to 28; parameters excluded; the device's attention kernel)
     with and without gradient checkpointing, in the paper preset's configuration (bf16 weights, bf16
-    LoRA r 64, dropout 0.05) whatever the device; then the paper step's planned peak (memory.planned_peak)."""
+    LoRA r 64, dropout 0.05) whatever the device, and without checkpointing with the LoRA update in
+    fp32; then the paper step's planned peak (memory.planned_peak)."""
+    import dataclasses
+
     import memory
     import train
 
@@ -797,6 +800,9 @@ def bench_memory(device, records, shape):
                               profile["per_token"] / 2**20, None, "MB per token",
                               f"{model_config.num_hidden_layers} layers, of which one layer {profile['layer_per_token'] / 2**10:.1f} KB; "
                               f"plus {profile['constant'] / 2**20:.0f} MB whatever the length (LoRA weight casts)"))
+    fp32_lora = memory.activation_profile(model_config, dataclasses.replace(config, lora_dtype="float32"), device, False)
+    records.append(record("activations_per_token_fp32_lora", shape, 1, device, fp32_lora["per_token"] / 2**20, None, "MB per token",
+                          "--lora-dtype float32 (PEFT's fp32 LoRA arithmetic: an fp32 copy of each LoRA input kept), no checkpointing"))
     for setting in (False, True):
         plan = memory.planned_peak(model_config, config, device, setting, dict(profiles))
         parts = ", ".join(f"{name} {value:.2f}" for name, value in plan.items() if name not in ("peak", "phase") and value)

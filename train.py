@@ -814,7 +814,7 @@ def main(argv=None):
         print(f"no CUDA GPU: running the paper preset on the CPU with {config.model}; expect it to be slow")
     if not preset_given:
         print("No CUDA GPU found: running the demo preset (a tiny Qwen3 learning column addition on the CPU: about "
-              "2.5 minutes on 2 idle cores, 40 s of it building the model the first time). On a GPU, `python train.py` runs the "
+              "under 3 minutes on 2 idle cores, about 40 s of it building the model the first time). On a GPU, `python train.py` runs the "
               "paper's MATH experiment." if config.preset == "demo"
               else "CUDA GPU found: running the paper preset (Qwen3-1.7B-Base on MATH, README: The paper's run).")
     try:
