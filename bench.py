@@ -75,7 +75,8 @@ import torch
 from safetensors.torch import save_file
 
 from credit import arca_scores
-from model import Qwen3, Qwen3Config, generate, token_logprobs
+from model import Qwen3, Qwen3Config, token_logprobs
+from sampling import generate
 
 SHAPES = {  # Hugging Face config.json fields
     "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -603,6 +604,7 @@ def grpo_runner(directory, device, dtype, g, compile=False):
 
     import grpo
     from lora import apply_lora
+    from step_log import StepLog
     from train import PAPER
 
     model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
@@ -621,7 +623,10 @@ def grpo_runner(directory, device, dtype, g, compile=False):
         result = {}
 
         def run():
-            result["metrics"] = grpo.grpo_step(model, optimizer, scheduler, prompts, golds, BenchTokenizer(), fixed_rewards, config, generator)[0]
+            tokenizer = BenchTokenizer()
+            log = StepLog(model, tokenizer, config, scheduler.get_last_lr()[0])
+            grpo.grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, fixed_rewards, config, generator, log)
+            result["metrics"] = log.metrics()
 
         full = timed(run, device)
         metrics = result["metrics"]
@@ -715,6 +720,7 @@ def bench_precision(device, size, records, shape, tmp):
     them) on the CPU, the run's shape on a GPU. bf16 weights in both."""
     import grpo
     from lora import apply_lora, disable_adapter, lora_layers
+    from step_log import pearson
 
     p = size["precision"]
     name = shape if device.type == "cuda" else "precision"
@@ -739,7 +745,7 @@ def bench_precision(device, size, records, shape, tmp):
                 exact_base = grpo.completion_hidden(model, prompts, tokens, mask, torch.float32)
         bf16_scores = arca_scores(h_adapted, h_base)[mask]
         exact_scores = arca_scores(exact_adapted, exact_base)[mask]
-        correlation = grpo.pearson(bf16_scores, exact_scores)
+        correlation = pearson(bf16_scores, exact_scores)
         ratio = f"{bf16_scores.mean().item() / exact_scores.mean().item():.3g}" if exact_scores.sum() > 0 else "-"
         records.append(record(f"arca_bf16_vs_exact_s{scale:g}", name, p["batch"], device, correlation, None, "Pearson per token",
                               f"rms(B) = {scale:g}; mean bf16 score / exact {ratio}; exact mean {exact_scores.mean().item():.3g}, "

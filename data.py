@@ -26,12 +26,16 @@ Left out: the `datasets` library (a parquet file and pyarrow are all a split nee
 reader of our own.
 """
 
+import hashlib
 import json
 import os
 import random
 from pathlib import Path
 
+import torch
+
 from math_reward import extract_boxed
+from runs import write_atomically
 
 CACHE_DIR = Path(os.environ.get("ARCA_CACHE", Path.home() / ".cache" / "arca"))
 
@@ -210,9 +214,7 @@ def cached_split(task_or_set, split, revision=None, cache_dir=None):
                          f"at revision {revision}); another revision has other rows: check --data-revision")
     rows = cache_rows(task_or_set, raw_rows, source)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(path.name + ".tmp")
-    staged.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    staged.replace(path)
+    write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
@@ -280,3 +282,23 @@ def encode_prompts(rows, tokenizer, config, what, quiet=False):
     if len(kept) < len(rows) and not quiet:
         print(f"{what}: dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than --max-prompt-tokens {config.max_prompt_tokens}")
     return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# What a step trains on
+
+
+def step_prompts(train_rows, step, prompts_per_step, seed):
+    """The prompts of one step: a fresh seeded permutation of the data each epoch."""
+    rows = []
+    for index in range(step * prompts_per_step, (step + 1) * prompts_per_step):
+        epoch, offset = divmod(index, len(train_rows))
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed + epoch))
+        rows.append(train_rows[order[offset]])
+    return rows
+
+
+def prompt_seed(*parts):
+    """A 63-bit seed from (stream, seed, step, index): the randomness of one prompt's completions,
+    the same whichever batch or rank samples it."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)

@@ -62,7 +62,8 @@ from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from math_reward import math_reward
-from model import Qwen3, Qwen3Config, generate
+from model import Qwen3, Qwen3Config
+from sampling import generate
 
 DEMO_PROMPT_TEMPLATE = "{problem}"  # train.py's --prompt-template for the demo
 EOS = "<|endoftext|>"

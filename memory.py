@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from model import CACHE_BUCKET, batch_bucket
+from compiled_decode import CACHE_BUCKET, batch_bucket
 
 LOGPROB_CHUNK = 64  # grpo.completion_logprobs' chunk of positions
 BYTES_PER_LOGIT = 16  # a chunk's bf16 logits (2), their fp32 copy (4) and softmax (4), fp32 and bf16 gradients (4 + 2)

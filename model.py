@@ -1,4 +1,4 @@
-"""Qwen3 in plain PyTorch: the model, its safetensors loader, the tokenizer and a batched sampler.
+"""Qwen3 in plain PyTorch: the model, its safetensors loader and its tokenizer.
 
 The architecture follows Hugging Face's `Qwen3ForCausalLM` (transformers/models/qwen3), which is the
 oracle in the tests:
@@ -13,23 +13,21 @@ keys map one to one onto `state_dict()` keys and a LoRA adapter's keys are PEFT'
 
 `Qwen3.forward` returns the last hidden states after the final norm (what ARCA reads); logits are
 `model.lm_head(hidden)`, so callers compute them only where they need them (the sampler on the last
-position, training in chunks over completion positions).
+position, training in chunks over completion positions). `token_logprobs` turns logits into
+log-probs and entropies, the one way the sampler and the training forward both do it.
 
 Padding: `attention_mask` (B, T) marks real tokens with 1. Positions are counted per row from the
 mask, so a left-padded row computes exactly what the unpadded sequence computes.
 
-Sampling (`generate`) pre-fills left-padded prompts into a static KV cache allocated once per call,
-then decodes one token per step with the cache written in place. Finished rows are checked every
-few steps, not every step, so the loop does not wait on the GPU for each token. Top-p sorts the
-vocabulary on a GPU (no host sync) and draws by exact rejection on the CPU, where a sort costs
-more than the whole step of a small model (`sample_next_token`).
-
 Attention: with a padding mask, the G query heads that share a K/V head are folded into one
 head's queries, so grouped-query attention runs without copying K/V and on a fused masked kernel;
 the additive mask is built once per forward (`attention_bias`). Without a mask, SDPA's own GQA.
+With a KV cache (sampling.py's, or compiled_decode.py's static one), each attention layer hands its
+new keys and values to the cache and attends over what the cache returns.
 
 Left out: sliding-window attention and rope scaling (no Qwen3 dense base model uses them; a config
-asking for them is refused), and dropout inside the base model (Qwen3 has none).
+asking for them is refused), dropout inside the base model (Qwen3 has none), and generation, which
+lives in sampling.py (the eager loop) and compiled_decode.py (its static-shape fast path).
 """
 
 import json
@@ -136,38 +134,14 @@ def apply_rotary(x, cos, sin):
     return x * cos + rotated * sin
 
 
-class Linear(nn.Linear):
+class InputDtypeLinear(nn.Linear):
     """nn.Linear computed in its input's dtype: a no-op cast for a bf16 input on bf16 weights; for an
     fp32 input the weight is upcast for this one matmul (the exact-ARCA passes, grpo.py), so fp32
     activations never need an fp32 copy of the model."""
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-
-class KVCache:
-    """Key/value buffers written in place: one K and one V tensor per layer, (B, KV, S, D) each.
-
-    Rows are left-padded, so all rows write the same slots: `length` (a Python int, no device sync)
-    counts the slots filled so far. `cos`, `sin` (S, D) are the rotary table of every position a
-    slot can hold, computed once instead of at each decode step. In the compiled decode step, `slot`
-    is a (1,) device tensor, the slot this step writes, and the tensors are views of DecodeBuffers'.
-    """
-
-    def __init__(self, keys, values, cos, sin):
-        self.keys, self.values = keys, values  # L tensors (B, KV, S, D) each
-        self.cos, self.sin = cos, sin  # (S, D)
-        self.length = 0
-        self.slot = None
-
-    @classmethod
-    def allocate(cls, config, batch_size, max_length, device, dtype):
-        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
-        keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        positions = torch.arange(max_length, device=device)[None]  # (1, S): a position never exceeds its slot
-        cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, dtype)  # (1, S, D)
-        return cls(keys, values, cos[0], sin[0])
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 class Attention(nn.Module):
@@ -178,32 +152,25 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         bias = config.attention_bias
-        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = InputDtypeLinear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = InputDtypeLinear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = InputDtypeLinear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = InputDtypeLinear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)  # (B, KV, T, D)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KV, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None and cache.slot is not None:  # static decode step: write at a device-tensor slot, read it all
-            layer_keys, layer_values = cache.keys[self.layer_index], cache.values[self.layer_index]  # (B, KV, S, D)
-            layer_keys.index_copy_(2, cache.slot, k)  # in place: this layer's tensor, at a static address
-            layer_values.index_copy_(2, cache.slot, v)
-            k, v = layer_keys, layer_values  # unwritten slots are masked
-        elif cache is not None:
-            start, end = cache.length, cache.length + T
-            cache.keys[self.layer_index][:, :, start:end] = k
-            cache.values[self.layer_index][:, :, start:end] = v
-            k = cache.keys[self.layer_index][:, :, :end]  # (B, KV, S, D)
-            v = cache.values[self.layer_index][:, :, :end]  # (B, KV, S, D)
+        q = apply_rotary(self.q_norm(q).transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rotary(self.k_norm(k).transpose(1, 2), cos, sin)  # (B, KV, T, D)
+        if cache is not None:  # this step's keys and values into the cache; attend over every slot it holds
+            k, v = cache.update(self.layer_index, k, v)  # (B, KV, S, D) each
         if mask is None:  # plain causal attention, no padding: the flash kernel takes GQA as is
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.num_heads != self.num_kv_heads)  # (B, H, T, D)
+            gqa = self.num_heads != self.num_kv_heads
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)  # (B, H, T, D)
         else:
             # GQA by folding: the G query heads that share a K/V head become G * T queries of that head,
             # so K/V are neither copied per query head nor passed with enable_gqa, which the fused
@@ -219,9 +186,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = InputDtypeLinear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = InputDtypeLinear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = InputDtypeLinear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -240,8 +207,8 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Backbone(nn.Module):
-    """The `model.` part of the checkpoint: embeddings, layers, final norm."""
+class DecoderStack(nn.Module):
+    """The `model.` part of the checkpoint (transformers' Qwen3Model): embeddings, decoder layers, final norm."""
 
     def __init__(self, config):
         super().__init__()
@@ -292,51 +259,53 @@ class Qwen3(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = Backbone(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = DecoderStack(config)
+        self.lm_head = InputDtypeLinear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False  # recompute each layer in backward (non-reentrant)
 
     def forward(self, input_ids, attention_mask=None, kv_cache=None, position_ids=None, compute_dtype=None):
-        """Last hidden states after the final norm.
+        """Last hidden states (B, T, hidden) after the final norm.
 
-        input_ids (B, T). attention_mask (B, S): 1 for real tokens; with a cache it covers the cached
-        slots and the new ones (S = cache.length + T), else S = T. It may instead be a ready additive
-        bias (B, 1, G * T or 1, S) as attention_bias builds it, used as is (the sampler's decode
-        steps update one in place). position_ids (B, T): each token's position, counted from
-        attention_mask when not given (required with a ready bias). compute_dtype: the activations'
-        dtype (default: the weights'); float32 on a bf16 model upcasts each weight as it is used.
-        Returns (B, T, hidden).
+        input_ids (B, T). attention_mask (B, S): 1 for real tokens, S = T, or with a KV cache the
+        slots it holds and the new ones; or a ready additive bias (B, 1, G * T or 1, S) as
+        attention_bias builds it (the decode loops keep one), used as is. position_ids (B, T): each
+        token's position, counted from a (B, S) mask when not given (required with a ready bias).
+        kv_cache: sampling.KVCache (or compiled_decode's static one): each layer writes its new
+        keys and values to it and attends over what it holds; it also holds the rotary table.
+        compute_dtype: the activations' dtype (default: the weights'); float32 on a bf16 model
+        upcasts each weight as it is used.
         """
         B, T = input_ids.shape
-        static = kv_cache is not None and kv_cache.slot is not None  # generate(compile=True)'s decode step
-        past = kv_cache.length if kv_cache is not None and not static else 0
-        x = self.model.embed_tokens(input_ids).to(compute_dtype or self.model.embed_tokens.weight.dtype)  # (B, T, hidden)
+        dtype = compute_dtype or self.model.embed_tokens.weight.dtype
+        x = self.model.embed_tokens(input_ids).to(dtype)  # (B, T, hidden)
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
-        if attention_mask is None:
-            mask = None if kv_cache is None or T == 1 else attention_bias(torch.ones(B, past + T, device=input_ids.device), T, groups, x.dtype)
-            if position_ids is None:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)  # (B, T)
-        elif attention_mask.dim() == 4:
+        if attention_mask is not None and attention_mask.dim() == 4:
             if position_ids is None:
                 raise ValueError("a ready 4D attention bias needs position_ids (they cannot be counted from it)")
             mask = attention_mask  # (B, 1, G*T or 1, S)
-        else:
+        elif attention_mask is not None:
             mask = attention_bias(attention_mask, T, groups, x.dtype)  # (B, 1, G*T, S)
-            if position_ids is None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T) per-row positions
-        if kv_cache is not None:
-            cos, sin = kv_cache.cos[position_ids], kv_cache.sin[position_ids]  # (B, T, D) looked up
+            if position_ids is None:  # per-row positions, counted over the real tokens
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+        elif kv_cache is not None:
+            raise ValueError("a forward with a KV cache needs an attention_mask over the cached and new slots")
         else:
-            cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)  # (B, T, D)
+            mask = None  # causal, no padding
+            if position_ids is None:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
+        if kv_cache is not None:
+            cos, sin = kv_cache.rotary(position_ids)  # (B, T, D) each, looked up in the cache's table
+        else:
+            cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
-        if kv_cache is not None and not static:
-            kv_cache.length += T
+        if kv_cache is not None:
+            kv_cache.advance(T)
         return self.model.norm(x)  # (B, T, hidden)
 
     @classmethod
@@ -515,11 +484,11 @@ def load_tokenizer(path_or_hub_id):
 
 
 # ----------------------------------------------------------------------------------------------
-# Log-probabilities and sampling
+# Log-probabilities: the one helper for the sampler and the training forward
 
 
 def token_logprobs(logits, tokens):
-    """log pi(token) and the entropy of pi, in fp32: the one helper for the sampler and training.
+    """log pi(token) and the entropy of pi, in fp32.
 
     logits (..., V), tokens (...) -> logprobs (...), entropies (...).
     """
@@ -528,408 +497,3 @@ def token_logprobs(logits, tokens):
     logprobs = logits.gather(-1, tokens[..., None]).squeeze(-1) - log_normaliser  # (...)
     entropies = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # (...) H = logZ - E[logit]
     return logprobs, entropies
-
-
-UNIFORMS_PER_DRAW = 4  # pre-drawn uniforms per row and token: 3 rejection rounds, then the sorting sampler
-
-
-def draw_from_cumulative(cumulative, total, generator=None, uniforms=None):
-    """Inverse-CDF draw: the first index whose cumulative mass exceeds u, u uniform in [0, total).
-
-    cumulative (B, V) nondecreasing, total (B, 1) -> (B, 1). Index i is drawn with probability
-    (cumulative[i] - cumulative[i - 1]) / total when total <= cumulative[-1]; one uniform number
-    per row (uniforms (B,) when given, else drawn from generator) and a binary search.
-    """
-    u = torch.rand(total.shape, device=total.device, generator=generator) if uniforms is None else uniforms[:, None]  # (B, 1)
-    return torch.searchsorted(cumulative, u * total, right=True)  # (B, 1)
-
-
-def sample_top_p_sorted(probs, top_p, generator=None, uniforms=None):
-    """Top-p by sorting the vocabulary (any device, no host sync): the reference.
-
-    probs (B, V) -> tokens (B,); top_p a float or a 0-d tensor. Kept: the tokens whose strictly
-    likelier mass, cumulative[i - 1], is below p, i.e. the count of cumulative < p plus the token
-    that crosses p. The sort is stable: tokens of equal probability stay in id order.
-    """
-    probs, ids = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
-    cumulative = probs.cumsum(dim=-1)  # (B, V) nondecreasing
-    kept = ((cumulative < top_p).sum(dim=-1, keepdim=True) + 1).clamp(max=probs.shape[-1])  # (B, 1) tokens kept
-    choice = draw_from_cumulative(cumulative, cumulative.gather(-1, kept - 1), generator, uniforms)  # (B, 1)
-    return ids.gather(-1, choice.clamp(max=kept - 1)).squeeze(-1)  # (B,)
-
-
-def sample_top_k_top_p(logits, top_k, top_p, generator=None, uniforms=None):
-    """Top-k then top-p without sorting the vocabulary: the same tokens, for the same uniforms, as
-    sample_top_p_sorted(top_k_filter(logits, top_k).softmax(-1), top_p), which sorts all of it.
-
-    logits (B, V), already divided by the temperature -> tokens (B,); top_p a float or a 0-d tensor.
-    Only the k candidates of `topk` are sorted. Every token tied with the k-th largest logit is kept,
-    as top_k_filter keeps it, and such tokens come last, in id order, as the stable sort puts them:
-    the draw runs over [the candidates above the k-th value, by probability; the tied ones, by id].
-    Example, logits [[3, 1, 2, 2]], top_k 2: kept 3 (id 0) then the tie 2, 2 (ids 2, 3).
-    """
-    values, ids = logits.topk(top_k, dim=-1)  # (B, k), descending
-    kth = values[:, -1:]  # (B, 1) the k-th largest logit
-    probs = torch.where(logits >= kth, logits, float("-inf")).softmax(dim=-1)  # (B, V) top_k_filter's distribution
-    ids, order = ids.sort(dim=-1)  # by id, then a stable sort by value: ties in id order
-    values, order = values.gather(-1, order).sort(dim=-1, descending=True, stable=True)  # (B, k)
-    ids = ids.gather(-1, order)  # (B, k)
-    head = torch.where(values > kth, probs.gather(-1, ids), 0.0)  # (B, k) the candidates above the k-th value
-    tied = torch.where(logits == kth, probs, 0.0)  # (B, V) the k-th value's tokens, in id order
-    cumulative = torch.cat([head, tied], dim=-1).cumsum(dim=-1)  # (B, k + V): the sorted cumulative, with zeros between
-    kept = ((cumulative < top_p).sum(dim=-1, keepdim=True) + 1).clamp(max=cumulative.shape[-1])  # (B, 1)
-    choice = draw_from_cumulative(cumulative, cumulative.gather(-1, kept - 1), generator, uniforms).clamp(max=kept - 1)  # (B, 1)
-    head_token = ids.gather(-1, choice.clamp(max=top_k - 1))  # (B, 1)
-    return torch.where(choice < top_k, head_token, choice - top_k).squeeze(-1)  # (B,) a tied token's position is its id
-
-
-def sample_top_p_by_rejection(probs, top_p, generator=None, max_rounds=64, uniforms=None):
-    """Top-p without sorting the vocabulary, exact: the path used on the CPU, where a sort is slow.
-
-    probs (B, V) -> tokens (B,). Draw a token from probs restricted to the tokens above a floor
-    (at first 0). It is in the nucleus iff the mass of strictly likelier tokens is below p; if it
-    is not, no token as unlikely is either, so the floor rises to its probability and the row
-    draws again. The nucleus is always above the floor, so an accepted draw has exactly the
-    distribution of probs restricted to the nucleus; the most likely token is always accepted.
-    A round is three passes over the vocabulary (a sort costs ~50 on the CPU); at p = 0.95 a
-    row is accepted in the first round with probability >= 0.95. Reading back which rows are
-    still drawing syncs with the device, free on the CPU but not on a GPU. A drawn token with no
-    likelier token is always accepted (so p = 0 keeps the top token), and rows still drawing after
-    max_rounds (only NaN probabilities get there) go to the sorting sampler: it never loops forever.
-    With pre-drawn uniforms (B, U), round r uses column r and the sorting sampler the last one
-    (so max_rounds is U - 1): an accepted draw is a nucleus draw in every round, so it stays exact.
-    """
-    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)  # (B,)
-    rows = torch.arange(probs.shape[0], device=probs.device)  # (R,) rows still drawing
-    floor = torch.zeros(probs.shape[0], 1, device=probs.device)  # (R, 1)
-    max_rounds = max_rounds if uniforms is None else uniforms.shape[1] - 1
-    for round_index in range(max_rounds):
-        if not len(rows):
-            return tokens
-        cumulative = torch.where(probs > floor, probs, 0.0).cumsum(dim=-1)  # (R, V)
-        u = None if uniforms is None else uniforms[rows, round_index]  # (R,)
-        draw = draw_from_cumulative(cumulative, cumulative[:, -1:], generator, u).clamp(max=probs.shape[-1] - 1)  # (R, 1)
-        drawn_prob = probs.gather(-1, draw)  # (R, 1)
-        likelier = torch.where(probs > drawn_prob, probs, 0.0).sum(dim=-1)  # (R,) mass of strictly likelier tokens
-        accepted = (likelier < top_p) | (likelier == 0)  # (R,)
-        tokens[rows[accepted]] = draw[accepted, 0]
-        floor = torch.maximum(floor, drawn_prob)[~accepted]  # (R', 1)
-        rows, probs = rows[~accepted], probs[~accepted]  # (R',), (R', V)
-    if len(rows):
-        tokens[rows] = sample_top_p_sorted(probs, top_p, generator, None if uniforms is None else uniforms[rows, -1])
-    return tokens
-
-
-def top_k_filter(logits, top_k):
-    """Logits (B, V) with every token below the k-th largest of its row set to -inf (ties with the
-    k-th kept, as transformers' TopKLogitsWarper does). top_k 0 or >= V: unchanged.
-
-    logits [[1.0, 3.0, 2.0, 0.5]], top_k 2 -> [[-inf, 3.0, 2.0, -inf]]
-    """
-    if top_k <= 0 or top_k >= logits.shape[-1]:
-        return logits
-    kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth_largest, float("-inf"))  # (B, V)
-
-
-def sample_next_token(logits, temperature, top_p, generator=None, top_k=0, uniforms=None):
-    """One token per row from fp32 logits (B, V): greedy at temperature 0, else temperature, then
-    top-k, then top-p, in the order of transformers' sampling warpers.
-
-    Top-k keeps the k most likely tokens (0: all; ties with the k-th kept). Top-p then keeps the
-    smallest set of the most likely remaining tokens whose mass reaches p, including the token that
-    crosses p (and any token tied with it, on the CPU). Example, probs [0.5, 0.3, 0.2], p = 0.6:
-    keeps 0.5 and 0.3. With p >= 1 every token top-k left is kept and nothing is sorted. On the CPU
-    top-p draws by rejection (no sort); elsewhere from the top-k candidates (sample_top_k_top_p), or
-    by sorting when top-k is off. uniforms (B, UNIFORMS_PER_DRAW): pre-drawn random numbers for this
-    token instead of the generator (see generate).
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)  # (B,)
-    logits = logits / temperature
-    u = None if uniforms is None else uniforms[:, 0]
-    if top_p >= 1:
-        cumulative = top_k_filter(logits, top_k).softmax(dim=-1).cumsum(dim=-1)  # (B, V)
-        return draw_from_cumulative(cumulative, cumulative[:, -1:], generator, u).clamp(max=logits.shape[-1] - 1).squeeze(-1)  # (B,)
-    if logits.device.type == "cpu":
-        return sample_top_p_by_rejection(top_k_filter(logits, top_k).softmax(dim=-1), top_p, generator, uniforms=uniforms)
-    if 0 < top_k < logits.shape[-1]:
-        return sample_top_k_top_p(logits, top_k, top_p, generator, u)
-    return sample_top_p_sorted(logits.softmax(dim=-1), top_p, generator, u)
-
-
-def next_token_logits(model, hidden, vocab_size):
-    """fp32 logits (B, V) from the last hidden states (B, H); rows past the tokenizer's vocab_size real ids at -inf."""
-    logits = model.lm_head(hidden).float()  # (B, V)
-    if vocab_size is not None and vocab_size < logits.shape[-1]:
-        logits[:, vocab_size:] = float("-inf")
-    return logits
-
-
-def drawn_logprob(logits, token):
-    """log pi(token) (B,) under the untempered logits (B, V): token_logprobs' formula without its entropy pass."""
-    return logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
-
-
-def pack_prompts(prompts, device):
-    """Left-padded prompt ids and their mask (B, P), laid out on the host and copied to the device once.
-    [[5, 6], [7]] -> ids [[5, 6], [0, 7]], mask [[1, 1], [0, 1]]."""
-    P = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), P, dtype=torch.long)  # (B, P)
-    mask = torch.zeros(len(prompts), P, dtype=torch.bool)  # (B, P)
-    for row, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {row} is empty; every prompt needs at least one token")
-        ids[row, P - len(prompt) :] = torch.tensor(prompt)
-        mask[row, P - len(prompt) :] = True
-    return ids.to(device), mask.to(device)
-
-
-def prefill(model, prompts, samples_per_prompt, cache):
-    """The prompts' keys and values into `cache` (B = prompts x K rows, row p * K + k is prompt p's), each
-    distinct prompt computed once and copied to its K rows; returns the last hidden states (B, H)."""
-    device, K = model.lm_head.weight.device, samples_per_prompt
-    prompt_ids, prompt_mask = pack_prompts(prompts, device)  # (B / K, P)
-    if K == 1:
-        return model(prompt_ids, prompt_mask, kv_cache=cache)[:, -1]  # (B, hidden): the last slot is real in every row
-    shared = KVCache.allocate(model.config, len(prompts), prompt_ids.shape[1], device, cache.keys[0].dtype)
-    hidden = model(prompt_ids, prompt_mask, kv_cache=shared)[:, -1]  # (B / K, hidden)
-    for layer in range(model.config.num_hidden_layers):
-        cache.keys[layer][:, :, : shared.length] = shared.keys[layer].repeat_interleave(K, dim=0)  # (B, KV, P, D)
-        cache.values[layer][:, :, : shared.length] = shared.values[layer].repeat_interleave(K, dim=0)
-    cache.length = shared.length
-    return hidden.repeat_interleave(K, dim=0)  # (B, hidden)
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id, generator=None,
-             vocab_size=None, return_logprobs=False, check_every=8, top_k=0, row_generators=None, samples_per_prompt=1,
-             compile=False):
-    """Sample completions for a batch of prompts of different lengths.
-
-    prompts: list of token-id lists. eos_token_id: an id or a list of ids that end a completion (an empty list: none does).
-    vocab_size: the tokenizer's number of real ids; embedding rows past it are never sampled.
-    temperature, top_k, top_p: see sample_next_token (temperature 0: greedy).
-    row_generators: one torch.Generator per row instead of `generator`; each row's random numbers are
-    drawn from its own up front (max_new_tokens x UNIFORMS_PER_DRAW), so a row's completion does not
-    depend on which other rows share its batch (or its process, in a distributed run).
-    samples_per_prompt: K completions of each prompt, rows p * K .. p * K + K - 1: each distinct
-    prompt is prefilled once and its K/V copied to its K rows (as GRPO's groups and pass@k need).
-    compile: the fast path, generate_compiled (a static-shape decode step under torch.compile, CUDA
-    graphs on a GPU); greedy tokens equal this path's, sampled ones are the sorted sampler's draws.
-    Returns tokens (B, N) and mask (B, N), N <= max_new_tokens: mask is True up to and including a
-    row's first EOS, False after it (those slots hold the EOS id). With return_logprobs, also the
-    fp32 log-probs (B, N) of the drawn tokens under the untempered model distribution (what the
-    training forward recomputes).
-
-    Example, eos 0, max_new_tokens 4: a row drawing 5, 0 then stops -> tokens [5, 0, 0, 0],
-    mask [1, 1, 0, 0]; a row drawing 7, 8, 9, 6 -> mask [1, 1, 1, 1] (truncated, no EOS).
-
-    Per decode step the loop does no work that does not depend on the step: the cache holds the
-    rotary table, the attention bias is one buffer whose next slot is opened in place, positions
-    are the prompt lengths plus the step. It reads the device once every check_every steps (have
-    all rows stopped?). It runs under inference_mode (no autograd bookkeeping at all); every tensor
-    it returns was allocated outside it, so they are ordinary tensors that a training forward may use.
-    """
-    if compile:
-        return generate_compiled(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
-                                 generator=generator, vocab_size=vocab_size, return_logprobs=return_logprobs, check_every=check_every,
-                                 top_k=top_k, row_generators=row_generators, samples_per_prompt=samples_per_prompt)
-    device = model.lm_head.weight.device
-    eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    eos_ids, fill_id = torch.tensor(eos_list, device=device), eos_list[0] if eos_list else 0  # fill_id: what finished rows hold
-    K, P = samples_per_prompt, max(len(p) for p in prompts)
-    B = len(prompts) * K
-    cache = KVCache.allocate(model.config, B, P + max_new_tokens, device, model.lm_head.weight.dtype)
-    row_prompt_mask = pack_prompts(prompts, device)[1].repeat_interleave(K, dim=0)  # (B, P) real prompt slots
-    # Decode-step attention bias (B, 1, 1, S): 0 on real slots, -inf on padding and on slots not yet
-    # written. One query row broadcasts over the G folded heads; keys padded to 16 (see attention_bias).
-    key_bias = torch.full((B, 1, 1, -(-(P + max_new_tokens) // 16) * 16), float("-inf"), device=device, dtype=cache.keys[0].dtype)
-    key_bias[:, 0, 0, :P].masked_fill_(row_prompt_mask, 0.0)
-    first_position = row_prompt_mask.sum(dim=1, keepdim=True)  # (B, 1) position of each row's first new token
-    tokens = torch.full((B, max_new_tokens), fill_id, dtype=torch.long, device=device)  # (B, N)
-    mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # (B, N)
-    logprobs = torch.zeros(B, max_new_tokens, device=device)  # (B, N)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
-    uniforms = None
-    if row_generators is not None and temperature > 0:
-        uniforms = torch.stack([torch.rand(max_new_tokens, UNIFORMS_PER_DRAW, generator=g, device=g.device) for g in row_generators]).to(device)  # (B, N, U)
-
-    with torch.inference_mode():
-        hidden = prefill(model, prompts, K, cache)  # (B, hidden)
-        for step in range(max_new_tokens):
-            logits = next_token_logits(model, hidden, vocab_size)  # (B, V)
-            next_token = sample_next_token(logits, temperature, top_p, generator, top_k, None if uniforms is None else uniforms[:, step])  # (B,)
-            next_token = next_token.masked_fill(finished, fill_id)  # (B,)
-            tokens[:, step] = next_token
-            mask[:, step] = ~finished
-            if return_logprobs:
-                logprobs[:, step] = drawn_logprob(logits, next_token)
-            if len(eos_ids):
-                finished |= torch.isin(next_token, eos_ids)
-            if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(finished.all())):
-                break
-            key_bias[..., P + step] = 0.0  # the slot this token is written to
-            hidden = model(next_token[:, None], key_bias[..., : P + step + 1], kv_cache=cache,
-                           position_ids=first_position + step)[:, -1]  # (B, hidden)
-    return trim(tokens, mask, logprobs, return_logprobs)
-
-
-def trim(tokens, mask, logprobs, return_logprobs):
-    """Drop trailing slots that no row used."""
-    steps = int(mask.sum(dim=1).max())
-    tokens, mask, logprobs = tokens[:, :steps], mask[:, :steps], logprobs[:, :steps] * mask[:, :steps]
-    return (tokens, mask, logprobs) if return_logprobs else (tokens, mask)
-
-
-# ----------------------------------------------------------------------------------------------
-# The fast path: a static-shape decode step under torch.compile (CUDA graphs on a GPU)
-#
-# One compiled graph per (greedy or sampling, batch bucket, cache-length bucket): batches are padded
-# to a power of two and caches to a multiple of CACHE_BUCKET slots, so a paper run compiles a handful
-# of graphs (rollouts of 32, evaluation batches of 64 and their tail) and reuses them every step.
-# Temperature and top-p are tensor inputs, not constants: changing them recompiles nothing. The
-# tensors the step writes in place (each layer's K and V, the attention bias) and reads (the rotary
-# table, the LoRA sampling copies) stay at the same addresses between calls (DecodeBuffers, kept on
-# the model), so a CUDA graph is recorded once per bucket and then replayed.
-
-COMPILE_MIN_TORCH = (2, 6)  # torch.compile features the fast path needs (static addresses, cudagraph step marks, recompile limits)
-CACHE_BUCKET = 256  # cache lengths are multiples of this
-MAX_GRAPHS = 64  # compiled graphs of the decode step before torch.compile refuses (an error, never a silent eager fallback)
-
-
-def batch_bucket(rows):
-    """The compiled step's batch size for `rows` rows: the next power of two. 3 -> 4, 32 -> 32, 33 -> 64."""
-    return 1 << (rows - 1).bit_length()
-
-
-class DecodeBuffers:
-    """The compiled decode step's state, kept on the model so that every call of a bucket reads and
-    writes the same addresses: per layer one K and one V arena, one attention-bias arena and the
-    rotary table, each as large as the largest bucket used so far. A bucket's cache is made of views
-    of the arenas' first elements, built once and reused. Growing the arenas (a larger bucket) moves
-    them, so each graph is recorded again once. The arenas start at zero and unwritten slots are
-    masked, so values left by an earlier call are never read."""
-
-    def __init__(self, config, device, dtype):
-        self.config, self.device, self.dtype = config, device, dtype
-        self.capacity = self.length = 0  # elements per K/V arena; rotary table length
-        self.caches = {}  # (batch, length) -> (KVCache, key_bias (batch, 1, 1, length))
-
-    def get(self, batch, length):
-        config = self.config
-        width = -(-length // 16) * 16  # the bias's key axis, padded as attention_bias pads it
-        per_layer = batch * config.num_key_value_heads * length * config.head_dim
-        if per_layer > self.capacity or length > self.length:
-            self.capacity, self.length = max(per_layer, self.capacity), max(length, self.length)
-            self.keys = [torch.zeros(self.capacity, device=self.device, dtype=self.dtype) for _ in range(config.num_hidden_layers)]
-            self.values = [torch.zeros(self.capacity, device=self.device, dtype=self.dtype) for _ in range(config.num_hidden_layers)]
-            self.bias = torch.zeros(self.capacity, device=self.device, dtype=self.dtype)  # >= batch * width: head_dim >= 16
-            positions = torch.arange(self.length, device=self.device)[None]  # (1, S)
-            self.cos, self.sin = (t[0] for t in rotary_cos_sin(positions, config.head_dim, config.rope_theta, self.dtype))  # (S, D)
-            self.caches = {}
-        if (batch, length) not in self.caches:
-            shape = (batch, config.num_key_value_heads, length, config.head_dim)
-            cache = KVCache([k[:per_layer].view(shape) for k in self.keys], [v[:per_layer].view(shape) for v in self.values],
-                            self.cos[:length], self.sin[:length])
-            key_bias = self.bias[: batch * width].view(batch, 1, 1, width)[..., :length]  # (B, 1, 1, S)
-            for tensor in (*cache.keys, *cache.values, cache.cos, cache.sin, key_bias):
-                torch._dynamo.mark_static_address(tensor)  # a CUDA graph may write them in place
-            self.caches[batch, length] = cache, key_bias
-        return self.caches[batch, length]
-
-
-def decode_step(model, hidden, finished, uniforms, position, cache, key_bias, eos_ids, fill_id, temperature, top_p, top_k,
-                vocab_size, greedy):
-    """generate's loop body with static shapes, for torch.compile: one token per row from `hidden`
-    (B, H), then the forward of that token with its K/V written at cache.slot (a device tensor).
-
-    No Python number is read from a tensor, the cache and key_bias (B, 1, 1, S) keep their full
-    length S (unwritten slots are -inf in key_bias), the random numbers are pre-drawn (uniforms
-    (B, UNIFORMS_PER_DRAW)), temperature and top_p are 0-d tensors, and top-p draws from the top-k
-    candidates (or sorts, without top-k): no rejection loop. Returns (token (B,), its log-prob (B,),
-    finished (B,), the next hidden (B, H)).
-    """
-    logits = next_token_logits(model, hidden, vocab_size)  # (B, V)
-    if greedy:
-        token = logits.argmax(dim=-1)  # (B,)
-    elif 0 < top_k < logits.shape[-1]:
-        token = sample_top_k_top_p(logits / temperature, top_k, top_p, uniforms=uniforms[:, 0])  # (B,)
-    else:
-        token = sample_top_p_sorted((logits / temperature).softmax(dim=-1), top_p, uniforms=uniforms[:, 0])  # (B,)
-    token = token.masked_fill(finished, fill_id)  # (B,)
-    logprob = drawn_logprob(logits, token)  # (B,)
-    finished = finished | torch.isin(token, eos_ids)  # (B,)
-    key_bias.index_fill_(-1, cache.slot, 0.0)  # open the slot this token is written to
-    hidden = model(token[:, None], key_bias, kv_cache=cache, position_ids=position)[:, -1]  # (B, H)
-    return token, logprob, finished, hidden
-
-
-_compiled_decode_step = None  # torch.compile(decode_step), built on first use and kept: its compilations are reused
-
-
-def compiled_decode_step(device):
-    global _compiled_decode_step
-    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < COMPILE_MIN_TORCH:
-        raise RuntimeError(f"--compile needs torch >= {'.'.join(map(str, COMPILE_MIN_TORCH))}, this is {torch.__version__}; "
-                           "upgrade torch or run without --compile (the eager path computes the same completions)")
-    if _compiled_decode_step is None:
-        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on a GPU, inductor's default on a CPU
-        _compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
-    return _compiled_decode_step
-
-
-@torch.no_grad()
-def generate_compiled(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id, generator=None, vocab_size=None,
-                      return_logprobs=False, check_every=8, top_k=0, row_generators=None, samples_per_prompt=1):
-    """generate(..., compile=True): the same contract as generate, through the compiled decode_step.
-
-    The B rows are padded to batch_bucket(B) (the padding rows repeat row 0 and start finished) and
-    the cache to a multiple of CACHE_BUCKET slots, in DecodeBuffers' tensors. Greedy tokens equal
-    the eager path's; sampled tokens are sample_top_p_sorted's (or sample_top_k_top_p's, the same)
-    for pre-drawn uniforms, which the eager CPU path, drawing by rejection, spends differently.
-    """
-    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-    step_fn = compiled_decode_step(device)
-    eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    eos_ids, fill_id = torch.tensor(eos_list, device=device), eos_list[0] if eos_list else 0
-    K, P = samples_per_prompt, max(len(p) for p in prompts)
-    B = len(prompts) * K
-    rows, length = batch_bucket(B), -(-(P + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-    if getattr(model, "decode_buffers", None) is None or model.decode_buffers.dtype != dtype:
-        model.decode_buffers = DecodeBuffers(model.config, device, dtype)
-    cache, key_bias = model.decode_buffers.get(rows, length)
-    cache.length = 0
-    with torch.inference_mode():
-        hidden = prefill(model, prompts, K, KVCache([k[:B] for k in cache.keys], [v[:B] for v in cache.values], cache.cos, cache.sin))
-        for keys, values in zip(cache.keys, cache.values):  # padding rows: row 0's prompt
-            keys[B:], values[B:] = keys[:1], values[:1]
-    hidden = torch.cat([hidden, hidden[:1].expand(rows - B, -1)]).contiguous()  # (rows, H)
-    row_prompt_mask = pack_prompts(prompts, device)[1].repeat_interleave(K, dim=0)  # (B, P)
-    row_prompt_mask = torch.cat([row_prompt_mask, row_prompt_mask[:1].expand(rows - B, -1)])  # (rows, P)
-    key_bias.fill_(float("-inf"))
-    key_bias[:, 0, 0, :P].masked_fill_(row_prompt_mask, 0.0)
-    first_position = row_prompt_mask.sum(dim=1, keepdim=True)  # (rows, 1)
-    finished = torch.arange(rows, device=device) >= B  # (rows,) the padding rows never sample
-    uniforms = torch.zeros(max_new_tokens, rows, UNIFORMS_PER_DRAW, device=device)  # (N, rows, U): a step's (rows, U) has fixed strides
-    if temperature > 0 and row_generators is not None:
-        uniforms[:, :B] = torch.stack([torch.rand(max_new_tokens, UNIFORMS_PER_DRAW, generator=g, device=g.device) for g in row_generators], dim=1).to(device)
-    elif temperature > 0:
-        uniforms[:, :B] = torch.rand(B, max_new_tokens, UNIFORMS_PER_DRAW, generator=generator, device=device).transpose(0, 1)
-    settings = dict(eos_ids=eos_ids, fill_id=fill_id, top_k=top_k, vocab_size=vocab_size, greedy=temperature == 0,
-                    temperature=torch.tensor(float(temperature or 1.0), device=device), top_p=torch.tensor(float(min(top_p, 1.0)), device=device))
-    tokens, logprobs, valid = [], [], []
-    for step in range(max_new_tokens):
-        cache.slot = torch.full((1,), P + step, dtype=torch.long, device=device)
-        valid.append(~finished)
-        torch.compiler.cudagraph_mark_step_begin()  # a CUDA graph's replay overwrites its last outputs: keep copies
-        with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS, fail_on_recompile_limit_hit=True):
-            outputs = step_fn(model, hidden, finished, uniforms[step], first_position + step, cache, key_bias, **settings)
-        token, logprob, finished, hidden = (t.clone() for t in outputs)
-        tokens.append(token)
-        logprobs.append(logprob)
-        if (step + 1) % check_every == 0 and bool(finished.all()):
-            break
-    cache.slot = None
-    tokens, mask, logprobs = (torch.stack(t, dim=1)[:B] for t in (tokens, valid, logprobs))  # (B, N) each
-    return trim(tokens, mask, logprobs, return_logprobs)

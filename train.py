@@ -11,37 +11,36 @@ methods' weights on a few evaluation completions), adapter/ (PEFT format) and ch
 that --resume needs: adapter, optimiser, scheduler, step, RNG states).
 
 The configuration is one dataclass; each field is a kebab-case flag. Presets are plain instances.
+The loop is `run`: set up, resume, then for each step its prompts, grpo_step, the metrics line, an
+evaluation when due and a checkpoint when due. Durability (runs.py), the evaluation (evaluation.py),
+ranks (ranks.py) and a step's statistics (step_log.py) live in files of their own.
 """
 
 import argparse
 import dataclasses
-import datetime
-import hashlib
-import itertools
 import json
 import math
-import os
-import pickle
 import random
 import signal
-import shutil
 import sys
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from credit import METHODS, credit_page, credit_section
-from data import CACHE_DIR, PROMPTS, data_sources, encode_prompts, load_data, select_eval_rows
-from grpo import all_method_weights, gather, group_advantages, grpo_step, process_rank, world_size
-from lora import apply_lora, load_adapter, sampling_copies, save_adapter
+from credit import METHODS
+from data import CACHE_DIR, PROMPTS, data_sources, encode_prompts, load_data, prompt_seed, select_eval_rows, step_prompts
+from evaluation import record_eval, score, task_roles
+from grpo import grpo_step
+from lora import apply_lora
 from memory import resolve_gradient_checkpointing
-from math_reward import gsm8k_reward, gsm8k_strict_match, math_reward, score_batch, strict_match
-from model import Qwen3, generate, load_tokenizer
-from report import plot, read_metrics, report
+from model import Qwen3, load_tokenizer
+from ranks import barrier, end_distributed, gather, on_first_rank, start_distributed
+from report import plot, report
+from runs import Checkpointer, StopRequest, append_line, finish, prepare_out, restore, write_atomically
+from step_log import StepLog
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,310 +208,7 @@ def check_config(config, parser):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def score_strict(texts, golds, config):
-    """The reference code's answer rule for the task (strict_match; GSM8K: gsm8k_strict_match): linear-time
-    string work, scored in this process."""
-    check = gsm8k_strict_match if config.task == "gsm8k" else strict_match
-    return [check(text, gold) for text, gold in zip(texts, golds)], 0
-
-
-def score_symbolic(texts, golds, config):
-    """Symbolic equivalence of the task's answer (math_reward; GSM8K: gsm8k_reward), in worker processes
-    bounded by --reward-timeout."""
-    return score_batch(texts, golds, timeout=config.reward_timeout, scorer=gsm8k_reward if config.task == "gsm8k" else math_reward)
-
-
-def task_roles(config):
-    """The task's function from (problem, completion token texts) to its computed tokens, or None: the demo's
-    additions know theirs (demo.token_roles); MATH, GSM8K and --data files do not."""
-    if config.task == "demo" and not config.data:
-        import demo
-
-        return demo.token_roles
-    return None
-
-
-def score(texts, golds, config):
-    """(rewards, timeouts) under the run's --reward."""
-    return score_strict(texts, golds, config) if config.reward == "strict" else score_symbolic(texts, golds, config)
-
-
-def prompt_seed(*parts):
-    """A 63-bit seed from (stream, seed, step, index): the randomness of one prompt's completions,
-    the same whichever batch or rank samples it."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def generate_texts(model, tokenizer, prompts, config, temperature, row_generators=None, samples_per_prompt=1):
-    """Completions (ids, text), samples_per_prompt of each prompt in a row, in batches of about
-    eval_batch_size sequences; row_generators: one per completion (sampling)."""
-    results = []
-    per_batch = max(1, config.eval_batch_size // samples_per_prompt)  # prompts per generate call
-    for start in range(0, len(prompts), per_batch):
-        batch = prompts[start : start + per_batch]
-        rows = slice(start * samples_per_prompt, (start + per_batch) * samples_per_prompt)
-        generators = None if row_generators is None else row_generators[rows]
-        with sampling_copies(model):
-            tokens, mask = generate(model, batch, config.max_new_tokens, temperature=temperature, top_p=config.top_p, top_k=config.top_k,
-                                    eos_token_id=tokenizer.eos_token_id, vocab_size=tokenizer.vocab_size, row_generators=generators,
-                                    samples_per_prompt=samples_per_prompt, compile=config.compile)
-        for row in range(len(tokens)):
-            ids = tokens[row][mask[row]].tolist()
-            results.append((ids, tokenizer.decode(ids)))
-    return results
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, eval_rows, config, step, out):
-    """Greedy accuracy and pass@k on the held-out rows under both rewards; writes credit.html for a few completions.
-
-    greedy_accuracy and pass@k are under the run's --reward; the _strict and _symbolic keys give
-    both checkers whatever trains (strict compares with the paper, symbolic counts right answers).
-    The k samples of problem i draw from prompt_seed("eval", seed, step, i), apart from training's.
-    Distributed: each rank evaluates a contiguous share of the problems, the scores are gathered,
-    and rank 0 writes credit.html from its share (the first problems).
-    """
-    model.eval()
-    device, k = model.lm_head.weight.device, config.pass_k
-    share = math.ceil(len(eval_rows) / world_size())
-    first = process_rank() * share
-    rows = eval_rows[first : first + share]
-    prompts = [row["prompt_ids"] for row in rows]
-    golds = [row["answer"] for row in rows]
-    greedy = generate_texts(model, tokenizer, prompts, config, 0.0)
-    generators = [torch.Generator(device).manual_seed(prompt_seed("eval", config.seed, step, first + i)) for i in range(len(rows))]
-    sampled = generate_texts(model, tokenizer, prompts, config, config.temperature, [g for g in generators for _ in range(k)], k)
-    scores, timeouts = {}, 0  # {(greedy or sampled, reward): this share's scores}
-    for reward, scorer in (("strict", score_strict), ("symbolic", score_symbolic)):
-        scores["greedy", reward], greedy_timeouts = scorer([text for _, text in greedy], golds, config)
-        scores["sampled", reward], sampled_timeouts = scorer([text for _, text in sampled], [g for g in golds for _ in range(k)], config)
-        timeouts += greedy_timeouts + sampled_timeouts
-    shares = gather((scores, timeouts))  # in rank order: the problems in file order
-    result = {"step": step}
-    for reward in ("strict", "symbolic"):
-        greedy_scores = [x for share_scores, _ in shares for x in share_scores["greedy", reward]]
-        sampled_scores = torch.tensor([x for share_scores, _ in shares for x in share_scores["sampled", reward]], dtype=torch.float64)
-        result[f"greedy_accuracy_{reward}"] = sum(greedy_scores) / len(eval_rows)
-        result[f"pass@{k}_{reward}"] = sampled_scores.view(len(eval_rows), k).amax(dim=1).mean().item()
-    result["greedy_accuracy"] = result[f"greedy_accuracy_{config.reward}"]
-    result[f"pass@{k}"] = result[f"pass@{k}_{config.reward}"]
-    result["reward_timeouts"] = sum(t for _, t in shares)
-
-    if config.html_completions and process_rank() == 0 and rows:
-        write_credit_page(model, tokenizer, rows, sampled, scores["sampled", config.reward], config, step, out)
-    return result
-
-
-def write_credit_page(model, tokenizer, eval_rows, sampled, scores, config, step, out):
-    """credit.html: the k sampled completions of the first evaluation problem whose rewards differ
-    (else the first problem), right and wrong ones alternating, up to html_completions of them, each
-    with its reward and the GRPO advantage its group gives it, and all seven methods' weights."""
-    k, device = config.pass_k, model.lm_head.weight.device
-    groups = torch.tensor(scores).view(-1, k)  # (problems, k)
-    spread = (groups.amax(dim=1) > groups.amin(dim=1)).nonzero().flatten().tolist()
-    problem = spread[0] if spread else 0
-    rewards = groups[problem]  # (k,)
-    advantages = group_advantages(rewards, torch.zeros(k, dtype=torch.long), config.advantage) if k > 1 else torch.zeros(k)
-    right, wrong = [i for i in range(k) if rewards[i] > 0], [i for i in range(k) if rewards[i] <= 0]
-    order = [i for pair in itertools.zip_longest(right, wrong) for i in pair if i is not None]
-    shown = [i for i in order if sampled[problem * k + i][0]][: config.html_completions]
-    if not shown:
-        return
-    completions = [sampled[problem * k + i][0] for i in shown]
-    width = max(len(ids) for ids in completions)
-    tokens = torch.zeros(len(shown), width, dtype=torch.long, device=device)  # (n, T)
-    mask = torch.zeros(len(shown), width, dtype=torch.bool, device=device)  # (n, T)
-    for row, ids in enumerate(completions):
-        tokens[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids, device=device), True
-    prompt = eval_rows[problem]["prompt_ids"]
-    weights = all_method_weights(model, [prompt] * len(shown), tokens, mask, config.power, config.credit_eps, tokenizer.vocab_size)
-    sections = []
-    for row, (i, ids) in enumerate(zip(shown, completions)):
-        facts = {"completion": f"{i + 1} of {k} sampled at temperature {config.temperature}",
-                 "problem": eval_rows[problem]["problem"], "gold answer": eval_rows[problem]["answer"],
-                 f"reward ({config.reward})": f"{rewards[i].item():g}", f"advantage ({config.advantage})": f"{advantages[i].item():+.3f}"}
-        sections.append(credit_section([tokenizer.decode([t]) for t in ids], {m: w[row, : len(ids)] for m, w in weights.items()}, facts))
-    title = f"token credit: {out}, step {step} (training method: {config.credit}, rank {config.rank})"
-    write_atomically(Path(out) / "credit.html", credit_page(title, sections, max(len(ids) for ids in completions)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Files: atomic writes, checkpoints, resume
-#
-# A run directory holds what this project writes: RUN_FILES, checkpoint/ (with checkpoint.tmp/ and
-# checkpoint.old/ during a save) and adapter/ (adapter.tmp/). An --out that is not a run directory
-# is refused, and nothing is ever deleted that is not one of these.
-
-RUN_FILES = ("config.json", "metrics.jsonl", "eval.json", "credit.html")
-MAX_SKIPPED_IN_A_ROW = 3  # non-finite steps in a row before the run stops
-
-
-def write_atomically(path, text):
-    path = Path(path)
-    staged = path.with_name(path.name + ".tmp")
-    staged.write_text(text)
-    staged.replace(path)
-
-
-def rng_states(generator):
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "sampler": generator.get_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states, generator):
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    generator.set_state(states["sampler"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(out, model, optimizer, scheduler, step, rng, config):
-    """checkpoint/ = adapter (PEFT) + state.pt, for the step boundary `step` with `rng`, the RNG
-    states of every rank (one process: a list of one).
-
-    Written to checkpoint.tmp, then swapped in: checkpoint -> checkpoint.old, checkpoint.tmp ->
-    checkpoint, checkpoint.old removed. A kill at any point leaves checkpoint/ or checkpoint.old/
-    complete (find_checkpoint takes the first), and each save first clears what a killed one left.
-    """
-    out = Path(out)
-    staged, current, previous = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir()
-    save_adapter(model, staged / "adapter", config.model)
-    state = {"step": step, "data_position": step * config.prompts_per_micro_batch * config.micro_batches,
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng, "config": asdict(config)}
-    torch.save(state, staged / "state.pt")
-    if current.exists():  # complete (it was renamed into place whole), so a leftover checkpoint.old is stale
-        shutil.rmtree(previous, ignore_errors=True)
-        current.rename(previous)
-    staged.rename(current)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def find_checkpoint(out):
-    """The newest complete checkpoint directory, or None (a kill mid-swap leaves checkpoint.old)."""
-    for name in ("checkpoint", "checkpoint.old"):
-        if (Path(out) / name / "state.pt").exists():
-            return Path(out) / name
-    return None
-
-
-def load_state(path, device):
-    """state.pt, read with weights_only=True: tensors, numbers, strings, lists, tuples and dicts, never code.
-
-    Read onto the CPU whatever `device` is: the RNG states must stay CPU byte tensors (torch.set_rng_state
-    and Generator.set_state refuse others). The optimiser's moments then go to `device`, where its
-    parameters are; its step counters stay as saved (optimizer.load_state_dict places them).
-    """
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as err:
-        raise SystemExit(f"{path}: refused: it holds more than tensors, numbers, strings, lists and dicts, which a checkpoint "
-                         f"written by train.py never does, so loading it could run code ({str(err).splitlines()[0]})") from None
-    except (OSError, RuntimeError, EOFError) as err:
-        raise SystemExit(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-    state["optimizer"]["state"] = {index: {name: value if name == "step" else value.to(device) for name, value in moments.items()}
-                                   for index, moments in state["optimizer"]["state"].items()}
-    return state
-
-
-def is_run_directory(out):
-    """Whether out/config.json is one that train.py wrote."""
-    try:
-        info = json.loads((Path(out) / "config.json").read_text())
-        return isinstance(info, dict) and isinstance(info.get("config"), dict) and "trainable_parameters" in info
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-
-
-def check_resumable(out, config):
-    """The saved config must equal this one in everything but the step budget, the output path and gradient checkpointing."""
-    saved = json.loads((Path(out) / "config.json").read_text())["config"]
-    current = asdict(config)
-    same_run = ("steps", "out", "gradient_checkpointing")  # the step budget, the path, and a memory trade that changes no number
-    differences = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if k not in same_run and saved.get(k) != current[k]]
-    if differences:
-        raise SystemExit(f"--resume: the config differs from the run in {out} (only --steps may change):\n  " + "\n  ".join(differences))
-
-
-def prepare_out(out, resume):
-    """The checkpoint to resume from, or None for a fresh start in `out`; refuses what would lose a user's files.
-
-    - missing or empty: a fresh start;
-    - holding files this project did not write (no config.json of ours): refused, nothing touched;
-    - a run that stopped before its first checkpoint: started again (with or without --resume),
-      after removing only the files the project writes;
-    - a run with a checkpoint: needs --resume.
-    """
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        if resume:
-            raise SystemExit(f"--resume: no run in {out}")
-        return None
-    if not out.is_dir() or not is_run_directory(out):
-        found = sorted(p.name for p in out.iterdir())[:5] if out.is_dir() else ["(a file)"]
-        raise SystemExit(f"{out} exists and is not a run directory of this project (it holds {', '.join(found)}); "
-                         "nothing was touched: pass a new or empty --out")
-    checkpoint = find_checkpoint(out)
-    if checkpoint is None:
-        print(f"{out}: the run there stopped before its first checkpoint; starting it again")
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-            (out / (name + ".tmp")).unlink(missing_ok=True)
-        for name in ("checkpoint.tmp", "adapter.tmp"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        return None
-    if not resume:
-        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or --out for a new one (nothing was overwritten)")
-    return checkpoint
-
-
-def truncate_logs(out, step):
-    """Keep each step once: drop metrics and evaluations written after the checkpoint (and a torn line)."""
-    rows = [row for row in read_metrics(out) if row["step"] <= step]
-    write_atomically(Path(out) / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    evals = Path(out) / "eval.json"
-    if evals.exists():
-        write_atomically(evals, json.dumps([e for e in json.loads(evals.read_text()) if e["step"] <= step], indent=1))
-
-
-def append_line(path, row):
-    """One JSON line, flushed to the disk before the step counts as done."""
-    with open(path, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM during training: the first lets the step in progress finish, then
-    the run saves that step's checkpoint and exits (130, 143); a second stops at once."""
-
-    def __init__(self):
-        self.signal = None
-
-    def __call__(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-        tqdm.write(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (send it again to stop now)")
-
-
-def save_final_adapter(out, model, config):
-    staged = out / "adapter.tmp"
-    shutil.rmtree(staged, ignore_errors=True)
-    save_adapter(model, staged, config.model)
-    shutil.rmtree(out / "adapter", ignore_errors=True)
-    staged.rename(out / "adapter")
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
+# Setting up a run
 
 
 def cosine_with_warmup(warmup_steps, total_steps):
@@ -529,48 +225,8 @@ def cosine_with_warmup(warmup_steps, total_steps):
     return multiplier
 
 
-def step_prompts(train_rows, step, prompts_per_step, seed):
-    """The prompts of one step: a fresh seeded permutation of the data each epoch."""
-    rows = []
-    for index in range(step * prompts_per_step, (step + 1) * prompts_per_step):
-        epoch, offset = divmod(index, len(train_rows))
-        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed + epoch))
-        rows.append(train_rows[order[offset]])
-    return rows
-
-
 def is_eval_step(step, config):
     return step == 0 or step % config.eval_every == 0 or step == config.steps
-
-
-def start_distributed():
-    """(rank, number of ranks, device): torchrun's process group (NCCL on GPUs, gloo on CPUs), or (0, 1, the one device)."""
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
-    if ranks == 1:
-        return 0, 1, device
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
-    return dist.get_rank(), ranks, device
-
-
-def on_first_rank(fn, rank, ranks):
-    """fn() on rank 0 alone (it owns the files); its result, or its SystemExit, on every rank."""
-    outcome = [None]
-    if rank == 0:
-        try:
-            outcome = [("result", fn())]
-        except SystemExit as err:
-            outcome = [("exit", err.code)]
-    if ranks > 1:
-        dist.broadcast_object_list(outcome, src=0)
-    kind, value = outcome[0]
-    if kind == "exit":
-        raise SystemExit(value)
-    return value
 
 
 def load_model(config, device, rank, ranks):
@@ -587,7 +243,7 @@ def load_model(config, device, rank, ranks):
     apply_lora(model, config.rank, config.lora_alpha, config.lora_dropout, compute_dtype=getattr(torch, config.lora_dtype))
     if ranks > 1:
         torch.manual_seed(config.seed + 1 + rank)
-    config.gradient_checkpointing = resolve_gradient_checkpointing(model.config, config, device)  # auto -> on or off, in config.json
+    config.gradient_checkpointing = resolve_gradient_checkpointing(model.config, config, device)  # auto -> on or off
     model.gradient_checkpointing = config.gradient_checkpointing == "on"
     return model, load_tokenizer(config.model)
 
@@ -595,38 +251,13 @@ def load_model(config, device, rank, ranks):
 def write_run_info(out, config, model, device, ranks, train_rows, eval_rows):
     """config.json: the resolved config, where the problems come from, the trainable parameter count."""
     out.mkdir(parents=True, exist_ok=True)
-    info = {"config": asdict(config), "data": data_sources(config), "trainable_parameters": sum(p.numel() for p in model.parameters()
-            if p.requires_grad), "device": str(device), "processes": ranks}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info = {"config": asdict(config), "data": data_sources(config), "trainable_parameters": trainable,
+            "device": str(device), "processes": ranks}
     write_atomically(out / "config.json", json.dumps(info, indent=1))
     print(f"{out}: {config.preset} preset, task {config.task}, credit {config.credit}, rank {config.rank}, "
-          f"{info['trainable_parameters']:,} trainable parameters, {len(train_rows)} training / {len(eval_rows)} eval problems, "
+          f"{trainable:,} trainable parameters, {len(train_rows)} training / {len(eval_rows)} eval problems, "
           f"{device}" + (f", {ranks} processes" if ranks > 1 else ""))
-
-
-def restore(checkpoint_dir, out, config, model, optimizer, scheduler, generator, rank, ranks):
-    """Load a checkpoint into the live model, optimiser, scheduler and RNGs; returns (its step, the evaluations so far).
-    metrics.jsonl and eval.json lose what was written after it."""
-    check_resumable(out, config)
-    state = load_state(checkpoint_dir / "state.pt", model.lm_head.weight.device)
-    if isinstance(state["rng"], dict):  # a checkpoint from before torchrun support: one process's states
-        state["rng"] = [state["rng"]]
-    if len(state["rng"]) != ranks:
-        raise SystemExit(f"--resume: {out} was trained on {len(state['rng'])} process(es), this is {ranks}; "
-                         f"resume it with torchrun --nproc-per-node {len(state['rng'])}" if len(state["rng"]) > 1 else
-                         f"--resume: {out} was trained on 1 process, this is {ranks}; resume it with python train.py")
-    load_adapter(model, checkpoint_dir / "adapter")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_states(state["rng"][rank], generator)
-
-    def truncate_and_read_evals():
-        truncate_logs(out, state["step"])
-        return json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
-
-    evals = on_first_rank(truncate_and_read_evals, rank, ranks)
-    if rank == 0:
-        print(f"resuming {out} at step {state['step']}")
-    return state["step"], evals
 
 
 def step_batch(train_rows, step, config, rank, ranks):
@@ -638,97 +269,36 @@ def step_batch(train_rows, step, config, rank, ranks):
     return [r["prompt_ids"] for r in rows], [r["answer"] for r in rows], seeds
 
 
-def record_eval(model, tokenizer, eval_rows, config, step, out, evals, rank):
-    """evaluate() at this step (every rank takes part); rank 0 appends it to eval.json and prints it."""
-    result = evaluate(model, tokenizer, eval_rows, config, step, out)
-    if rank == 0:
-        evals.append(result)
-        write_atomically(out / "eval.json", json.dumps(evals, indent=1))
-        shown = ("greedy_accuracy", f"pass@{config.pass_k}") if config.reward == "symbolic" else (
-            "greedy_accuracy_strict", f"pass@{config.pass_k}_strict", "greedy_accuracy_symbolic", f"pass@{config.pass_k}_symbolic")
-        tqdm.write(f"step {step}: " + ", ".join(f"{k} {result[k]:.3f}" for k in shown))
-
-
 class Progress:
     """A live bar on a terminal; in a log file, a plain line every 5% of the run."""
 
     def __init__(self, config, start_step, rank):
         self.config, self.rank = config, rank
         self.interactive, self.every = sys.stderr.isatty() and rank == 0, max(1, config.steps // 20)
-        self.bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO", dynamic_ncols=True,
-                        disable=not self.interactive)
+        self.bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="GRPO",
+                        dynamic_ncols=True, disable=not self.interactive)
 
     def __iter__(self):
         return iter(self.bar)
 
     def show(self, step, metrics):
         seconds = metrics["rollout_s"] + metrics["reward_s"] + metrics["train_s"]
-        self.bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", gini=f"{metrics['weight_gini']:.2f}", s_per_step=f"{seconds:.1f}")
+        self.bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", gini=f"{metrics['weight_gini']:.2f}",
+                             s_per_step=f"{seconds:.1f}")
         if not self.interactive and self.rank == 0 and (step % self.every == 0 or step == self.config.steps):
-            print(f"step {step}/{self.config.steps}: reward {metrics['reward_mean']:.3f}, gini {metrics['weight_gini']:.3f}, "
-                  f"{seconds:.2f} s", flush=True)
+            print(f"step {step}/{self.config.steps}: reward {metrics['reward_mean']:.3f}, "
+                  f"gini {metrics['weight_gini']:.3f}, {seconds:.2f} s", flush=True)
 
 
-class LastFinishedStep:
-    """What a stop saves: the last finished step's number, RNG states and scheduler position (the adapter
-    and the optimiser are the live ones, unchanged until the next update), and the step last saved."""
-
-    def __init__(self, out, model, optimizer, scheduler, generator, config, rank, ranks, step, saved):
-        self.out, self.model, self.optimizer, self.scheduler, self.generator = out, model, optimizer, scheduler, generator
-        self.config, self.rank, self.ranks, self.saved, self.skipped_in_a_row = config, rank, ranks, saved, 0
-        self.finished(step)
-
-    def finished(self, step, skipped_update=False):
-        self.step, self.rng, self.updates = step, rng_states(self.generator), self.scheduler.last_epoch
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped_update else 0
-
-    def save(self):
-        rngs = gather(self.rng)  # every rank's RNG states, for an exact resume of each
-        if self.rank == 0:
-            save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.step, rngs, self.config)
-        self.saved = self.step
-
-    def save_if_due(self):
-        """The periodic checkpoint, the last step's, or the one before stopping on non-finite steps."""
-        if self.step % self.config.save_every == 0 or self.step == self.config.steps or self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            self.save()
-        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            raise SystemExit(f"stopping: {self.skipped_in_a_row} steps in a row had a non-finite loss or gradient and were skipped "
-                             f"(steps {self.step - self.skipped_in_a_row + 1}-{self.step}); checkpoint at step {self.step} in "
-                             f"{self.out}. Check the rewards for NaN, or lower --lr; --dtype float32 rules out bf16 overflow")
-
-    def save_after_error(self, err):
-        """An error or a second signal mid-step: save the last finished step if the adapter has not moved since
-        (with several ranks the others may be inside a collective: the last checkpoint stands)."""
-        moved = self.scheduler.last_epoch != self.updates  # an update ran after the last finished step
-        if self.ranks == 1 and not moved:
-            save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.step, [self.rng], self.config)
-        what = "stopped" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__} during step {self.step + 1}"
-        print(f"\n{what}: " + (f"checkpoint saved at step {self.step} in {self.out}; continue with --resume" if self.ranks == 1 and not moved
-                               else f"{self.out}'s last checkpoint stands; continue with --resume"), file=sys.stderr)
-
-
-def finish(out, model, config, start_step, last, stop_signal, rank):
-    """After the loop: a stopped run saves its step and exits 128 + the signal; a finished one writes adapter/."""
-    if stop_signal:
-        if last.saved != last.step:
-            last.save()
-        if rank == 0:
-            print(f"\n{signal.Signals(stop_signal).name}: checkpoint saved at step {last.step} in {out}; continue with --resume")
-        raise SystemExit(128 + stop_signal)
-    if rank == 0:
-        if start_step >= config.steps:
-            print(f"{out}: already finished at step {start_step}; raise --steps to train further")
-        if not (out / "adapter" / "adapter_config.json").exists() or start_step < config.steps:
-            save_final_adapter(out, model, config)  # a resume also writes what a finished run lacks
-        print(f"done: adapter in {out / 'adapter'}, metrics in {out / 'metrics.jsonl'}, evaluations in {out / 'eval.json'}")
+# ----------------------------------------------------------------------------------------------
+# The run
 
 
 def run(config, resume=False):
     """Train (or resume) one run in config.out; returns the directory.
 
-    Durability: a step counts as done once its metrics line is on disk. SIGINT/SIGTERM let the
-    step in progress finish, save its checkpoint and exit 130/143. An error (or a second signal)
+    Durability (runs.py): a step counts as done once its metrics line is on disk. SIGINT/SIGTERM let
+    the step in progress finish, save its checkpoint and exit 130/143. An error (or a second signal)
     saves the last finished step's checkpoint when the adapter has not moved since, so a resume
     from any of these is bit-identical to an uninterrupted run; the run also stops, with a
     checkpoint, after MAX_SKIPPED_IN_A_ROW non-finite steps in a row.
@@ -741,13 +311,14 @@ def run(config, resume=False):
     """
     rank, ranks, device = start_distributed()
     out = Path(config.out)
-    if (config.prompts_per_micro_batch * config.micro_batches) % ranks:
-        raise SystemExit(f"{config.prompts_per_micro_batch * config.micro_batches} prompts per step (--prompts-per-micro-batch x "
-                         f"--micro-batches) do not divide among {ranks} processes; use a multiple of {ranks}")
+    per_step = config.prompts_per_micro_batch * config.micro_batches
+    if per_step % ranks:
+        raise SystemExit(f"{per_step} prompts per step (--prompts-per-micro-batch x --micro-batches) do not divide "
+                         f"among {ranks} processes; use a multiple of {ranks}")
     checkpoint_dir = on_first_rank(lambda: prepare_out(out, resume), rank, ranks)
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
-    train_rows, eval_rows = on_first_rank(lambda: load_data(config), rank, ranks)  # first: a bad dataset fails in seconds
+    train_rows, eval_rows = on_first_rank(lambda: load_data(config), rank, ranks)  # first: a bad dataset fails fast
 
     model, tokenizer = load_model(config, device, rank, ranks)
     train_rows = encode_prompts(train_rows, tokenizer, config, "training", quiet=rank > 0)
@@ -762,38 +333,40 @@ def run(config, resume=False):
     elif rank == 0:
         write_run_info(out, config, model, device, ranks, train_rows, eval_rows)
 
-    last = LastFinishedStep(out, model, optimizer, scheduler, generator, config, rank, ranks, start_step,
-                            saved=start_step if checkpoint_dir is not None else None)
+    checkpointer = Checkpointer(out, model, optimizer, scheduler, generator, config, rank, ranks, start_step,
+                                saved=start_step if checkpoint_dir is not None else None)
     roles_fn = task_roles(config)  # the demo knows which tokens compute the answer: computed_mass/<method>
     stop, stop_signal = StopRequest(), 0
     handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         if is_eval_step(start_step, config) and start_step not in [e["step"] for e in evals]:
-            record_eval(model, tokenizer, eval_rows, config, start_step, out, evals, rank)  # step 0, or one a stop interrupted
+            record_eval(model, tokenizer, eval_rows, config, start_step, out, evals, rank)  # step 0, or an interrupted one
         progress = Progress(config, start_step, rank)
         for step in progress:
             stop_signal = max(gather(stop.signal or 0))  # every rank stops at the same step
             if stop_signal:
                 break
             prompts, golds, seeds = step_batch(train_rows, step, config, rank, ranks)
-            metrics, _, _ = grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, lambda texts, golds: score(texts, golds, config),
-                                      config, generator, fidelity=is_eval_step(step + 1, config), prompt_seeds=seeds, roles_fn=roles_fn)
+            log = StepLog(model, tokenizer, config, scheduler.get_last_lr()[0], is_eval_step(step + 1, config), roles_fn)
+            grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, lambda texts, golds: score(texts, golds, config),
+                      config, generator, log, prompt_seeds=seeds)
+            metrics = log.metrics()
             if rank == 0:
                 append_line(out / "metrics.jsonl", {"step": step + 1, **metrics})
-            last.finished(step + 1, metrics["skipped_update"])
+            checkpointer.finished(step + 1, metrics["skipped_update"])
             progress.show(step + 1, metrics)
             if is_eval_step(step + 1, config):
                 record_eval(model, tokenizer, eval_rows, config, step + 1, out, evals, rank)
-            last.save_if_due()
+            checkpointer.save_if_due()
     except (KeyboardInterrupt, Exception) as err:
-        last.save_after_error(err)
+        checkpointer.save_after_error(err)
         if isinstance(err, KeyboardInterrupt):
             raise SystemExit(130) from None
         raise
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    finish(out, model, config, start_step, last, stop_signal, rank)
+    finish(out, model, config, start_step, checkpointer, stop_signal, rank)
     return out
 
 
@@ -809,24 +382,24 @@ def main(argv=None):
         return
     if config.preset == "paper" and not torch.cuda.is_available():
         if config.model == PAPER.model:
-            raise SystemExit("the paper preset with Qwen3-1.7B needs a CUDA GPU (100 GRPO steps of 32 completions of up to 512 tokens). "
-                             "On this machine run the CPU demo, python train.py --preset demo, or pass a small local --model DIR")
+            raise SystemExit("the paper preset with Qwen3-1.7B needs a CUDA GPU (100 GRPO steps of 32 completions of "
+                             "up to 512 tokens). On this machine run the CPU demo, python train.py --preset demo, or "
+                             "pass a small local --model DIR")
         print(f"no CUDA GPU: running the paper preset on the CPU with {config.model}; expect it to be slow")
-    if not preset_given:
-        print("No CUDA GPU found: running the demo preset (a tiny Qwen3 learning column addition on the CPU: about "
-              "under 3 minutes on 2 idle cores, about 40 s of it building the model the first time). On a GPU, `python train.py` runs the "
-              "paper's MATH experiment." if config.preset == "demo"
-              else "CUDA GPU found: running the paper preset (Qwen3-1.7B-Base on MATH, README: The paper's run).")
+    if not preset_given and config.preset == "demo":
+        print("No CUDA GPU found: running the demo preset (a tiny Qwen3 learning column addition on the CPU: "
+              "under 3 minutes on 2 idle cores, about 40 s of it building the model the first time). On a GPU, "
+              "`python train.py` runs the paper's MATH experiment.")
+    elif not preset_given:
+        print("CUDA GPU found: running the paper preset (Qwen3-1.7B-Base on MATH, README: The paper's run).")
     try:
         run(config, resume=args.resume)
-        if dist.is_initialized():
-            dist.barrier()  # every rank done (rank 0 writes last) before the process group goes
+        barrier()  # every rank done (rank 0 writes last) before the process group goes
     except torch.cuda.OutOfMemoryError:
         raise SystemExit("CUDA out of memory. Lower memory with --gradient-checkpointing on, --prompts-per-micro-batch 1 "
                          "--micro-batches 8 (same batch), a smaller --eval-batch-size, or --max-new-tokens.") from None
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_distributed()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""The GPU, faithfully on a CPU: the no-grad code on the meta device (another device than the CPU, with
+no values: a tensor made without device= mixes and fails, and every host read is seen), and one whole
+grpo_step under a dispatch mode that fails on mixed devices and counts the reads of the device.
+"""
+
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import grpo
+import step_log
+from conftest import StepConfig, lora_tiny_model, one_grpo_step, reward_first_token_even
+from credit import credit_scores, diagnostic_sums, token_weights
+from lora import apply_lora, sampling_copies
+from model import Qwen3, Qwen3Config
+from sampling import generate
+
+HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.nonzero.default)
+
+
+def tensor_arguments(args, kwargs):
+    return [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+
+
+class DeviceChecks(TorchDispatchMode):
+    """Fails on an op whose tensors are on different devices (a 0-d CPU tensor excepted, as CUDA takes it) and records
+    each host read (.item(), bool(), int(): aten._local_scalar_dense or is_nonzero; nonzero; a copy to the CPU) under
+    the label in self.phase. A read of a tensor made from host copies alone (self.host) is not one. With stub_reads
+    (tensors without values), a read returns False for a bool, else `stub`."""
+
+    def __init__(self, stub_reads=False, stub=0):
+        super().__init__()
+        self.stub_reads, self.stub, self.phase, self.reads, self.host = stub_reads, stub, "step", [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = tensor_arguments(args, kwargs)
+        devices = {t.device for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
+        copy_to_host = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and (
+            kwargs.get("device", tensors[0].device).type == "cpu") and any(t.device.type != "cpu" for t in tensors)
+        if len(devices) > 1 and not copy_to_host and func is not torch.ops.aten.copy_.default:
+            raise AssertionError(f"{func} mixes devices {sorted(map(str, devices))}")
+        on_host = bool(tensors) and all(t.untyped_storage().data_ptr() in self.host for t in tensors)
+        if (func in HOST_READS and not on_host) or copy_to_host:
+            self.reads.append(self.phase)
+            if self.stub_reads and func is not torch.ops.aten.nonzero.default:
+                return False if tensors[0].dtype == torch.bool else self.stub
+        result = func(*args, **kwargs)
+        if on_host:  # a tensor made from host tensors alone is on the host too
+            self.host.update(t.untyped_storage().data_ptr() for t in tensor_arguments(result, {}))
+        return result
+
+
+def test_generation_and_the_credit_passes_never_mix_devices_and_read_the_device_when_said():
+    """generate, the training forward without grad, the adapter-off and exact passes and every credit method, on a
+    model on the meta device: like a GPU it is not the CPU (a tensor made without device= would mix and fail) and its
+    tensors have no values (every read of one to the host is seen, and stubbed). generate reads the device once every
+    8 decode steps (have all rows stopped?) and once at the end (the longest completion); the credit passes never.
+    (FakeTensorMode's CUDA tensors would do, but a CPU build cannot index them: its indexing bindings take a CUDA
+    device guard before any mode runs.)"""
+    config = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = apply_lora(Qwen3(config), rank=4, alpha=8)
+    with DeviceChecks(stub_reads=True, stub=17) as checks:
+        with sampling_copies(model):
+            sampled = generate(model, [[5, 9, 2], [4, 11]], 17, temperature=1.0, top_p=0.9, top_k=20, eos_token_id=[1],
+                               samples_per_prompt=4, return_logprobs=True)
+            generate(model, [[5, 9, 2], [4, 11]], 17, temperature=0.0, top_p=1.0, eos_token_id=[1])
+        assert all(t.device.type == "meta" for t in sampled) and len(checks.reads) == 2 * (2 + 1)  # steps 8 and 16, the end
+        checks.reads.clear()
+        tokens, mask = sampled[0], sampled[1]
+        prompts = [[5, 9, 2]] * 4 + [[4, 11]] * 4
+        with torch.no_grad():
+            logprobs, entropies, hidden = grpo.completion_forward(model, prompts, tokens, mask)
+            for precision in ("bf16", "exact"):
+                signals = grpo.credit_inputs(model, prompts, tokens, mask, logprobs, entropies, hidden,
+                                              StepConfig(credit="arca", beta=0.1, arca_precision=precision))
+                for method in ("uniform", "surprisal", "entropy", "divergence", "arca"):
+                    weights = token_weights(credit_scores(method, mask, **signals), mask, power=2.0)
+                    assert weights.device.type == "meta" and diagnostic_sums(weights, mask).device.type == "meta"
+                assert grpo.k3_kl(logprobs, signals["ref_token_logprobs"], mask, 8).device.type == "meta"
+            step_log.all_method_weights(model, prompts, tokens, mask, power=2.0)
+        assert checks.reads == []  # the credit passes never wait for the device
+    with pytest.raises(AssertionError, match="mixes devices"), DeviceChecks():  # the check can fail
+        torch.ones(3, device="meta") + torch.ones(3)
+
+
+def test_a_grpo_step_reads_the_device_a_known_number_of_times(tiny_checkpoint, monkeypatch):
+    """One whole grpo_step on real CPU tensors under DeviceChecks (and .cpu() and .tolist() counted): per decode step
+    one read every 8 steps, per micro-batch none, per update one (its statistics and the grad norm together), and per
+    step a copy of the completions to the host and two in the advantages. The optimiser's own (CPU step counters) aside."""
+    model = lora_tiny_model(tiny_checkpoint[0])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    checks = DeviceChecks()
+
+    def labelled(owner, name, phase):
+        real = getattr(owner, name)
+
+        def run(*args, **kwargs):
+            outer, checks.phase = checks.phase, phase
+            try:
+                return real(*args, **kwargs)
+            finally:
+                checks.phase = outer
+        monkeypatch.setattr(owner, name, run)
+
+    labelled(grpo, "generate", "decode")
+    labelled(grpo, "train_micro_batch", "micro-batch")
+    labelled(step_log.StepLog, "micro_batch", "micro-batch")
+    labelled(step_log.StepLog, "update", "update")
+    labelled(optimizer, "step", "optimiser")
+    real_cpu, real_tolist = torch.Tensor.cpu, torch.Tensor.tolist
+
+    def cpu(tensor, *args, **kwargs):  # a copy to the host: a read; what is made from it stays on the host
+        checks.reads.append(checks.phase)
+        copy = real_cpu(tensor, *args, **kwargs)
+        checks.host.add(copy.untyped_storage().data_ptr())
+        return copy
+
+    def tolist(tensor):
+        if tensor.untyped_storage().data_ptr() not in checks.host:
+            checks.reads.append(checks.phase)
+        return real_tolist(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    config = StepConfig(credit="arca", beta=0.05, max_new_tokens=17, diagnose_all=True)  # 2 micro-batches of 1 prompt x 4
+    with checks:
+        one_grpo_step(model, optimizer, scheduler, [[5, 9, 2], [4, 11]], ["0", "0"], reward_first_token_even, config,
+                      torch.Generator().manual_seed(0))
+    counts = {phase: checks.reads.count(phase) for phase in ("decode", "micro-batch", "update", "step")}
+    assert counts == {"decode": 2 + 1, "micro-batch": 0, "update": 1, "step": 1 + 2}, checks.reads
