@@ -20,10 +20,12 @@ device synchronised around every timer):
 1. rollout: new tokens/s of batched sampling at a fixed length, EOS ignored (ours:
    `eos_token_id=[]`; transformers: `min_new_tokens = max_new_tokens`), temperature 1.0, top-p 0.95,
    prefill included, against `generate`; with --compile also `generate(compile=True)`, the
-   number of compilations of its decode step and the seconds each takes, its greedy tokens against eager's, and its seeded
+   number of compilations of its decode step and the seconds each takes, its greedy tokens against eager's,
+   and its seeded
    sampling's repeatability and log-probs against a training forward's. On a GPU also the
    fraction of the bandwidth bound: bytes read per decode step (all weights once, plus the KV
-   cache at its mean length) over the device-to-device copy bandwidth measured here. Also the prefill of K = 4 completions per
+   cache at its mean length) over the device-to-device copy bandwidth measured here. Also the prefill of K = 4
+   completions per
    prompt, shared (each prompt once, K/V copied) against the prompt repeated K times, and rollouts
    with LoRA r 64 unmerged (GRPO's: `lora.sampling_copies`) against transformers + PEFT.
    kernels: kernels per decode step (torch's profiler; on the CPU, the operators that would be
@@ -75,15 +77,18 @@ import torch
 from safetensors.torch import save_file
 
 from credit import arca_scores
-from model import Qwen3, Qwen3Config, token_logprobs
-from sampling import generate
+from model import Qwen3, Qwen3Config
+from sampling import generate, token_logprobs
 
 SHAPES = {  # Hugging Face config.json fields
-    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, bos_token_id=4095, eos_token_id=4095),
-    "0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+    "0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, max_position_embeddings=32768),
-    "1.7b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+    "1.7b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                 num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, max_position_embeddings=32768),
 }
 COMMON = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], rope_theta=1000000, rms_norm_eps=1e-6,
@@ -103,7 +108,8 @@ def sizes(device, quick):
         return dict(prompt=256, new=512, batches=(1, 16, 64), train_batch=8, train_len=1024, repeats=3,
                     grpo=dict(prompts=8, group=4, per_micro=2, new=512, prompt=256, repeats=2),
                     agreement=dict(batch=16, prompt=64, new=256),
-                    precision=dict(batch=8, prompt=256, new=512, scales=(0, 1e-7, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)))
+                    precision=dict(batch=8, prompt=256, new=512,
+                                   scales=(0, 1e-7, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)))
     if quick:
         return dict(prompt=16, new=16, batches=(1, 16, 64), train_batch=2, train_len=64, repeats=3,
                     grpo=dict(prompts=2, group=2, per_micro=1, new=8, prompt=16, repeats=1),
@@ -112,7 +118,8 @@ def sizes(device, quick):
     return dict(prompt=32, new=32, batches=(1, 16, 64), train_batch=4, train_len=256, repeats=5,
                 grpo=dict(prompts=4, group=4, per_micro=2, new=32, prompt=32, repeats=3),
                 agreement=dict(batch=16, prompt=32, new=64),
-                precision=dict(batch=4, prompt=32, new=64, scales=(0, 1e-7, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)))
+                precision=dict(batch=4, prompt=32, new=64,
+                               scales=(0, 1e-7, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +175,8 @@ def peak_memory(fn, device):
     with tempfile.TemporaryDirectory() as tmp:
         profiler.export_chrome_trace(os.path.join(tmp, "trace.json"))
         events = json.loads(Path(tmp, "trace.json").read_text())["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]  # bytes since the start
+    # bytes since the start
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
     return max(totals + [0]) / 2**30, None
 
 
@@ -205,14 +213,18 @@ def write_checkpoint(shape, directory, device=torch.device("cpu"), seed=0, layer
     fields = dict(COMMON, **SHAPES[shape]) | ({"num_hidden_layers": layers} if layers else {})
     config = Qwen3Config(**{k: v for k, v in fields.items() if k in Qwen3Config.__dataclass_fields__})
     with torch.device("meta"):
-        names = {name: tuple(p.shape) for name, p in Qwen3(config).named_parameters()}  # tied lm_head appears once
+        # tied lm_head appears once
+        names = {name: tuple(p.shape) for name, p in Qwen3(config).named_parameters()}
     generator = torch.Generator(device).manual_seed(seed)
     tensors = {}
     for name, size in names.items():
         if name.endswith("norm.weight"):  # the final norm scales the logits to a std of 4
-            tensors[name] = torch.full(size, 4.0 if name == "model.norm.weight" else 1.0, dtype=torch.bfloat16)
-        else:  # (out, in): 1 / sqrt(in), so each layer adds O(1) to the residual stream and the embedding is small
-            tensors[name] = (torch.randn(size, generator=generator, device=device) * size[1] ** -0.5).to(torch.bfloat16).cpu()
+            tensors[name] = torch.full(size, 4.0 if name == "model.norm.weight" else 1.0,
+                                       dtype=torch.bfloat16)
+        # (out, in): 1 / sqrt(in), so each layer adds O(1) to the residual stream and the embedding is small
+        else:
+            tensors[name] = (torch.randn(size, generator=generator,
+                                         device=device) * size[1] ** -0.5).to(torch.bfloat16).cpu()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
@@ -246,7 +258,8 @@ def decode_bytes(config, batch, prompt, new, dtype):
     return (weights + cache) * torch.finfo(dtype).bits // 8
 
 
-SAMPLING = dict(temperature=1.0, top_p=0.95, eos_token_id=[])  # every rollout measured here: no EOS, fixed length
+# every rollout measured here: no EOS, fixed length
+SAMPLING = dict(temperature=1.0, top_p=0.95, eos_token_id=[])
 
 
 def our_generate(model, prompts, n, generator, lean=False, compile=False):
@@ -259,8 +272,10 @@ def our_generate(model, prompts, n, generator, lean=False, compile=False):
 
 
 def their_generate(reference, prompts, n, eos_token_id):
-    """transformers' generate of exactly n new tokens at the same settings (top-k off), prompts (B, P) on the device."""
-    return reference.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
+    """transformers' generate of exactly n new tokens at the same settings (top-k off), prompts (B, P) on the
+    device."""
+    return reference.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                              temperature=1.0,
                               top_p=0.95, top_k=0, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos_token_id,
                               pad_token_id=eos_token_id)
 
@@ -281,21 +296,27 @@ def bench_rollout(model, reference, config, device, dtype, size, records, shape,
         def theirs(n=new):
             their_generate(reference, prompts_device, n, config.eos_token_id)
 
-        contestants, warmups = {"ours": ours, "theirs": theirs}, {"ours": lambda: ours(16), "theirs": lambda: theirs(16)}
+        contestants, warmups = {"ours": ours, "theirs": theirs}, {"ours": lambda: ours(16),
+                                                                  "theirs": lambda: theirs(16)}
         if compile:  # warmed up at full length: the compilation is for the cache bucket of this length
             contestants["compiled"] = warmups["compiled"] = lambda: ours(compile=True)
         seconds = median_seconds(contestants, device, size["repeats"], warmups)
         rate = {name: batch * new / s for name, s in seconds.items()}
         records.append(record("rollout", shape, batch, device, rate["ours"], rate["theirs"], "new tokens/s",
-                              f"prompt {size['prompt']}, {new} new, T 1.0, top-p 0.95, vs transformers generate"))
+                              f"prompt {size['prompt']}, {new} new, T 1.0, top-p 0.95, vs transformers "
+                              "generate"))
         if compile:
-            records.append(record("rollout_compiled", shape, batch, device, rate["compiled"], rate["theirs"], "new tokens/s",
-                                  f"generate(compile=True), vs transformers generate; eager: {rate['ours']:.0f}"))
+            records.append(record("rollout_compiled", shape, batch, device, rate["compiled"], rate["theirs"],
+                                  "new tokens/s",
+                                  "generate(compile=True), vs transformers generate; eager: "
+                                  f"{rate['ours']:.0f}"))
         if bandwidth:
             bound = batch * bandwidth / decode_bytes(config, batch, size["prompt"], new, dtype)  # tokens/s
             best = max(rate["ours"], rate.get("compiled", 0))
-            records.append(record("rollout_bandwidth_fraction", shape, batch, device, best / bound, rate["theirs"] / bound,
-                                  "fraction of bound", f"ours {'compiled' if compile else 'eager'}; bound {bound:.0f} tokens/s "
+            records.append(record("rollout_bandwidth_fraction", shape, batch, device, best / bound,
+                                  rate["theirs"] / bound,
+                                  "fraction of bound", f"ours {'compiled' if compile else 'eager'}; bound "
+                                                       f"{bound:.0f} tokens/s "
                                   f"at {bandwidth / 1e9:.0f} GB/s copy bandwidth"))
 
 
@@ -322,33 +343,43 @@ def bench_compiled(model, config, device, size, records, shape):
     replay = timed(compiled_call, device)
     again = counters["stats"]["unique_graphs"] - before - first
     records.append(record("decode_step_compilations", shape, 8, device, first, None, "compilations",
-                          f"over a 64-token generation (dynamo's unique_graphs); a second call of the same shape added {again}"))
-    records.append(record("decode_step_compile_seconds", shape, 8, device, (with_compile - replay) / max(first, 1), None, "s per graph",
-                          f"the first call ({with_compile:.1f} s) less a second one ({replay:.2f} s), per graph compiled"))
+                          "over a 64-token generation (dynamo's unique_graphs); a second call of the same "
+                          f"shape added {again}"))
+    records.append(record("decode_step_compile_seconds", shape, 8, device,
+                          (with_compile - replay) / max(first, 1), None, "s per graph",
+                          f"the first call ({with_compile:.1f} s) less a second one ({replay:.2f} s), per "
+                          "graph compiled"))
     eager_tokens, _ = generate(model, prompts, 64, **greedy)
-    records.append(record("compiled_greedy_tokens_equal_eager", shape, 8, device, (compiled_tokens == eager_tokens).float().mean().item(),
+    records.append(record("compiled_greedy_tokens_equal_eager", shape, 8, device,
+                          (compiled_tokens == eager_tokens).float().mean().item(),
                           None, "fraction of tokens", "64 new tokens each, greedy"))
-    sampled = [generate(model, prompts, 64, temperature=1.0, top_p=0.95, eos_token_id=[], compile=True, return_logprobs=True,
+    sampled = [generate(model, prompts, 64, temperature=1.0, top_p=0.95, eos_token_id=[], compile=True,
+                        return_logprobs=True,
                         generator=torch.Generator(device).manual_seed(0)) for _ in range(2)]
     repeats = all(torch.equal(a, b) for a, b in zip(*sampled))
     tokens, mask, logprobs = sampled[0]
     with torch.no_grad():
         trained, _, _ = completion_forward(model, prompts, tokens, mask)
     gap = ((logprobs - trained).abs() * mask).sum() / mask.sum()
-    records.append(record("compiled_sampler_trainer_gap", shape, 8, device, gap.item(), None, "nats per token",
-                          f"compiled sampler's log-probs vs grpo.completion_forward; a second call with the same seed "
+    records.append(record("compiled_sampler_trainer_gap", shape, 8, device, gap.item(), None,
+                          "nats per token",
+                          "compiled sampler's log-probs vs grpo.completion_forward; a second call with the "
+                          "same seed "
                           f"{'repeated every token' if repeats else 'DIFFERED'}"))
 
 
 def bench_prefill(model, config, device, size, records, shape):
-    """GRPO's K = 4 completions of a prompt: its prefill once and the K/V copied, against the prompt repeated K times."""
+    """GRPO's K = 4 completions of a prompt: its prefill once and the K/V copied, against the prompt repeated
+    K times."""
     distinct = random_prompts(max(size["batches"]) // 4, size["prompt"], config.vocab_size, seed=7).tolist()
     seconds = median_seconds({
         "shared": lambda: generate(model, distinct, 1, samples_per_prompt=4, **SAMPLING),
         "repeated": lambda: generate(model, [p for p in distinct for _ in range(4)], 1, **SAMPLING),
     }, device, size["repeats"])
-    records.append(record("prefill_k4_shared_over_repeated", shape, 4 * len(distinct), device, seconds["shared"], seconds["repeated"],
-                          "s per prefill", f"{len(distinct)} prompts of {size['prompt']} tokens x K 4, one new token"))
+    records.append(record("prefill_k4_shared_over_repeated", shape, 4 * len(distinct), device,
+                          seconds["shared"], seconds["repeated"],
+                          "s per prefill", f"{len(distinct)} prompts of {size['prompt']} tokens x K 4, one "
+                                           "new token"))
 
 
 def bench_rollout_lora(directory, device, dtype, size, records, shape, compile=False):
@@ -359,11 +390,14 @@ def bench_rollout_lora(directory, device, dtype, size, records, shape, compile=F
 
     from lora import apply_lora, lora_layers
 
-    model = apply_lora(Qwen3.from_pretrained(directory, device=device, dtype=dtype), 64, 128.0, dropout=0.05).eval()
+    model = apply_lora(Qwen3.from_pretrained(directory, device=device, dtype=dtype), 64, 128.0,
+                       dropout=0.05).eval()
     with torch.no_grad():
-        for layer in lora_layers(model).values():  # a trained adapter's B is not 0; the speed does not depend on it
+        # a trained adapter's B is not 0; the speed does not depend on it
+        for layer in lora_layers(model).values():
             layer.lora_B.normal_(std=1e-3)
-    lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=LORA_TARGETS,
+                           task_type="CAUSAL_LM")
     reference = peft.get_peft_model(load_reference(directory, device, dtype), lora).eval()
     vocab, new = model.config.vocab_size, size["new"]
     for batch in size["batches"]:
@@ -378,22 +412,29 @@ def bench_rollout_lora(directory, device, dtype, size, records, shape, compile=F
             their_generate(reference, prompts_device, n, model.config.eos_token_id)
 
         contestants = {"lean": ours, "plain": lambda: ours(lean=False), "theirs": theirs}
-        warmups = {"lean": lambda: ours(16), "plain": lambda: ours(16, lean=False), "theirs": lambda: theirs(16)}
+        warmups = {"lean": lambda: ours(16), "plain": lambda: ours(16, lean=False),
+                   "theirs": lambda: theirs(16)}
         if compile:
             contestants["compiled"] = lambda: ours(compile=True)
-        rate = {name: batch * new / s for name, s in median_seconds(contestants, device, size["repeats"], warmups).items()}
-        records.append(record("rollout_lora", shape, batch, device, rate["lean"], rate["theirs"], "new tokens/s",
-                              f"LoRA r 64 unmerged, lora.sampling_copies, vs transformers + PEFT generate; without sampling_copies {rate['plain']:.0f}"))
+        rate = {name: batch * new / s for name, s in median_seconds(contestants, device, size["repeats"],
+                                                                    warmups).items()}
+        records.append(record("rollout_lora", shape, batch, device, rate["lean"], rate["theirs"],
+                              "new tokens/s",
+                              "LoRA r 64 unmerged, lora.sampling_copies, vs transformers + PEFT generate; "
+                              f"without sampling_copies {rate['plain']:.0f}"))
         if compile:
-            records.append(record("rollout_lora_compiled", shape, batch, device, rate["compiled"], rate["theirs"], "new tokens/s",
-                                  "generate(compile=True) in lora.sampling_copies, vs transformers + PEFT generate"))
+            records.append(record("rollout_lora_compiled", shape, batch, device, rate["compiled"],
+                                  rate["theirs"], "new tokens/s",
+                                  "generate(compile=True) in lora.sampling_copies, vs transformers + PEFT "
+                                  "generate"))
 
 
 # ----------------------------------------------------------------------------------------------
 # 1b. Kernels per decode step
 
 
-NOT_A_KERNEL = {  # aten operators that make a view, allocate, return their input or pick a dtype on the host: no kernel
+# aten operators that make a view, allocate, return their input or pick a dtype on the host: no kernel
+NOT_A_KERNEL = {
     "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::as_strided_",
     "aten::t", "aten::transpose", "aten::permute", "aten::expand", "aten::expand_as", "aten::unsqueeze", "aten::squeeze",
     "aten::slice", "aten::select", "aten::narrow", "aten::split", "aten::split_with_sizes", "aten::chunk", "aten::unbind",
@@ -401,7 +442,8 @@ NOT_A_KERNEL = {  # aten operators that make a view, allocate, return their inpu
     "aten::to", "aten::contiguous", "aten::flatten", "aten::view_as", "aten::numpy_T", "aten::result_type", "aten::promote_types",
     "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resize_", "aten::is_nonzero", "aten::item",
     "aten::_local_scalar_dense", "aten::type_as", "aten::linear", "aten::matmul", "aten::dropout", "aten::scalar_tensor"}
-HOST_LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
+HOST_LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                     "cudaGraphLaunch",
                      "cudaMemcpyAsync", "cudaMemsetAsync"}
 
 
@@ -423,7 +465,8 @@ def kernels_launched(fn, device):
         synchronize(device)
     events = profiler.events()
     if device.type == "cuda":
-        return (sum(e.device_type == DeviceType.CUDA for e in events), sum(e.name in HOST_LAUNCH_CALLS for e in events))
+        return (sum(e.device_type == DeviceType.CUDA for e in events),
+                sum(e.name in HOST_LAUNCH_CALLS for e in events))
 
     def computes(event):
         return (event.name.startswith("aten::") and event.name not in NOT_A_KERNEL) or "cpp_fused" in event.name
@@ -462,7 +505,8 @@ def bench_kernels(device, dtype, size, records, shape, tmp, compile=False):
     torch._dynamo.reset()  # compile anew, with the kernels recorded
     counts = {}  # (variant, layers) -> (kernels, launches) per step
     for n_layers in (1, 2):
-        directory = write_checkpoint(shape, Path(tmp) / f"kernels-{n_layers}", device, seed=8, layers=n_layers)
+        directory = write_checkpoint(shape, Path(tmp) / f"kernels-{n_layers}", device, seed=8,
+                                     layers=n_layers)
         model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
         reference = load_reference(directory, device, dtype)
         prompts = random_prompts(batch, prompt_length, model.config.vocab_size, seed=10)
@@ -479,7 +523,8 @@ def bench_kernels(device, dtype, size, records, shape, tmp, compile=False):
         if compile:
             counts["compiled", n_layers] = per_decode_step(lambda n: ours(n, compile=True), device)
         apply_lora(model, 64, 128.0, dropout=0.05).eval()
-        lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=LORA_TARGETS,
+                               task_type="CAUSAL_LM")
         reference = peft.get_peft_model(reference, lora).eval()
         counts["eager LoRA", n_layers] = per_decode_step(ours, device)
         counts["eager LoRA sampling_copies", n_layers] = per_decode_step(lambda n: ours(n, lean=True), device)
@@ -502,11 +547,13 @@ def bench_kernels(device, dtype, size, records, shape, tmp, compile=False):
             continue
         ours_total, ours_layer = extrapolated(variant, 0)
         their_total, their_layer = extrapolated(reference_variant, 0)
-        note = (f"ours {variant}: {ours_layer:.1f} per layer, vs {reference_variant} generate: {their_layer:.1f} per layer; "
+        note = (f"ours {variant}: {ours_layer:.1f} per layer, vs {reference_variant} generate: "
+                f"{their_layer:.1f} per layer; "
                 f"{layers} layers extrapolated from 1 and 2; batch {batch}, T 1.0, top-p 0.95")
         if device.type == "cuda":
             note += f"; host launch calls {extrapolated(variant, 1)[0]:.0f} vs {extrapolated(reference_variant, 1)[0]:.0f}"
-        records.append(record(f"kernels_per_decode_step ({variant})", shape, batch, device, ours_total, their_total, "kernels", note))
+        records.append(record(f"kernels_per_decode_step ({variant})", shape, batch, device, ours_total,
+                              their_total, "kernels", note))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,12 +596,15 @@ def bench_train(directory, device, dtype, size, records, shape):
             p.grad = None
 
     reference = load_reference(directory, device, dtype)
-    lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=LORA_TARGETS,
+                           task_type="CAUSAL_LM")
     reference = peft.get_peft_model(reference, lora)
     reference.train()
 
     def theirs():
-        logits = reference(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1]).logits.float()  # (B, T, V)
+        # (B, T, V)
+        logits = reference(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                           position_ids=positions[:, :-1]).logits.float()
         logprobs = logits.log_softmax(dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T)
         (-(logprobs * targets).sum() / targets.sum()).backward()
         for p in reference.parameters():
@@ -564,15 +614,19 @@ def bench_train(directory, device, dtype, size, records, shape):
     rate = {name: B * T / s for name, s in seconds.items()}
     note = f"{B} x {T} tokens (left-padded up to 1/4), LoRA r 64 on 7 projections, loss = mean token log-prob"
     records.append(record("train_step", shape, B, device, rate["ours"], rate["theirs"], "tokens/s", note))
-    (ours_peak, ours_total), (their_peak, their_total) = peak_memory(ours, device), peak_memory(theirs, device)
+    (ours_peak, ours_total), (their_peak, their_total) = peak_memory(ours,
+                                                                     device), peak_memory(theirs, device)
     note = f"allocator peak; in all {ours_total:.2f} vs {their_total:.2f} GiB" if device.type == "cuda" else "CPU allocator peak, from torch's profiler"
-    records.append(record("train_peak_memory", shape, B, device, ours_peak, their_peak, "GiB over weights", note))
+    records.append(record("train_peak_memory", shape, B, device, ours_peak, their_peak, "GiB over weights",
+                          note))
     if device.type == "cuda":
         lora_params = sum(p.numel() for p in ours_model.parameters() if p.requires_grad)
         peak = matmul_rate(device)
         flops = train_flops(config, B * T, T, lora_params)
-        records.append(record("train_mfu", shape, B, device, flops / seconds["ours"] / peak, flops / seconds["theirs"] / peak,
-                              "fraction of matmul rate", f"bf16 8192^3 matmul measured at {peak / 1e12:.0f} TFLOP/s"))
+        records.append(record("train_mfu", shape, B, device, flops / seconds["ours"] / peak,
+                              flops / seconds["theirs"] / peak,
+                              "fraction of matmul rate", f"bf16 8192^3 matmul measured at {peak / 1e12:.0f} "
+                                                         "TFLOP/s"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,11 +664,13 @@ def grpo_runner(directory, device, dtype, g, compile=False):
     model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
     apply_lora(model, PAPER.rank, 2.0 * PAPER.rank, dropout=PAPER.lora_dropout)  # the paper's alpha = 2 r
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=PAPER.lr, weight_decay=PAPER.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(trainable, lr=PAPER.lr, weight_decay=PAPER.weight_decay,
+                                  fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     prompts = random_prompts(g["prompts"], g["prompt"], model.config.vocab_size, seed=2).tolist()
     golds = [""] * len(prompts)
-    base = dataclasses.replace(PAPER, lora_alpha=2.0 * PAPER.rank, group_size=g["group"], prompts_per_micro_batch=g["per_micro"],
+    base = dataclasses.replace(PAPER, lora_alpha=2.0 * PAPER.rank, group_size=g["group"],
+                               prompts_per_micro_batch=g["per_micro"],
                                micro_batches=g["prompts"] // g["per_micro"], max_new_tokens=g["new"], diagnose_all=False,
                                compile=compile)
     generator = torch.Generator(device).manual_seed(0)
@@ -625,7 +681,8 @@ def grpo_runner(directory, device, dtype, g, compile=False):
         def run():
             tokenizer = BenchTokenizer()
             log = StepLog(model, tokenizer, config, scheduler.get_last_lr()[0])
-            grpo.grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, fixed_rewards, config, generator, log)
+            grpo.grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, fixed_rewards, config,
+                           generator, log)
             result["metrics"] = log.metrics()
 
         full = timed(run, device)
@@ -654,27 +711,36 @@ def bench_grpo(directory, device, dtype, size, records, shape):
     setting = f"{g['prompts']} prompts x K {g['group']}, {g['per_micro']} prompts per micro-batch, prompt {g['prompt']}, {g['new']} new"
     for beta in (0.0, 0.04):
         arca, uniform = statistics.median(full["arca", beta]), statistics.median(full["uniform", beta])
-        records.append(record(f"grpo_step_arca_over_uniform_beta{beta:g}", shape, N, device, arca, uniform, "s per step", setting))
+        records.append(record(f"grpo_step_arca_over_uniform_beta{beta:g}", shape, N, device, arca, uniform,
+                              "s per step", setting))
         arca, uniform = statistics.median(update["arca", beta]), statistics.median(update["uniform", beta])
-        records.append(record(f"grpo_update_arca_over_uniform_beta{beta:g}", shape, N, device, arca, uniform, "s per update", setting + "; step minus rollout and reward"))
+        records.append(record(f"grpo_update_arca_over_uniform_beta{beta:g}", shape, N, device, arca, uniform,
+                              "s per update", setting + "; step minus rollout and reward"))
     diagnosed, plain = statistics.median(update["uniform", "diagnose_all"]), statistics.median(update["uniform", 0.0])
-    records.append(record("grpo_update_diagnose_all_over_off", shape, N, device, diagnosed, plain, "s per update",
-                          setting + "; credit uniform, --diagnose-all (all seven signals, one adapter-off pass on one micro-batch) over off"))
+    records.append(record("grpo_update_diagnose_all_over_off", shape, N, device, diagnosed, plain,
+                          "s per update",
+                          setting + "; credit uniform, --diagnose-all (all seven signals, one adapter-off "
+                                    "pass on one micro-batch) over off"))
     exact, bf16 = statistics.median(update["arca", "exact"]), statistics.median(update["arca", 0.0])
     records.append(record("grpo_update_arca_exact_over_bf16", shape, N, device, exact, bf16, "s per update",
-                          setting + f"; credit arca, --arca-precision exact over bf16 (model dtype {str(dtype).removeprefix('torch.')})"))
+                          setting + "; credit arca, --arca-precision exact over bf16 (model dtype "
+                                    f"{str(dtype).removeprefix('torch.')})"))
     exact_memory, _ = peak_memory(lambda: step(variants["arca", "exact"]), device)
     bf16_memory, _ = peak_memory(lambda: step(variants["arca", 0.0]), device)
-    records.append(record("grpo_step_arca_exact_over_bf16_peak_memory", shape, N, device, exact_memory, bf16_memory, "GiB over weights", setting))
+    records.append(record("grpo_step_arca_exact_over_bf16_peak_memory", shape, N, device, exact_memory,
+                          bf16_memory, "GiB over weights", setting))
 
     model.gradient_checkpointing = True
     memory, total = peak_memory(lambda: step(variants["arca", 0.0]), device)
     seconds, _, metrics = step(variants["arca", 0.0])
     model.gradient_checkpointing = False
     records.append(record("grpo_step_checkpointed", shape, N, device, seconds, None, "s per step",
-                          f"{setting}; credit arca, beta 0, gradient checkpointing; rollout {metrics['rollout_s']:.2f} s"))
-    records.append(record("grpo_step_checkpointed_peak_memory", shape, N, device, memory, None, "GiB over weights",
-                          setting + (f"; {total:.2f} GiB allocated in all (weights, adapter, optimiser state included)" if total else "")))
+                          f"{setting}; credit arca, beta 0, gradient checkpointing; rollout "
+                          f"{metrics['rollout_s']:.2f} s"))
+    records.append(record("grpo_step_checkpointed_peak_memory", shape, N, device, memory, None,
+                          "GiB over weights",
+                          setting + (f"; {total:.2f} GiB allocated in all (weights, adapter, optimiser state "
+                                     "included)" if total else "")))
 
 
 def bench_paper_step(directory, device, dtype, size, records, shape, compile=False):
@@ -685,13 +751,16 @@ def bench_paper_step(directory, device, dtype, size, records, shape, compile=Fal
 
     g = size["grpo"]
     model, base, step = grpo_runner(directory, device, dtype, g, compile)
-    arca, uniform = (dataclasses.replace(base, credit=credit, diagnose_all=True) for credit in ("arca", "uniform"))
+    arca, uniform = (dataclasses.replace(base, credit=credit,
+                                         diagnose_all=True) for credit in ("arca", "uniform"))
     step(arca)  # warm-up (and the compilation, with --compile)
-    setting = (f"{g['prompts']} prompts x K {g['group']} = {g['prompts'] * g['group']} completions of {g['new']} tokens, "
+    setting = (f"{g['prompts']} prompts x K {g['group']} = {g['prompts'] * g['group']} completions of "
+               f"{g['new']} tokens, "
                f"prompt {g['prompt']}, {g['prompts'] // g['per_micro']} micro-batches, rollouts {'compiled' if compile else 'eager'}")
     N = g["prompts"] * g["group"]
     (arca_seconds, _, metrics), (uniform_seconds, _, _) = step(arca), step(uniform)
-    records.append(record("paper_step", shape, N, device, arca_seconds, uniform_seconds, "s per step (ARCA / uniform)",
+    records.append(record("paper_step", shape, N, device, arca_seconds, uniform_seconds,
+                          "s per step (ARCA / uniform)",
                           f"{setting}; rollout {metrics['rollout_s']:.2f} s"))
     memory = {}
     for checkpointed in (False, True):
@@ -699,10 +768,12 @@ def bench_paper_step(directory, device, dtype, size, records, shape, compile=Fal
         _, memory[checkpointed] = peak_memory(lambda: step(arca), device)
     seconds, _, metrics = step(arca)
     model.gradient_checkpointing = False
-    records.append(record("paper_step_checkpointed", shape, N, device, seconds, arca_seconds, "s per step (with / without)",
+    records.append(record("paper_step_checkpointed", shape, N, device, seconds, arca_seconds,
+                          "s per step (with / without)",
                           f"{setting}; gradient checkpointing; rollout {metrics['rollout_s']:.2f} s"))
     if memory[True] is not None:  # the GPU allocator's peak in all; the CPU has no such total
-        records.append(record("paper_step_checkpointed_peak_memory", shape, N, device, memory[True] * 2**30 / 1e9,
+        records.append(record("paper_step_checkpointed_peak_memory", shape, N, device,
+                              memory[True] * 2**30 / 1e9,
                               memory[False] * 2**30 / 1e9, "GB in all (with / without)", setting))
 
 
@@ -710,7 +781,9 @@ def bench_paper_step(directory, device, dtype, size, records, shape, compile=Fal
 # 5. ARCA's precision: how much of a bf16 ARCA score is the adapter
 
 
-PRECISION_SHAPE = dict(SHAPES["0.6b"], num_hidden_layers=4, vocab_size=4096, bos_token_id=4095, eos_token_id=4095)  # width 1024
+# width 1024
+PRECISION_SHAPE = dict(SHAPES["0.6b"], num_hidden_layers=4, vocab_size=4096, bos_token_id=4095,
+                       eos_token_id=4095)
 
 
 def bench_precision(device, size, records, shape, tmp):
@@ -730,10 +803,12 @@ def bench_precision(device, size, records, shape, tmp):
     torch.manual_seed(4)  # A's initialisation: the same whichever measurements ran before
     model = apply_lora(Qwen3.from_pretrained(directory, device=device, dtype=torch.bfloat16), 16, 32.0).eval()
     prompts = random_prompts(p["batch"], p["prompt"], model.config.vocab_size, seed=5).tolist()
-    tokens = random_prompts(p["batch"], p["new"], model.config.vocab_size, seed=6).to(device)  # (B, T) as completions
+    # (B, T) as completions
+    tokens = random_prompts(p["batch"], p["new"], model.config.vocab_size, seed=6).to(device)
     mask = torch.ones_like(tokens, dtype=torch.bool)
     generator = torch.Generator(device).manual_seed(0)
-    noise = {n: torch.randn(layer.lora_B.shape, generator=generator, device=device) for n, layer in lora_layers(model).items()}
+    noise = {n: torch.randn(layer.lora_B.shape, generator=generator,
+                            device=device) for n, layer in lora_layers(model).items()}
     for scale in p["scales"]:
         with torch.no_grad():
             for n, layer in lora_layers(model).items():
@@ -747,8 +822,10 @@ def bench_precision(device, size, records, shape, tmp):
         exact_scores = arca_scores(exact_adapted, exact_base)[mask]
         correlation = pearson(bf16_scores, exact_scores)
         ratio = f"{bf16_scores.mean().item() / exact_scores.mean().item():.3g}" if exact_scores.sum() > 0 else "-"
-        records.append(record(f"arca_bf16_vs_exact_s{scale:g}", name, p["batch"], device, correlation, None, "Pearson per token",
-                              f"rms(B) = {scale:g}; mean bf16 score / exact {ratio}; exact mean {exact_scores.mean().item():.3g}, "
+        records.append(record(f"arca_bf16_vs_exact_s{scale:g}", name, p["batch"], device, correlation, None,
+                              "Pearson per token",
+                              f"rms(B) = {scale:g}; mean bf16 score / exact {ratio}; exact mean "
+                              f"{exact_scores.mean().item():.3g}, "
                               f"bf16 mean {bf16_scores.mean().item():.3g}; {p['batch']} x {p['new']} tokens, LoRA r16 on 7 projections"))
 
 
@@ -763,13 +840,15 @@ def bench_agreement(model, reference, config, device, size, records, shape):
     prompts = random_prompts(a["batch"], a["prompt"], config.vocab_size, seed=3)
     generator = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
-        tokens, mask, sampled = generate(model, prompts.tolist(), a["new"], temperature=1.0, top_p=0.95, eos_token_id=[],
+        tokens, mask, sampled = generate(model, prompts.tolist(), a["new"], temperature=1.0, top_p=0.95,
+                                         eos_token_id=[],
                                          generator=generator, return_logprobs=True)  # (B, N) each
         trained, _, _ = completion_forward(model, prompts.tolist(), tokens, mask)  # (B, N)
         ours = ((sampled - trained).abs() * mask).sum() / mask.sum()
 
         prompts_device = prompts.to(device)
-        out = reference.generate(input_ids=prompts_device, attention_mask=torch.ones_like(prompts_device), do_sample=True,
+        out = reference.generate(input_ids=prompts_device, attention_mask=torch.ones_like(prompts_device),
+                                 do_sample=True,
                                  temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=a["new"], min_new_tokens=a["new"],
                                  eos_token_id=config.eos_token_id, pad_token_id=config.eos_token_id,
                                  output_logits=True, return_dict_in_generate=True)
@@ -779,8 +858,10 @@ def bench_agreement(model, reference, config, device, size, records, shape):
         full = reference(input_ids=out.sequences[:, :-1]).logits[:, prompts.shape[1] - 1 :]  # (B, N, V)
         their_trained, _ = token_logprobs(full, completion)  # (B, N)
         theirs = (their_sampled - their_trained).abs().mean()
-    records.append(record("sampler_trainer_gap", shape, a["batch"], device, ours.item(), theirs.item(), "nats per token",
-                          f"prompt {a['prompt']}, {a['new']} new; ours vs grpo.completion_forward, theirs vs a full forward"))
+    records.append(record("sampler_trainer_gap", shape, a["batch"], device, ours.item(), theirs.item(),
+                          "nats per token",
+                          f"prompt {a['prompt']}, {a['new']} new; ours vs grpo.completion_forward, theirs vs "
+                          "a full forward"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -800,19 +881,26 @@ def bench_memory(device, records, shape):
 
     model_config = Qwen3Config(**{k: v for k, v in dict(COMMON, **SHAPES[shape]).items() if k in Qwen3Config.__dataclass_fields__})
     config, _, _ = train.parse_args(["--preset", "paper"])
-    profiles = {setting: memory.activation_profile(model_config, config, device, setting) for setting in (False, True)}
+    profiles = {setting: memory.activation_profile(model_config, config, device,
+                                                   setting) for setting in (False, True)}
     for setting, profile in profiles.items():
-        records.append(record("activations_per_token" + ("_checkpointed" if setting else ""), shape, 1, device,
+        records.append(record("activations_per_token" + ("_checkpointed" if setting else ""), shape, 1,
+                              device,
                               profile["per_token"] / 2**20, None, "MB per token",
-                              f"{model_config.num_hidden_layers} layers, of which one layer {profile['layer_per_token'] / 2**10:.1f} KB; "
+                              f"{model_config.num_hidden_layers} layers, of which one layer "
+                              f"{profile['layer_per_token'] / 2**10:.1f} KB; "
                               f"plus {profile['constant'] / 2**20:.0f} MB whatever the length (LoRA weight casts)"))
-    fp32_lora = memory.activation_profile(model_config, dataclasses.replace(config, lora_dtype="float32"), device, False)
-    records.append(record("activations_per_token_fp32_lora", shape, 1, device, fp32_lora["per_token"] / 2**20, None, "MB per token",
-                          "--lora-dtype float32 (PEFT's fp32 LoRA arithmetic: an fp32 copy of each LoRA input kept), no checkpointing"))
+    fp32_lora = memory.activation_profile(model_config, dataclasses.replace(config, lora_dtype="float32"),
+                                          device, False)
+    records.append(record("activations_per_token_fp32_lora", shape, 1, device, fp32_lora["per_token"] / 2**20,
+                          None, "MB per token",
+                          "--lora-dtype float32 (PEFT's fp32 LoRA arithmetic: an fp32 copy of each LoRA "
+                          "input kept), no checkpointing"))
     for setting in (False, True):
         plan = memory.planned_peak(model_config, config, device, setting, dict(profiles))
         parts = ", ".join(f"{name} {value:.2f}" for name, value in plan.items() if name not in ("peak", "phase") and value)
-        records.append(record("paper_step_planned_peak" + ("_checkpointed" if setting else ""), shape, None, device, plan["peak"],
+        records.append(record("paper_step_planned_peak" + ("_checkpointed" if setting else ""), shape, None,
+                              device, plan["peak"],
                               None, "GB", f"{plan['phase']} phase: {parts}"))
 
 
@@ -820,14 +908,19 @@ def bench_memory(device, records, shape):
 # --gpu-check: the goals, measured in one command
 
 
-GPU_CHECK_SECONDS = 7 * 60  # a measurement starts only before this much time has passed (H100/H200: done within 8 minutes)
+# a measurement starts only before this much time has passed (H100/H200: done within 8 minutes)
+GPU_CHECK_SECONDS = 7 * 60
 GOALS = (  # (goal, record, batch or None, field, target, direction)
     ("rollout at batch 64: compiled / transformers generate", "rollout_compiled", 64, "ratio", 5.0, ">="),
-    ("rollout at batch 64: fraction of the bandwidth bound", "rollout_bandwidth_fraction", 64, "ours", 0.5, ">="),
+    ("rollout at batch 64: fraction of the bandwidth bound", "rollout_bandwidth_fraction", 64, "ours", 0.5,
+     ">="),
     ("paper GRPO step (32 completions of up to 512 tokens), s", "paper_step", None, "ours", 3.0, "<="),
-    ("paper GRPO step with gradient checkpointing, peak GB", "paper_step_checkpointed_peak_memory", None, "ours", 24.0, "<="),
-    ("activations with gradient checkpointing, MB per token", "activations_per_token_checkpointed", 1, "ours", 0.5, "<="),
-    ("planned paper peak with gradient checkpointing, GB", "paper_step_planned_peak_checkpointed", None, "ours", 20.0, "<="),
+    ("paper GRPO step with gradient checkpointing, peak GB", "paper_step_checkpointed_peak_memory", None,
+     "ours", 24.0, "<="),
+    ("activations with gradient checkpointing, MB per token", "activations_per_token_checkpointed", 1, "ours",
+     0.5, "<="),
+    ("planned paper peak with gradient checkpointing, GB", "paper_step_planned_peak_checkpointed", None,
+     "ours", 20.0, "<="),
 )
 
 
@@ -843,13 +936,16 @@ def gpu_check(directory, device, dtype, size, shape, compile=True):
     reference = load_reference(directory, device, dtype)
     records, skipped = [], []
     plan = [
-        (f"rollout at batch {largest}", lambda: bench_rollout(model, reference, model.config, device, dtype, dict(size, batches=(largest,)),
+        (f"rollout at batch {largest}",
+         lambda: bench_rollout(model, reference, model.config, device, dtype, dict(size, batches=(largest,)),
                                                               records, shape, compile)),
         ("paper step", lambda: bench_paper_step(directory, device, dtype, size, records, shape, compile)),
         ("train step", lambda: bench_train(directory, device, dtype, size, records, shape)),
-        (f"rollout at batch {', '.join(map(str, others))}", lambda: bench_rollout(model, reference, model.config, device, dtype, dict(size, batches=others),
+        (f"rollout at batch {', '.join(map(str, others))}",
+         lambda: bench_rollout(model, reference, model.config, device, dtype, dict(size, batches=others),
                                                              records, shape, compile)),
-        (f"LoRA rollout at batch {largest}", lambda: bench_rollout_lora(directory, device, dtype, dict(size, batches=(largest,)),
+        (f"LoRA rollout at batch {largest}",
+         lambda: bench_rollout_lora(directory, device, dtype, dict(size, batches=(largest,)),
                                                                         records, shape, compile)),
         ("memory", lambda: bench_memory(device, records, shape)),
     ]
@@ -859,8 +955,10 @@ def gpu_check(directory, device, dtype, size, shape, compile=True):
             continue
         try:
             measure()
-        except Exception as error:  # one failure must not cost the rest of a short GPU session; named in the table
-            print(f"bench.py --gpu-check: {name} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        # one failure must not cost the rest of a short GPU session; named in the table
+        except Exception as error:
+            print(f"bench.py --gpu-check: {name} failed: {type(error).__name__}: {error}", file=sys.stderr,
+                  flush=True)
             skipped.append(f"{name} (failed: {type(error).__name__}: {str(error)[:200]})")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -868,7 +966,8 @@ def gpu_check(directory, device, dtype, size, shape, compile=True):
 
 
 def goals_table(records, skipped, seconds, device):
-    rows = [f"Goals ({device_name(device)}, {seconds:.0f} s{'; not measured: ' + '; '.join(skipped) if skipped else ''}):", "",
+    rows = [f"Goals ({device_name(device)}, {seconds:.0f} "
+            f"s{'; not measured: ' + '; '.join(skipped) if skipped else ''}):", "",
             "| goal | target | measured | met |", "|---|---|---|---|"]
     for goal, what, batch, field, target, direction in GOALS:
         found = [r for r in records if r["what"] == what and (batch is None or r["batch"] == batch)]
@@ -903,7 +1002,8 @@ def markdown_table(records):
     def number(x):
         return "" if x is None else f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
 
-    rows = ["| what | shape | batch | device | ours | reference | ours / reference | unit |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| what | shape | batch | device | ours | reference | ours / reference | unit |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in records:
         rows.append(f"| {r['what']} | {r['shape']} | {r['batch']} | {r['device']} | {number(r['ours'])} | "
                     f"{number(r['reference'])} | {number(r['ratio'])} | {r['unit']} |")
@@ -913,22 +1013,31 @@ def markdown_table(records):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                        help="model geometry; default 1.7b on a GPU, tiny on the CPU (the memory kind: 1.7b on both)")
+                        help="model geometry; default 1.7b on a GPU, tiny on the CPU (the memory kind: 1.7b "
+                             "on both)")
     parser.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats: about 80 s on a 2-core CPU")
-    parser.add_argument("--only", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS + EXTRA_KINDS)} "
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="default bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and few repeats: about 80 s on a 2-core CPU")
+    parser.add_argument("--only", default=",".join(KINDS),
+                        help=f"comma-separated subset of {','.join(KINDS + EXTRA_KINDS)} "
                                                                    f"(default: all but {','.join(EXTRA_KINDS)})")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch; default torch's choice, 1 with --quick (on a busy machine, "
+                        help="CPU threads for torch; default torch's choice, 1 with --quick (on a busy "
+                             "machine, "
                              "OpenMP threads wait for each other and every small op slows down many times)")
-    parser.add_argument("--compile", action="store_true", help="also measure generate(compile=True): the static decode step under torch.compile")
+    parser.add_argument("--compile", action="store_true", help="also measure generate(compile=True): the "
+                                                               "static decode step under torch.compile")
     parser.add_argument("--gpu-check", action="store_true",
-                        help="the goals of a GPU run in one command (rollouts eager and compiled, the paper step, the train "
+                        help="the goals of a GPU run in one command (rollouts eager and compiled, the paper "
+                             "step, the train "
                              "step, LoRA rollouts), then the goals table; replaces --only")
     parser.add_argument("--kernel-shape", choices=sorted(SHAPES), default=None,
-                        help="geometry of the kernel counts (1 and 2 of its layers, extrapolated to all); default 1.7b, tiny with --quick")
-    parser.add_argument("--checkpoint-dir", default=None, help="where to write the random checkpoint (default: a temporary directory)")
+                        help="geometry of the kernel counts (1 and 2 of its layers, extrapolated to all); "
+                             "default 1.7b, tiny with --quick")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="where to write the random checkpoint (default: a temporary directory)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.memory_shape = args.shape or "1.7b"  # the memory kind is about the paper's geometry on any device
@@ -959,7 +1068,8 @@ def main(argv=None):
             model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
             reference = load_reference(directory, device, dtype)
             if "rollout" in args.only:
-                bench_rollout(model, reference, model.config, device, dtype, size, records, shape, args.compile)
+                bench_rollout(model, reference, model.config, device, dtype, size, records, shape,
+                              args.compile)
                 if args.compile:
                     bench_compiled(model, model.config, device, size, records, shape)
                 bench_prefill(model, model.config, device, size, records, shape)
@@ -979,7 +1089,8 @@ def main(argv=None):
         if "memory" in args.only:
             bench_memory(device, records, args.memory_shape)
     print()
-    print(f"python {' '.join(sys.argv)}  # torch {torch.__version__}, dtype {str(dtype).removeprefix('torch.')}")
+    print(f"python {' '.join(sys.argv)}  # torch {torch.__version__}, dtype "
+          f"{str(dtype).removeprefix('torch.')}")
     print()
     print(markdown_table(records))
     if goals:

@@ -18,9 +18,11 @@ from sampling import (UNIFORMS_PER_DRAW, KVCache, drawn_logprob, next_token_logi
                       sample_top_k_top_p, sample_top_p_sorted, trim)
 
 
-COMPILE_MIN_TORCH = (2, 6)  # torch.compile features the fast path needs (static addresses, cudagraph step marks, recompile limits)
+# torch.compile features the fast path needs (static addresses, cudagraph step marks, recompile limits)
+COMPILE_MIN_TORCH = (2, 6)
 CACHE_BUCKET = 256  # cache lengths are multiples of this
-MAX_GRAPHS = 64  # compiled graphs of the decode step before torch.compile refuses (an error, never a silent eager fallback)
+# compiled graphs of the decode step before torch.compile refuses (an error, never a silent eager fallback)
+MAX_GRAPHS = 64
 
 
 class StaticKVCache(KVCache):
@@ -31,7 +33,8 @@ class StaticKVCache(KVCache):
     slot = None  # (1,) long, on the device
 
     def update(self, layer, k, v):
-        """Write the new keys and values (B, KV, 1, D) at `slot` in place; return the layer's (B, KV, S, D)."""
+        """Write the new keys and values (B, KV, 1, D) at `slot` in place; return the layer's (B, KV, S,
+        D)."""
         self.keys[layer].index_copy_(2, self.slot, k)  # in place: this layer's tensor, at a static address
         self.values[layer].index_copy_(2, self.slot, v)
         return self.keys[layer], self.values[layer]
@@ -64,16 +67,19 @@ class DecodeBuffers:
         per_layer = batch * config.num_key_value_heads * length * config.head_dim
         if per_layer > self.capacity or length > self.length:
             self.capacity, self.length = max(per_layer, self.capacity), max(length, self.length)
-            self.keys = [torch.zeros(self.capacity, device=self.device, dtype=self.dtype) for _ in range(config.num_hidden_layers)]
-            self.values = [torch.zeros(self.capacity, device=self.device, dtype=self.dtype) for _ in range(config.num_hidden_layers)]
-            self.bias = torch.zeros(self.capacity, device=self.device, dtype=self.dtype)  # >= batch * width: head_dim >= 16
+            arena = dict(device=self.device, dtype=self.dtype)
+            self.keys = [torch.zeros(self.capacity, **arena) for _ in range(config.num_hidden_layers)]
+            self.values = [torch.zeros(self.capacity, **arena) for _ in range(config.num_hidden_layers)]
+            self.bias = torch.zeros(self.capacity, **arena)  # >= batch * width, as head_dim >= 16
             positions = torch.arange(self.length, device=self.device)[None]  # (1, S)
-            self.cos, self.sin = (t[0] for t in rotary_cos_sin(positions, config.head_dim, config.rope_theta, self.dtype))  # (S, D)
+            cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, self.dtype)  # (1, S, D)
+            self.cos, self.sin = cos[0], sin[0]  # (S, D)
             self.caches = {}
         if (batch, length) not in self.caches:
             shape = (batch, config.num_key_value_heads, length, config.head_dim)
-            cache = StaticKVCache([k[:per_layer].view(shape) for k in self.keys],
-                                  [v[:per_layer].view(shape) for v in self.values], self.cos[:length], self.sin[:length])
+            keys = [k[:per_layer].view(shape) for k in self.keys]  # L x (B, KV, S, D)
+            values = [v[:per_layer].view(shape) for v in self.values]
+            cache = StaticKVCache(keys, values, self.cos[:length], self.sin[:length])
             key_bias = self.bias[: batch * width].view(batch, 1, 1, width)[..., :length]  # (B, 1, 1, S)
             for tensor in (*cache.keys, *cache.values, cache.cos, cache.sin, key_bias):
                 torch._dynamo.mark_static_address(tensor)  # a CUDA graph may write them in place
@@ -81,8 +87,8 @@ class DecodeBuffers:
         return self.caches[batch, length]
 
 
-def decode_step(model, hidden, finished, uniforms, position, cache, key_bias, eos_ids, fill_id, temperature, top_p, top_k,
-                vocab_size, greedy):
+def decode_step(model, hidden, finished, uniforms, position, cache, key_bias, eos_ids, fill_id, temperature,
+                top_p, top_k, vocab_size, greedy):
     """generate's loop body with static shapes, for torch.compile: one token per row from `hidden`
     (B, H), then the forward of that token with its K/V written at cache.slot (a device tensor).
 
@@ -98,7 +104,8 @@ def decode_step(model, hidden, finished, uniforms, position, cache, key_bias, eo
     elif 0 < top_k < logits.shape[-1]:
         token = sample_top_k_top_p(logits / temperature, top_k, top_p, uniforms=uniforms[:, 0])  # (B,)
     else:
-        token = sample_top_p_sorted((logits / temperature).softmax(dim=-1), top_p, uniforms=uniforms[:, 0])  # (B,)
+        probs = (logits / temperature).softmax(dim=-1)  # (B, V)
+        token = sample_top_p_sorted(probs, top_p, uniforms=uniforms[:, 0])  # (B,)
     token = token.masked_fill(finished, fill_id)  # (B,)
     logprob = drawn_logprob(logits, token)  # (B,)
     finished = finished | torch.isin(token, eos_ids)  # (B,)
@@ -107,23 +114,27 @@ def decode_step(model, hidden, finished, uniforms, position, cache, key_bias, eo
     return token, logprob, finished, hidden
 
 
-_compiled_decode_step = None  # torch.compile(decode_step), built on first use and kept: its compilations are reused
+# torch.compile(decode_step), built on first use and kept: its compilations are reused
+_compiled_decode_step = None
 
 
 def compiled_decode_step(device):
     global _compiled_decode_step
     if tuple(int(part) for part in torch.__version__.split(".")[:2]) < COMPILE_MIN_TORCH:
-        raise RuntimeError(f"--compile needs torch >= {'.'.join(map(str, COMPILE_MIN_TORCH))}, this is {torch.__version__}; "
-                           "upgrade torch or run without --compile (the eager path computes the same completions)")
+        raise RuntimeError(f"--compile needs torch >= {'.'.join(map(str, COMPILE_MIN_TORCH))}, this is "
+                           f"{torch.__version__}; upgrade torch or run without --compile (the eager path "
+                           "computes the same completions)")
     if _compiled_decode_step is None:
-        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on a GPU, inductor's default on a CPU
+        # CUDA graphs on a GPU, inductor's default on a CPU
+        mode = "reduce-overhead" if device.type == "cuda" else None
         _compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
     return _compiled_decode_step
 
 
 @torch.no_grad()
-def generate_compiled(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id, generator=None, vocab_size=None,
-                      return_logprobs=False, check_every=8, top_k=0, row_generators=None, samples_per_prompt=1):
+def generate_compiled(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id, generator=None,
+                      vocab_size=None, return_logprobs=False, check_every=8, top_k=0, row_generators=None,
+                      samples_per_prompt=1):
     """generate(..., compile=True): the same contract as generate, through the compiled decode_step.
 
     The B rows are padded to batch_bucket(B) (the padding rows repeat row 0 and start finished) and
@@ -142,7 +153,8 @@ def generate_compiled(model, prompts, max_new_tokens, *, temperature, top_p, eos
         model.decode_buffers = DecodeBuffers(model.config, device, dtype)
     cache, key_bias = model.decode_buffers.get(rows, length)
     with torch.inference_mode():
-        hidden = prefill(model, prompts, K, KVCache([k[:B] for k in cache.keys], [v[:B] for v in cache.values], cache.cos, cache.sin))
+        real_rows = KVCache([k[:B] for k in cache.keys], [v[:B] for v in cache.values], cache.cos, cache.sin)
+        hidden = prefill(model, prompts, K, real_rows)  # (B, H)
         for keys, values in zip(cache.keys, cache.values):  # padding rows: row 0's prompt
             keys[B:], values[B:] = keys[:1], values[:1]
     hidden = torch.cat([hidden, hidden[:1].expand(rows - B, -1)]).contiguous()  # (rows, H)
@@ -152,20 +164,29 @@ def generate_compiled(model, prompts, max_new_tokens, *, temperature, top_p, eos
     key_bias[:, 0, 0, :P].masked_fill_(row_prompt_mask, 0.0)
     first_position = row_prompt_mask.sum(dim=1, keepdim=True)  # (rows, 1)
     finished = torch.arange(rows, device=device) >= B  # (rows,) the padding rows never sample
-    uniforms = torch.zeros(max_new_tokens, rows, UNIFORMS_PER_DRAW, device=device)  # (N, rows, U): a step's (rows, U) has fixed strides
+    # (N, rows, U): a step's (rows, U) has fixed strides
+    uniforms = torch.zeros(max_new_tokens, rows, UNIFORMS_PER_DRAW, device=device)
     if temperature > 0 and row_generators is not None:
-        uniforms[:, :B] = torch.stack([torch.rand(max_new_tokens, UNIFORMS_PER_DRAW, generator=g, device=g.device) for g in row_generators], dim=1).to(device)
+        shape = (max_new_tokens, UNIFORMS_PER_DRAW)
+        per_row = [torch.rand(shape, generator=g, device=g.device) for g in row_generators]  # B x (N, U)
+        uniforms[:, :B] = torch.stack(per_row, dim=1).to(device)
     elif temperature > 0:
-        uniforms[:, :B] = torch.rand(B, max_new_tokens, UNIFORMS_PER_DRAW, generator=generator, device=device).transpose(0, 1)
-    settings = dict(eos_ids=eos_ids, fill_id=fill_id, top_k=top_k, vocab_size=vocab_size, greedy=temperature == 0,
-                    temperature=torch.tensor(float(temperature or 1.0), device=device), top_p=torch.tensor(float(min(top_p, 1.0)), device=device))
+        drawn = torch.rand(B, max_new_tokens, UNIFORMS_PER_DRAW, generator=generator, device=device)
+        uniforms[:, :B] = drawn.transpose(0, 1)  # (N, B, U)
+    # temperature and top-p as tensor inputs: changing them recompiles nothing
+    settings = dict(eos_ids=eos_ids, fill_id=fill_id, top_k=top_k, vocab_size=vocab_size,
+                    greedy=temperature == 0,
+                    temperature=torch.tensor(float(temperature or 1.0), device=device),
+                    top_p=torch.tensor(float(min(top_p, 1.0)), device=device))
     tokens, logprobs, valid = [], [], []
     for step in range(max_new_tokens):
         cache.slot = torch.full((1,), P + step, dtype=torch.long, device=device)
         valid.append(~finished)
-        torch.compiler.cudagraph_mark_step_begin()  # a CUDA graph's replay overwrites its last outputs: keep copies
+        # a CUDA graph's replay overwrites its last outputs: keep copies
+        torch.compiler.cudagraph_mark_step_begin()
         with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS, fail_on_recompile_limit_hit=True):
-            outputs = step_fn(model, hidden, finished, uniforms[step], first_position + step, cache, key_bias, **settings)
+            position = first_position + step  # (rows, 1)
+            outputs = step_fn(model, hidden, finished, uniforms[step], position, cache, key_bias, **settings)
         token, logprob, finished, hidden = (t.clone() for t in outputs)
         tokens.append(token)
         logprobs.append(logprob)

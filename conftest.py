@@ -80,7 +80,8 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def checkpoint_dir(tmp_path_factory):
     """A tiny random Qwen3 with transformers' own initialisation (small weights, norms at 1), saved as
     safetensors: the weights both our model and transformers + PEFT load in the LoRA tests."""
-    directory, _ = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"), randomise_norms=False, vocab_size=97,
+    directory, _ = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"), randomise_norms=False,
+                                        vocab_size=97,
                                         max_position_embeddings=64, initializer_range=0.02)
     return directory
 
@@ -115,8 +116,10 @@ class StepConfig:
 
     def __init__(self, **overrides):
         self.__dict__.update(dict(
-            group_size=4, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, credit_eos=True, diagnose_all=False, arca_precision="bf16", compile=False, advantage="grpo", prompts_per_micro_batch=1,
-            updates_per_batch=1, credit="arca", credit_eps=1e-8, power=2.0, clip_eps=0.2, beta=0.0, grad_clip=1.0,
+            group_size=4, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, credit_eos=True,
+            diagnose_all=False, arca_precision="bf16", compile=False, advantage="grpo",
+            prompts_per_micro_batch=1, updates_per_batch=1, credit="arca", credit_eps=1e-8, power=2.0,
+            clip_eps=0.2, beta=0.0, grad_clip=1.0,
         ), **overrides)
 
 
@@ -148,7 +151,8 @@ def one_grpo_step(model, optimizer, scheduler, prompts, golds, score_fn, config,
     """grpo.grpo_step with a StepLog, as train.run takes a step: (metrics, rollout, rewards)."""
     tokenizer = tokenizer or CharTokenizer()
     log = step_log.StepLog(model, tokenizer, config, scheduler.get_last_lr()[0])
-    rollout, rewards = grpo.grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, config, generator, log)
+    rollout, rewards = grpo.grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn,
+                                      config, generator, log)
     return log.metrics(), rollout, rewards
 
 
@@ -167,7 +171,8 @@ def char_run_setup(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     root = tmp_path_factory.mktemp("char")
-    directory, _ = save_tiny_checkpoint(root / "model", vocab_size=48, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    directory, _ = save_tiny_checkpoint(root / "model", vocab_size=48, eos_token_id=0, bos_token_id=0,
+                                        pad_token_id=0)
     vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(dict.fromkeys(CHARS))}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
@@ -185,17 +190,23 @@ def char_run_setup(tmp_path_factory):
 def run_args(root, out, *extra):
     return ["--preset", "demo", "--model", str(root / "model"), "--data", str(root / "train.jsonl"),
             "--eval-data", str(root / "test.jsonl"), "--out", str(out), "--group-size", "4",
-            "--prompts-per-micro-batch", "1", "--micro-batches", "2", "--max-new-tokens", "6", "--eval-problems", "4",
-            "--eval-batch-size", "16", "--pass-k", "2", "--rank", "4", "--lr", "5e-2", "--lora-dropout", "0.05", "--warmup-steps", "3",
-            "--temperature", "1.0", *extra]
+            "--prompts-per-micro-batch", "1", "--micro-batches", "2", "--max-new-tokens", "6",
+            "--eval-problems", "4", "--eval-batch-size", "16", "--pass-k", "2", "--rank", "4", "--lr", "5e-2",
+            "--lora-dropout", "0.05", "--warmup-steps", "3", "--temperature", "1.0", *extra]
 
 
 def parity_reward(texts, golds, config):
-    """A reward a random model earns half the time (parity of the text's character codes), so updates are non-zero."""
+    """A reward a random model earns half the time (parity of the text's character codes), so updates are
+    non-zero."""
     return [float(sum(map(ord, text)) % 2) for text in texts], 0
 
 
 PARITY = lambda texts, golds, *rest: ([float(sum(map(ord, text)) % 2) for text in texts], 0)
+
+
+def metrics_of(out):
+    """A run's metrics.jsonl, one dict per step."""
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def find_checkpoint_step(out):
@@ -205,7 +216,8 @@ def find_checkpoint_step(out):
 @pytest.fixture(scope="module")
 def gqa_model(tmp_path_factory):
     """Our Qwen3 with 8 query heads on 2 KV heads (4 folded per KV head), fp32."""
-    directory, _ = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), randomise_norms=False, num_attention_heads=8)
+    directory, _ = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), randomise_norms=False,
+                                        num_attention_heads=8)
     return Qwen3.from_pretrained(directory, dtype=torch.float32)
 
 

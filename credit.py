@@ -122,7 +122,8 @@ def credit_scores(method, mask, *, token_logprobs=None, entropies=None,
     if method == "arca":
         _require(method, h_adapted=h_adapted, h_base=h_base)
         return arca_scores(h_adapted, h_base)
-    raise ValueError(f"unknown credit method {method!r}; expected one of {', '.join(SCORED)} (or, for weights, {', '.join(CONTROLS)})")
+    raise ValueError(f"unknown credit method {method!r}; expected one of {', '.join(SCORED)} "
+                     f"(or, for weights, {', '.join(CONTROLS)})")
 
 
 # ----------------------------------------------------------------------------
@@ -171,9 +172,11 @@ def shuffle_within_rows(weights, mask, seeds):
     """
     mask = mask.bool()  # (B, T)
     B, T = mask.shape
-    keys = torch.stack([torch.rand(T, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]).to(mask.device)  # (B, T)
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]  # on the host: one per row
+    keys = torch.stack([torch.rand(T, generator=g) for g in generators]).to(mask.device)  # (B, T)
     keys = torch.where(mask, keys, float("inf"))  # (B, T) padding last
-    in_order = torch.where(mask, torch.arange(T, device=mask.device).float(), float("inf")).argsort(dim=1, stable=True)  # (B, T)
+    positions = torch.where(mask, torch.arange(T, device=mask.device).float(), float("inf"))  # (B, T)
+    in_order = positions.argsort(dim=1, stable=True)  # (B, T) the valid positions in order, then padding
     shuffled = keys.argsort(dim=1, stable=True)  # (B, T) the valid positions in a random order, then padding
     return torch.zeros_like(weights).scatter_(1, in_order, weights.gather(1, shuffled))  # (B, T)
 
@@ -190,7 +193,8 @@ def top_fraction_weights(entropies, mask, fraction=0.2):
     k = torch.ceil(n.double() * fraction - 1e-9).long().clamp(min=1)  # (B, 1), as top_mass counts
     scores = torch.where(mask, entropies.detach().float(), float("-inf"))  # (B, T)
     order = scores.argsort(dim=1, descending=True, stable=True)  # (B, T) ties keep position order
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(mask.shape[1], device=mask.device).expand_as(order))  # (B, T)
+    places = torch.arange(mask.shape[1], device=mask.device).expand_as(order)  # (B, T)
+    rank = torch.empty_like(order).scatter_(1, order, places)  # (B, T) each token's place in the order
     return torch.where((rank < k) & mask, 1.0 / k.float(), 0.0)  # (B, T)
 
 
@@ -204,7 +208,8 @@ def credit_weights(method, mask, eps=1e-8, power=1.0, shuffle_seeds=None, **sign
     """
     if method == "arca-shuffled":
         arca = token_weights(credit_scores("arca", mask, **signals), mask, eps=eps, power=power)  # (B, T)
-        return shuffle_within_rows(arca, mask, range(mask.shape[0]) if shuffle_seeds is None else shuffle_seeds)
+        seeds = range(mask.shape[0]) if shuffle_seeds is None else shuffle_seeds
+        return shuffle_within_rows(arca, mask, seeds)
     if method == "entropy-top20":
         _require(method, entropies=signals.get("entropies"))
         return top_fraction_weights(signals["entropies"], mask, 0.2)
@@ -265,7 +270,8 @@ def diagnostic_sums(weights, mask):
     the number of those rows. Sums add up over micro-batches on the device and are read once;
     their means are credit_diagnostics'."""
     rows = mask.bool().any(dim=1)  # (B,)
-    per_row = torch.stack([gini(weights, mask), effective_token_ratio(weights, mask), top_mass(weights, mask, 0.1)], dim=1)  # (B, 3)
+    diagnostics = [gini(weights, mask), effective_token_ratio(weights, mask), top_mass(weights, mask, 0.1)]
+    per_row = torch.stack(diagnostics, dim=1)  # (B, 3)
     return torch.cat([(per_row * rows[:, None]).sum(dim=0), rows.sum(dim=0, keepdim=True).float()])  # (4,)
 
 
@@ -294,7 +300,8 @@ def _shade(w, n):
 def _top_tokens(tokens, w, k=5):
     """The k largest weights of a row as text: \u201ctok\u201d 0.310, \u201ctok\u201d 0.220, ..."""
     top = torch.topk(w, min(k, w.numel()))
-    return ", ".join(f"\u201c{html.escape(tokens[i])}\u201d {x:.3f}" for x, i in zip(top.values.tolist(), top.indices.tolist()))
+    pairs = zip(top.values.tolist(), top.indices.tolist())
+    return ", ".join(f"\u201c{html.escape(tokens[i])}\u201d {x:.3f}" for x, i in pairs)
 
 
 def credit_section(tokens, weights_by_method, facts=None):
@@ -305,7 +312,8 @@ def credit_section(tokens, weights_by_method, facts=None):
     facts: {label: text}, shown above the rows.
     """
     n = len(tokens)
-    parts = [f'<p><b>{html.escape(str(k))}</b>: <span class="fact">{html.escape(str(v))}</span></p>' for k, v in (facts or {}).items()]
+    parts = [f'<p><b>{html.escape(str(k))}</b>: <span class="fact">{html.escape(str(v))}</span></p>'
+             for k, v in (facts or {}).items()]
     for method, weights in weights_by_method.items():
         w = torch.as_tensor(weights).detach().float().flatten().cpu()  # (T,)
         if w.numel() != n:
@@ -324,9 +332,9 @@ def credit_section(tokens, weights_by_method, facts=None):
 
 def _legend(n):
     """A colour scale for a completion of n tokens: blue (1/n^2) - white (uniform 1/n) - red (1)."""
-    stops = [("1/T\u00b2", 1 / n ** 2), ("", 1 / n ** 1.5), ("1/T (uniform)", 1 / n), ("", n ** -0.5), ("1", 1.0)]
-    cells = "".join(f'<span class="tok" style="background:{_shade(w, n)}">{html.escape(label) or "&nbsp;&nbsp;&nbsp;"}</span>'
-                    for label, w in stops)
+    stops = [("1/T\u00b2", 1 / n**2), ("", 1 / n**1.5), ("1/T (uniform)", 1 / n), ("", n**-0.5), ("1", 1.0)]
+    cells = "".join(f'<span class="tok" style="background:{_shade(w, n)}">'
+                    f'{html.escape(label) or "&nbsp;&nbsp;&nbsp;"}</span>' for label, w in stops)
     return f'<p>weight scale (T = {n} tokens): {cells}</p>'
 
 
@@ -337,11 +345,12 @@ def credit_page(title, sections, legend_tokens):
         "<style>body{font-family:sans-serif;max-width:64em;margin:2em auto}"
         ".row{font-family:monospace;white-space:pre-wrap;line-height:1.9}"
         ".tok{border:1px solid #bbb;border-radius:2px;margin:0 1px;padding:0 1px;font-family:monospace}"
-        ".top{font-family:monospace;font-size:.9em;color:#333;margin:.2em 0}.fact{font-family:monospace;white-space:pre-wrap}"
+        ".top{font-family:monospace;font-size:.9em;color:#333;margin:.2em 0}"
+        ".fact{font-family:monospace;white-space:pre-wrap}"
         "h3{font-size:1em;margin:1.2em 0 .2em}</style></head><body>\n"
         f"<h1>{html.escape(title)}</h1>\n"
-        "<p>Each method's weights w_t over the completion's tokens (they sum to 1). Unshaded: the uniform 1/T; "
-        "red: more; blue: less; each box is one token. Hover a token for its weight.</p>\n"
+        "<p>Each method's weights w_t over the completion's tokens (they sum to 1). Unshaded: the uniform "
+        "1/T; red: more; blue: less; each box is one token. Hover a token for its weight.</p>\n"
         + _legend(max(legend_tokens, 2)) + "\n<hr>\n" + "\n<hr>\n".join(sections) + "\n</body></html>\n"
     )
 

@@ -75,12 +75,13 @@ SPLIT_SEED = 0  # fixes which problems are held out; independent of every run's 
 
 MODEL = dict(
     vocab_size=len(VOCAB), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=10000.0, tie_word_embeddings=True,
-    bos_token_id=0, eos_token_id=0, torch_dtype="float32",
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=10000.0,
+    tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, torch_dtype="float32",
 )
-WARMUP = dict(batch_size=128, lr=1e-3, lr_warmup_steps=20, max_steps=3000, check_every=5, target_accuracy=0.25,
-              validation_problems=200, init_std=0.02)
-RECIPE_VERSION = 3  # bump when the code below changes what a build produces (3: column addition with a scratchpad)
+WARMUP = dict(batch_size=128, lr=1e-3, lr_warmup_steps=20, max_steps=3000, check_every=5,
+              target_accuracy=0.25, validation_problems=200, init_std=0.02)
+# bump when the code below changes what a build produces (3: column addition with a scratchpad)
+RECIPE_VERSION = 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +89,8 @@ RECIPE_VERSION = 3  # bump when the code below changes what a build produces (3:
 
 
 def _split_pairs():
-    """{"train": [(a, b), ...], "test": [...]}: a fixed permutation of every pair, the first TEST_SIZE held out."""
+    """{"train": [(a, b), ...], "test": [...]}: a fixed permutation of every pair, the first TEST_SIZE
+    held out."""
     pairs = [(a, b) for a in OPERANDS for b in OPERANDS]
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     return {"test": [pairs[i] for i in order[:TEST_SIZE]], "train": [pairs[i] for i in order[TEST_SIZE:]]}
@@ -120,7 +122,8 @@ def completion_text(problem):
 
 
 # The scratchpad's tokens in order; a column sum's two digits are where the addition happens.
-_COLUMNS = ("digit", "+", "digit", "=", "sum", "sum", ",", "digit", "+", "digit", "+", "digit", "=", "sum", "sum", ",", BOXED)
+_COLUMNS = ("digit", "+", "digit", "=", "sum", "sum", ",",  # the units column
+            "digit", "+", "digit", "+", "digit", "=", "sum", "sum", ",", BOXED)  # the tens, with the carry
 
 
 def token_roles(problem, tokens):
@@ -134,7 +137,8 @@ def token_roles(problem, tokens):
         return None
     for token, kind in zip(tokens, _COLUMNS):
         expected_digit = kind in ("digit", "sum")
-        if (expected_digit and not (len(token) == 1 and token.isdigit())) or (not expected_digit and token != kind):
+        is_digit = len(token) == 1 and token.isdigit()
+        if (expected_digit and not is_digit) or (not expected_digit and token != kind):
             return None
     rest = tokens[len(_COLUMNS) :]
     closing = rest.index("}") if "}" in rest else -1
@@ -195,7 +199,8 @@ def greedy_accuracy(model, tokenizer, problems):
     """Share of problems whose greedy completion's last \\boxed{} answer is right (math_reward)."""
     prompts = [tokenizer.encode(DEMO_PROMPT_TEMPLATE.format(problem=p["problem"])).ids for p in problems]
     tokens, mask = generate(model, prompts, 24, temperature=0.0, top_p=1.0, eos_token_id=0)  # (B, N)
-    texts = [tokenizer.decode(row[valid].tolist(), skip_special_tokens=False) for row, valid in zip(tokens, mask)]
+    texts = [tokenizer.decode(row[valid].tolist(), skip_special_tokens=False)
+             for row, valid in zip(tokens, mask)]
     return sum(math_reward(text, p["answer"]) for text, p in zip(texts, problems)) / len(problems)
 
 
@@ -207,8 +212,8 @@ def warm_up(model, tokenizer, generator):
     train = demo_problems("train", len(_split_pairs()["train"]), seed=0)
     validation, train = train[: WARMUP["validation_problems"]], train[WARMUP["validation_problems"] :]
     encode = lambda text: tokenizer.encode(text).ids
-    examples = [(encode(DEMO_PROMPT_TEMPLATE.format(problem=p["problem"])), encode(completion_text(p["problem"])) + [0])
-                for p in train]
+    examples = [(encode(DEMO_PROMPT_TEMPLATE.format(problem=p["problem"])),
+                 encode(completion_text(p["problem"])) + [0]) for p in train]
     optimizer = torch.optim.AdamW(model.parameters(), lr=WARMUP["lr"], weight_decay=0.0, betas=(0.9, 0.98))
     accuracy = 0.0
     for step in range(1, WARMUP["max_steps"] + 1):
@@ -255,10 +260,12 @@ def is_built(directory, seed):
 
 
 def write_checkpoint(directory, model, tokenizer, record):
-    """config.json, model.safetensors (HF names, lm_head tied so not stored), tokenizer.json, recipe.json last."""
+    """config.json, model.safetensors (HF names, lm_head tied so not stored), tokenizer.json, recipe.json
+    last."""
     config = {**asdict(model.config), "architectures": ["Qwen3ForCausalLM"], "pad_token_id": 0}
     (directory / "config.json").write_text(json.dumps(config, indent=1))
-    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items() if name != "lm_head.weight"}
+    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()
+               if name != "lm_head.weight"}
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "recipe.json").write_text(json.dumps(record, indent=1))
@@ -280,13 +287,14 @@ def build_demo_checkpoint(directory, seed=0):
     model = init_model(config, generator, WARMUP["init_std"])
     tokenizer = build_tokenizer()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a CPU matmul's rounding depends on how many threads split it: one, on every machine
+    torch.set_num_threads(1)  # a CPU matmul's rounding depends on how many threads split it: one, always
     try:
         steps, accuracy = warm_up(model, tokenizer, generator)
     finally:
         torch.set_num_threads(threads)
-    record = {"hash": recipe_hash(seed), "seed": seed, "warmup_steps": steps, "validation_greedy_accuracy": accuracy,
-              "build_seconds": round(time.perf_counter() - started, 1)}
+    seconds = round(time.perf_counter() - started, 1)
+    record = {"hash": recipe_hash(seed), "seed": seed, "warmup_steps": steps,
+              "validation_greedy_accuracy": accuracy, "build_seconds": seconds}
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.building-"))

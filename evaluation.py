@@ -76,8 +76,9 @@ def generate_texts(model, tokenizer, prompts, config, temperature, row_generator
         rows = slice(start * samples_per_prompt, (start + per_batch) * samples_per_prompt)
         generators = None if row_generators is None else row_generators[rows]
         with sampling_copies(model):
+            options = sampling_options(config, tokenizer)
             tokens, mask = generate(model, batch, temperature=temperature, row_generators=generators,
-                                    samples_per_prompt=samples_per_prompt, **sampling_options(config, tokenizer))
+                                    samples_per_prompt=samples_per_prompt, **options)
         for row in range(len(tokens)):
             ids = tokens[row][mask[row]].tolist()
             results.append((ids, tokenizer.decode(ids)))
@@ -111,14 +112,15 @@ def evaluate(model, tokenizer, eval_rows, config, step, out):
     for reward, scorer in (("strict", score_strict), ("symbolic", score_symbolic)):
         scores["greedy", reward], greedy_timeouts = scorer([text for _, text in greedy], golds, config)
         sampled_golds = [g for g in golds for _ in range(k)]
-        scores["sampled", reward], sampled_timeouts = scorer([text for _, text in sampled], sampled_golds, config)
+        sampled_texts = [text for _, text in sampled]
+        scores["sampled", reward], sampled_timeouts = scorer(sampled_texts, sampled_golds, config)
         timeouts += greedy_timeouts + sampled_timeouts
     shares = gather((scores, timeouts))  # in rank order: the problems in file order
     result = {"step": step}
     for reward in ("strict", "symbolic"):
         greedy_scores = [x for share_scores, _ in shares for x in share_scores["greedy", reward]]
         sampled_scores = [x for share_scores, _ in shares for x in share_scores["sampled", reward]]
-        per_problem = torch.tensor(sampled_scores, dtype=torch.float64).view(len(eval_rows), k)  # (problems, k)
+        per_problem = torch.tensor(sampled_scores, dtype=torch.float64).view(-1, k)  # (problems, k)
         result[f"greedy_accuracy_{reward}"] = sum(greedy_scores) / len(eval_rows)
         result[f"pass@{k}_{reward}"] = per_problem.amax(dim=1).mean().item()
     result["greedy_accuracy"] = result[f"greedy_accuracy_{config.reward}"]
@@ -126,7 +128,8 @@ def evaluate(model, tokenizer, eval_rows, config, step, out):
     result["reward_timeouts"] = sum(t for _, t in shares)
 
     if config.html_completions and process_rank() == 0 and rows:
-        write_credit_page(model, tokenizer, rows, sampled, scores["sampled", config.reward], config, step, out)
+        sampled_scores = scores["sampled", config.reward]
+        write_credit_page(model, tokenizer, rows, sampled, sampled_scores, config, step, out)
     return result
 
 
@@ -139,7 +142,9 @@ def write_credit_page(model, tokenizer, eval_rows, sampled, scores, config, step
     spread = (groups.amax(dim=1) > groups.amin(dim=1)).nonzero().flatten().tolist()
     problem = spread[0] if spread else 0
     rewards = groups[problem]  # (k,)
-    advantages = group_advantages(rewards, torch.zeros(k, dtype=torch.long), config.advantage) if k > 1 else torch.zeros(k)
+    advantages = torch.zeros(k)  # (k,) one completion: no group baseline
+    if k > 1:
+        advantages = group_advantages(rewards, torch.zeros(k, dtype=torch.long), config.advantage)
     right, wrong = [i for i in range(k) if rewards[i] > 0], [i for i in range(k) if rewards[i] <= 0]
     order = [i for pair in itertools.zip_longest(right, wrong) for i in pair if i is not None]
     shown = [i for i in order if sampled[problem * k + i][0]][: config.html_completions]
@@ -163,7 +168,8 @@ def write_credit_page(model, tokenizer, eval_rows, sampled, scores, config, step
         row_weights = {method: w[row, : len(ids)] for method, w in weights.items()}
         sections.append(credit_section([tokenizer.decode([t]) for t in ids], row_weights, facts))
     title = f"token credit: {out}, step {step} (training method: {config.credit}, rank {config.rank})"
-    write_atomically(Path(out) / "credit.html", credit_page(title, sections, max(len(ids) for ids in completions)))
+    page = credit_page(title, sections, max(len(ids) for ids in completions))
+    write_atomically(Path(out) / "credit.html", page)
 
 
 def record_eval(model, tokenizer, eval_rows, config, step, out, evals, rank):
@@ -176,5 +182,6 @@ def record_eval(model, tokenizer, eval_rows, config, step, out, evals, rank):
         if config.reward == "symbolic":
             shown = ("greedy_accuracy", f"pass@{k}")
         else:
-            shown = ("greedy_accuracy_strict", f"pass@{k}_strict", "greedy_accuracy_symbolic", f"pass@{k}_symbolic")
+            shown = ("greedy_accuracy_strict", f"pass@{k}_strict",
+                     "greedy_accuracy_symbolic", f"pass@{k}_symbolic")
         tqdm.write(f"step {step}: " + ", ".join(f"{key} {result[key]:.3f}" for key in shown))

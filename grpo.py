@@ -47,9 +47,8 @@ from torch.utils.checkpoint import checkpoint
 
 from credit import credit_weights
 from lora import disable_adapter, sampling_copies
-from model import token_logprobs
 from ranks import all_reduce_gradients, completions_on_every_rank
-from sampling import generate, pack_prompts
+from sampling import generate, pack_prompts, token_logprobs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +116,8 @@ def eos_positions(tokens, mask, eos_token_id):
     eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     eos_ids = torch.tensor(eos_list, device=tokens.device)
     lengths = mask.sum(dim=1)  # (N,)
-    last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (N,) each row's last valid token
+    last_index = (lengths - 1).clamp(min=0)  # (N,)
+    last = tokens.gather(1, last_index[:, None]).squeeze(1)  # (N,) each row's last valid token
     return (lengths > 0) & torch.isin(last, eos_ids)  # (N,)
 
 
@@ -178,7 +178,8 @@ def read_completions(rollout, tokenizer):
     """Each completion as text (up to and including its EOS), its length, whether it stopped on EOS and
     its token ids, as Python values from one copy to the host."""
     lengths = rollout.mask.sum(dim=1, keepdim=True)  # (N, 1)
-    on_host = torch.cat([rollout.tokens, lengths, rollout.ends_with_eos[:, None].long()], dim=1).cpu()  # (N, T + 2)
+    stopped = rollout.ends_with_eos[:, None].long()  # (N, 1)
+    on_host = torch.cat([rollout.tokens, lengths, stopped], dim=1).cpu()  # (N, T + 2): one copy
     lengths, stopped = on_host[:, -2].tolist(), on_host[:, -1].bool().tolist()
     ids = [row[:length].tolist() for row, length in zip(on_host[:, :-2], lengths)]
     return Completions([tokenizer.decode(row) for row in ids], lengths, stopped, ids)
@@ -216,8 +217,9 @@ def completion_logprobs(model, hidden, tokens, vocab_size=None, chunk_size=64):
 
     logprobs, entropies = [], []
     for start in range(0, tokens.shape[1], chunk_size):
-        h, y = hidden[:, start : start + chunk_size], tokens[:, start : start + chunk_size]  # (B, C, H), (B, C)
-        h = h.to(model.lm_head.weight.dtype)  # an fp32 pass's states meet the head in its own dtype, no fp32 copy of it
+        columns = slice(start, start + chunk_size)
+        h, y = hidden[:, columns], tokens[:, columns]  # (B, C, H), (B, C)
+        h = h.to(model.lm_head.weight.dtype)  # an fp32 pass meets the head in its dtype: no fp32 copy of it
         if torch.is_grad_enabled() and h.requires_grad:
             lp, ent = checkpoint(chunk_logprobs, h, y, use_reentrant=False)
         else:
@@ -230,8 +232,9 @@ def completion_logprobs(model, hidden, tokens, vocab_size=None, chunk_size=64):
 def completion_hidden(model, prompts, tokens, mask, compute_dtype=None):
     """Last hidden states (B, T, H) at the positions that score the completion tokens (B, T)."""
     input_ids, attention_mask, P = pack_sequences(prompts, tokens, mask)
-    hidden = model(input_ids[:, :-1], attention_mask[:, :-1], compute_dtype=compute_dtype)  # the last predicts nothing
-    return hidden[:, P - 1 :]
+    # the last token predicts nothing: the forward runs to the one before it
+    hidden = model(input_ids[:, :-1], attention_mask[:, :-1], compute_dtype=compute_dtype)  # (B, P+T-1, H)
+    return hidden[:, P - 1 :]  # (B, T, H)
 
 
 def completion_forward(model, prompts, tokens, mask, vocab_size=None, compute_dtype=None):
@@ -330,7 +333,8 @@ def train_micro_batch(model, prompts, tokens, mask, advantages, config, num_comp
     trained, and this micro-batch's share of the loss and of the KL, as detached device scalars.
     """
     mask = mask.bool()
-    logprobs, entropies, hidden = completion_forward(model, prompts, tokens, mask, vocab_size)  # (B, T) x2, (B, T, H)
+    # log pi (B, T), entropies (B, T) and the adapted last hidden states (B, T, H), with grad
+    logprobs, entropies, hidden = completion_forward(model, prompts, tokens, mask, vocab_size)
     inputs = credit_inputs(model, prompts, tokens, mask, logprobs, entropies, hidden, config, vocab_size)
     weights = credit_weights(config.credit, mask, config.credit_eps, config.power, seeds, **inputs)  # (B, T)
     loss = policy_loss(logprobs, advantages, weights, num_completions, old_logprobs, config.clip_eps)

@@ -67,7 +67,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a rank-r update B @ A scaled by alpha / r."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
@@ -107,9 +108,11 @@ class LoRALinear(nn.Module):
         if self.sampling:
             return self.sampling_forward(x)
         y = self.base(x)  # (..., out)
-        dtype = torch.promote_types(self.compute_dtype, x.dtype)  # bf16 on a bf16 model; fp32 for an fp32 adapter or pass
-        h = self.dropout(x).to(dtype)  # (..., in): x itself when no dropout and no cast, so backward keeps no copy of it
-        update = F.linear(F.linear(h, self.lora_A.to(dtype)), self.lora_B.to(dtype)) * self.scaling  # (..., r) -> (..., out)
+        # bf16 on a bf16 model; fp32 for an fp32 adapter or an fp32 pass
+        dtype = torch.promote_types(self.compute_dtype, x.dtype)
+        h = self.dropout(x).to(dtype)  # (..., in): x itself without dropout or cast: backward keeps no copy
+        down = F.linear(h, self.lora_A.to(dtype))  # (..., r)
+        update = F.linear(down, self.lora_B.to(dtype)) * self.scaling  # (..., out)
         return (y + update).to(y.dtype)  # added in `dtype`, rounded once to the base's
 
     def sampling_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +122,8 @@ class LoRALinear(nn.Module):
             raise RuntimeError("sampling_copies(model) is for generation: run it under torch.no_grad() "
                                "(training needs the fp32 path, whose gradients reach A and B)")
         x2d = x.reshape(-1, x.shape[-1]).to(self.sampling_A.dtype)  # (N, in)
-        y = torch.addmm(self.base(x2d), F.linear(x2d, self.sampling_A), self.sampling_B.t())  # (N, out) = base + (N, r) @ (r, out)
+        down = F.linear(x2d, self.sampling_A)  # (N, r)
+        y = torch.addmm(self.base(x2d), down, self.sampling_B.t())  # (N, out) = base + (N, r) @ (r, out)
         return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
 
     def extra_repr(self) -> str:
@@ -156,7 +160,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
         if _matches(name, targets):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            lora = LoRALinear(linear, rank, alpha, dropout, compute_dtype).train(linear.training)  # keep the model's mode
+            lora = LoRALinear(linear, rank, alpha, dropout, compute_dtype)
+            lora.train(linear.training)  # keep the model's mode
             setattr(parent, child, lora)
     return model
 
@@ -187,9 +192,11 @@ def sampling_copies(model: nn.Module):
     with torch.no_grad():
         for layer in layers:
             dtype = layer.base.weight.dtype
-            if layer.sampling_A is None or layer.sampling_A.dtype != dtype or layer.sampling_A.device != layer.lora_A.device:
-                layer.sampling_A = torch.empty(layer.lora_A.shape, dtype=dtype, device=layer.lora_A.device)  # (r, in)
-                layer.sampling_B = torch.empty(layer.lora_B.shape, dtype=dtype, device=layer.lora_B.device)  # (out, r)
+            device = layer.lora_A.device
+            current = layer.sampling_A
+            if current is None or current.dtype != dtype or current.device != device:  # made once, refilled
+                layer.sampling_A = torch.empty(layer.lora_A.shape, dtype=dtype, device=device)  # (r, in)
+                layer.sampling_B = torch.empty(layer.lora_B.shape, dtype=dtype, device=device)  # (out, r)
             layer.sampling_A.copy_(layer.lora_A)
             layer.sampling_B.copy_(layer.lora_B * layer.scaling)
             layer.sampling = True

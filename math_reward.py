@@ -231,7 +231,8 @@ def _drop_text_commands(s):
         brace = end
         while brace < len(s) and s[brace] == " ":
             brace += 1
-        close = _match_brace(s, brace) if s[j + 1 : end] in _TEXT_COMMANDS and s.startswith("{", brace) else -1
+        close = _match_brace(s,
+                             brace) if s[j + 1 : end] in _TEXT_COMMANDS and s.startswith("{", brace) else -1
         if close < 0:  # not a text command, or an unclosed one: keep as is
             out.append(s[i : max(end, j + 2)])
             i = max(end, j + 2)
@@ -338,7 +339,8 @@ def _add_leading_zeros(s):
 
 
 def _repeating_decimal(match):
-    """0.1\\overline{6} -> \\frac{15}{90}: (digits through one period - digits before it) / (10^k (10^r - 1))."""
+    """0.1\\overline{6} -> \\frac{15}{90}: (digits through one period - digits before it) / (10^k (10^r -
+    1))."""
     sign, whole, fixed, period = match.groups()
     numerator = int(whole + fixed + period) - int(whole + fixed or "0")
     denominator = 10 ** len(fixed) * (10 ** len(period) - 1)
@@ -925,7 +927,8 @@ def is_equiv(pred, gold):
             return True
         # normalisation dropped a leading `y =`; as written, `3x - y = 2` may be that same line
         pred_written, gold_written = _normalize_latex(pred), _normalize_latex(gold)
-        if "=" in pred_written and "=" in gold_written and (pred_written, gold_written) != (pred_norm, gold_norm):
+        if "=" in pred_written and "=" in gold_written and (pred_written,
+                                                            gold_written) != (pred_norm, gold_norm):
             return _answers_equal(_parse_answer(pred_written), _parse_answer(gold_written))
         return False
     except Exception:  # _Unparsable, or sympy failing on odd input: not equal
@@ -970,7 +973,8 @@ def _normalize_strict(s):
 
 def strict_match(completion, gold):
     """1.0 if the completion's last `\\boxed{}` equals the gold answer as a string after
-    `_normalize_strict`, else 0.0: the reward of the paper's reference code (README, "This implementation and the reference code").
+    `_normalize_strict`, else 0.0: the reward of the paper's reference code (README, "This implementation and
+    the reference code").
 
     gold is a bare answer or a full solution (its last box is used). Linear time, never raises.
         strict_match("so \\boxed{\\dfrac{1}{2}}.", "\\frac{1}{2}") -> 1.0
@@ -979,7 +983,9 @@ def strict_match(completion, gold):
     pred = _last_boxed_strict(completion)
     if "\\boxed{" in gold:
         gold = _last_boxed_strict(gold)
-    return 1.0 if pred is not None and gold is not None and _normalize_strict(pred) == _normalize_strict(gold) else 0.0
+    if pred is None or gold is None:
+        return 0.0
+    return 1.0 if _normalize_strict(pred) == _normalize_strict(gold) else 0.0
 
 
 # ----------------------------------------------------------------------------
@@ -988,8 +994,8 @@ def strict_match(completion, gold):
 # Each pattern is linear on any text: no two adjacent parts can match the same characters.
 _GSM8K_BOXED = re.compile(r"\\boxed\{([^{}]+)\}")  # a box without nested braces, as the reference reads it
 _GSM8K_NUMBER_PATTERN = r"[-+]?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?"  # -1,234.5, $12, 3/4
-_GSM8K_FINAL = re.compile(r"(?:final answer|answer|therefore|thus|so)\s*(?:(?:is|=|:)\s*)?(" + _GSM8K_NUMBER_PATTERN + ")",
-                          re.IGNORECASE)
+_GSM8K_FINAL = re.compile(r"(?:final answer|answer|therefore|thus|so)\s*(?:(?:is|=|:)\s*)?"
+                          "(" + _GSM8K_NUMBER_PATTERN + ")", re.IGNORECASE)
 _GSM8K_NUMBER = re.compile(_GSM8K_NUMBER_PATTERN)
 
 
@@ -1008,7 +1014,8 @@ def gsm8k_answer(completion):
 
 
 def _decimal_text(value):
-    """A Decimal as the reference writes it: no exponent, no trailing zeros (1234.00 -> "1234", 2.50 -> "2.5")."""
+    """A Decimal as the reference writes it: no exponent, no trailing zeros (1234.00 -> "1234", 2.50 ->
+    "2.5")."""
     rendered = format(value.normalize(), "f")
     return (rendered.rstrip("0").rstrip(".") if "." in rendered else rendered) or "0"
 
@@ -1064,7 +1071,8 @@ def _limit_address_space(extra_bytes):
 
         with open("/proc/self/statm") as statm:
             mapped = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        resource.setrlimit(resource.RLIMIT_AS, (mapped + extra_bytes, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + extra_bytes,
+                                                resource.getrlimit(resource.RLIMIT_AS)[1]))
     except (ImportError, OSError, ValueError):
         pass
 
@@ -1145,7 +1153,8 @@ class _WorkerPool:
             if not self.workers[slot].ready:
                 start_failures += 1
                 if start_failures > 2 * len(self.workers):
-                    raise RuntimeError(f"score_batch: worker processes keep exiting while starting ({start_failures} in this call)")
+                    raise RuntimeError("score_batch: worker processes keep exiting while starting "
+                                       f"({start_failures} in this call)")
             if running.pop(slot, None) is not None:
                 n_timeouts += 1
             self.replace_worker(slot)

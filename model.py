@@ -13,8 +13,7 @@ keys map one to one onto `state_dict()` keys and a LoRA adapter's keys are PEFT'
 
 `Qwen3.forward` returns the last hidden states after the final norm (what ARCA reads); logits are
 `model.lm_head(hidden)`, so callers compute them only where they need them (the sampler on the last
-position, training in chunks over completion positions). `token_logprobs` turns logits into
-log-probs and entropies, the one way the sampler and the training forward both do it.
+position, training in chunks over completion positions).
 
 Padding: `attention_mask` (B, T) marks real tokens with 1. Positions are counted per row from the
 mask, so a left-padded row computes exactly what the unpadded sequence computes.
@@ -60,7 +59,8 @@ class Qwen3Config:
     max_position_embeddings: int = 32768
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
-    tie_word_embeddings: bool = False  # transformers' default when config.json leaves it out; Qwen3-1.7B-Base says true
+    # transformers' default when config.json leaves it out; Qwen3-1.7B-Base says true
+    tie_word_embeddings: bool = False
     attention_bias: bool = False
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151643
@@ -74,17 +74,21 @@ class Qwen3Config:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no config.json here; a checkpoint directory needs one") from None
+            raise FileNotFoundError(f"{path}: no config.json here; "
+                                    "a checkpoint directory needs one") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         if raw.get("model_type") != "qwen3":
-            raise ValueError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'qwen3' (this loader only knows Qwen3)")
-        # transformers >= 5 writes `dtype` and `rope_parameters`; official Qwen3 files use `torch_dtype` and `rope_theta`.
+            raise ValueError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'qwen3' (this "
+                             "loader only knows Qwen3)")
+        # transformers >= 5 writes `dtype` and `rope_parameters`; official Qwen3 files use `torch_dtype` and
+        # `rope_theta`.
         if "dtype" in raw and "torch_dtype" not in raw:
             raw["torch_dtype"] = raw["dtype"]
         rope = raw.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default" or raw.get("rope_scaling"):
-            raise ValueError(f"{path}: rope scaling {rope or raw.get('rope_scaling')} is not supported, only plain RoPE")
+            raise ValueError(f"{path}: rope scaling {rope or raw.get('rope_scaling')} is not supported, only "
+                             "plain RoPE")
         if "rope_theta" in rope and "rope_theta" not in raw:
             raw["rope_theta"] = rope["rope_theta"]
         if raw.get("use_sliding_window"):
@@ -92,7 +96,8 @@ class Qwen3Config:
         names = {f.name for f in fields(cls)}
         config = cls(**{k: v for k, v in raw.items() if k in names and v is not None})
         if config.num_attention_heads % config.num_key_value_heads:
-            raise ValueError(f"{path}: num_attention_heads={config.num_attention_heads} is not a multiple of num_key_value_heads={config.num_key_value_heads}")
+            raise ValueError(f"{path}: num_attention_heads={config.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={config.num_key_value_heads}")
         return config
 
 
@@ -208,7 +213,7 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderStack(nn.Module):
-    """The `model.` part of the checkpoint (transformers' Qwen3Model): embeddings, decoder layers, final norm."""
+    """The `model.` part of the checkpoint (transformers' Qwen3Model): embeddings, layers, final norm."""
 
     def __init__(self, config):
         super().__init__()
@@ -251,7 +256,8 @@ def attention_bias(key_mask, num_queries, groups, dtype):
     """
     visible = attention_mask_4d(key_mask, num_queries).repeat(1, 1, groups, 1)  # (B, 1, G*T, S)
     B, _, GT, S = visible.shape
-    bias = torch.zeros(B, 1, GT, -(-S // 16) * 16, device=key_mask.device, dtype=dtype)[..., :S]  # (B, 1, G*T, S)
+    # (B, 1, G*T, S)
+    bias = torch.zeros(B, 1, GT, -(-S // 16) * 16, device=key_mask.device, dtype=dtype)[..., :S]
     return bias.masked_fill_(~visible, float("-inf"))
 
 
@@ -283,14 +289,16 @@ class Qwen3(nn.Module):
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         if attention_mask is not None and attention_mask.dim() == 4:
             if position_ids is None:
-                raise ValueError("a ready 4D attention bias needs position_ids (they cannot be counted from it)")
+                raise ValueError("a ready 4D attention bias needs position_ids (they cannot be counted from "
+                                 "it)")
             mask = attention_mask  # (B, 1, G*T or 1, S)
         elif attention_mask is not None:
             mask = attention_bias(attention_mask, T, groups, x.dtype)  # (B, 1, G*T, S)
             if position_ids is None:  # per-row positions, counted over the real tokens
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
         elif kv_cache is not None:
-            raise ValueError("a forward with a KV cache needs an attention_mask over the cached and new slots")
+            raise ValueError("a forward with a KV cache needs an attention_mask over its filled slots "
+                             "and the new ones")
         else:
             mask = None  # causal, no padding
             if position_ids is None:
@@ -329,28 +337,33 @@ class Qwen3(nn.Module):
 
 
 def resolve_checkpoint(path_or_hub_id):
-    """A local directory as is; otherwise a hub id, fetched with huggingface_hub (json and safetensors only)."""
+    """A local directory as is; otherwise a hub id, fetched with huggingface_hub (json and safetensors
+    only)."""
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_hub_id).count("/") != 1 or str(path_or_hub_id).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{path_or_hub_id}: not a checkpoint directory (expected a folder with config.json and *.safetensors, or a hub id like Qwen/Qwen3-1.7B-Base)")
+    name = str(path_or_hub_id)
+    if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):  # not a hub id
+        raise FileNotFoundError(f"{path_or_hub_id}: not a checkpoint directory (expected a folder with "
+                                "config.json and *.safetensors, or a hub id like Qwen/Qwen3-1.7B-Base)")
     from huggingface_hub import snapshot_download
 
-    print(f"{path_or_hub_id}: no such local directory ({path.resolve()}); fetching it from the Hugging Face hub", flush=True)
+    print(f"{path_or_hub_id}: no such local directory ({path.resolve()}); fetching it from the Hugging "
+          "Face hub", flush=True)
     try:
         return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:
         raise OSError(
-            f"{path_or_hub_id!r} is not a local directory ({path.resolve()} does not exist), and the Hugging Face hub "
-            f"could not fetch it as a model id ({type(err).__name__}: {err}). A typo in a path? Offline? Download it "
-            "on a connected machine (huggingface-cli download <id>) and pass the local directory, or set "
-            "HF_HUB_OFFLINE=1 to use the local cache."
+            f"{path_or_hub_id!r} is not a local directory ({path.resolve()} does not exist), and the Hugging "
+            f"Face hub could not fetch it as a model id ({type(err).__name__}: {err}). A typo in a path? "
+            "Offline? Download it on a connected machine (huggingface-cli download <id>) and pass the local "
+            "directory, or set HF_HUB_OFFLINE=1 to use the local cache."
         ) from None
 
 
 def checkpoint_files(directory):
-    """{file: names its index assigns to it, or None without an index}: `model.safetensors`, or the shards of its index."""
+    """{file: names its index assigns to it, or None without an index}: `model.safetensors`, or the shards of
+    its index."""
     index_path = directory / "model.safetensors.index.json"
     if index_path.exists():
         try:
@@ -362,17 +375,20 @@ def checkpoint_files(directory):
         files = {}
         for name, shard in weight_map.items():
             if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
-                raise ValueError(f"{index_path}: shard name {shard!r} must be a plain file name inside {directory}")
+                raise ValueError(f"{index_path}: shard name {shard!r} must be a plain file name inside "
+                                 f"{directory}")
             files.setdefault(directory / shard, set()).add(name)
         files = dict(sorted(files.items()))
     else:
         files = {directory / "model.safetensors": None}
     for file in files:
         if not file.exists():
-            raise FileNotFoundError(f"{file}: missing weights file" + (f" (listed in {index_path.name})" if index_path.exists() else ""))
+            listed = f" (listed in {index_path.name})" if index_path.exists() else ""
+            raise FileNotFoundError(f"{file}: missing weights file{listed}")
         with open(file, "rb") as handle:
             if handle.read(40).startswith(b"version https://git-lfs"):
-                raise ValueError(f"{file}: this is a git-lfs pointer, not weights; run `git lfs pull` in {directory} or download the real file")
+                raise ValueError(f"{file}: this is a git-lfs pointer, not weights; run `git lfs pull` in "
+                                 f"{directory} or download the real file")
     return files
 
 
@@ -382,7 +398,8 @@ def some_names(names, shown=5):
 
 
 def load_weights(model, directory, device, dtype):
-    """Read every tensor onto `device` as `dtype`, strictly: names, shapes and float dtypes must match the model,
+    """Read every tensor onto `device` as `dtype`, strictly: names, shapes and float dtypes must match the
+    model,
     each name in exactly one file (the one the index names).
 
     Tensors are read one at a time from memory-mapped files, so host memory stays near one tensor
@@ -397,43 +414,51 @@ def load_weights(model, directory, device, dtype):
         try:
             reader = safe_open(file, framework="pt", device="cpu")
         except Exception as err:  # empty, truncated, HTML error page, ...
-            raise ValueError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+            raise ValueError(f"{file}: not a readable safetensors file "
+                             f"({type(err).__name__}: {err})") from None
         with reader:
             names = set(reader.keys())
             if assigned is not None and names != assigned:
                 wrong = (names - assigned) | (assigned - names)
-                raise ValueError(f"{file}: its tensors differ from what model.safetensors.index.json assigns to it: {some_names(wrong)}")
+                raise ValueError(f"{file}: its tensors differ from what model.safetensors.index.json assigns "
+                                 f"to it: {some_names(wrong)}")
             for name in sorted(names):
                 if name in found_in:
-                    raise ValueError(f"{file}: tensor {name!r} is also in {found_in[name]}; each tensor must be in one file")
+                    raise ValueError(f"{file}: tensor {name!r} is also in {found_in[name]}; each tensor must "
+                                     "be in one file")
                 found_in[name] = file
                 if name not in expected and not (tied and name == "lm_head.weight"):
                     unexpected.append(name)
                     continue
                 tensor_slice = reader.get_slice(name)
                 if not tensor_slice.get_dtype().startswith(("F", "BF")):
-                    raise ValueError(f"{file}: tensor {name!r} has dtype {tensor_slice.get_dtype()}, expected floating point weights")
+                    raise ValueError(f"{file}: tensor {name!r} has dtype {tensor_slice.get_dtype()}, "
+                                     "expected floating point weights")
                 shape = tuple(tensor_slice.get_shape())
                 wanted = expected["model.embed_tokens.weight" if name == "lm_head.weight" and tied else name]
                 if shape != wanted:
-                    raise ValueError(f"{file}: tensor {name!r} has shape {shape}, expected {wanted} from config.json")
+                    raise ValueError(f"{file}: tensor {name!r} has shape {shape}, expected {wanted} from "
+                                     "config.json")
                 if tied and name == "lm_head.weight":
                     stored_head = (file, reader.get_tensor(name))
                 else:
                     loaded[name] = reader.get_tensor(name).to(device=device, dtype=dtype)
     if unexpected:
-        raise ValueError(f"{directory}: unexpected tensor(s) {some_names(unexpected)}; is this a Qwen3 checkpoint? "
-                         "(expected names like model.layers.0.self_attn.q_proj.weight)")
+        raise ValueError(f"{directory}: unexpected tensor(s) {some_names(unexpected)}; is this a Qwen3 "
+                         "checkpoint? (expected names like model.layers.0.self_attn.q_proj.weight)")
     missing = set(expected) - set(loaded)
     if missing:
-        hint = (" config.json says the head is untied (tie_word_embeddings is false or missing, as in transformers), "
-                "but the files hold no lm_head.weight" if missing == {"lm_head.weight"} else "")
+        hint = ""
+        if missing == {"lm_head.weight"}:
+            hint = (" config.json says the head is untied (tie_word_embeddings is false or missing, as in "
+                    "transformers), but the files hold no lm_head.weight")
         raise ValueError(f"{directory}: missing tensor(s) {some_names(missing)}.{hint}")
     if stored_head is not None:
         file, head = stored_head
         if not torch.equal(head.to(device=device, dtype=dtype), loaded["model.embed_tokens.weight"]):
-            raise ValueError(f"{file}: config.json ties lm_head to the embedding (tie_word_embeddings true), but the file holds "
-                             "a different lm_head.weight; set tie_word_embeddings false if the head is its own")
+            raise ValueError(f"{file}: config.json ties lm_head to the embedding (tie_word_embeddings "
+                             "true), but the file holds a different lm_head.weight; set tie_word_embeddings "
+                             "false if the head is its own")
     for name, tensor in loaded.items():
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor))
@@ -477,23 +502,11 @@ def load_tokenizer(path_or_hub_id):
     eos_token_id = tokenizer.token_to_id("<|endoftext|>")
     if (directory / "config.json").exists():
         configured = json.loads((directory / "config.json").read_text()).get("eos_token_id")
-        eos_token_id = configured[0] if isinstance(configured, list) else configured if configured is not None else eos_token_id
+        if isinstance(configured, list):
+            configured = configured[0]
+        eos_token_id = configured if configured is not None else eos_token_id
     if eos_token_id is None:
-        raise ValueError(f"{directory}: no eos_token_id in config.json and no <|endoftext|> token in {file.name}")
+        raise ValueError(f"{directory}: no eos_token_id in config.json and no <|endoftext|> token in "
+                         f"{file.name}")
     return Tokenizer(tokenizer, eos_token_id, eos_token_id, tokenizer.get_vocab_size(with_added_tokens=True))
 
-
-# ----------------------------------------------------------------------------------------------
-# Log-probabilities: the one helper for the sampler and the training forward
-
-
-def token_logprobs(logits, tokens):
-    """log pi(token) and the entropy of pi, in fp32.
-
-    logits (..., V), tokens (...) -> logprobs (...), entropies (...).
-    """
-    logits = logits.float()
-    log_normaliser = logits.logsumexp(dim=-1)  # (...)
-    logprobs = logits.gather(-1, tokens[..., None]).squeeze(-1) - log_normaliser  # (...)
-    entropies = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # (...) H = logZ - E[logit]
-    return logprobs, entropies

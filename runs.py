@@ -40,7 +40,8 @@ MAX_SKIPPED_IN_A_ROW = 3  # non-finite steps in a row before the run stops
 
 
 def write_atomically(path, text):
-    """Write `text` to path.tmp, then rename it over `path`: the old file or the new one, never half of one."""
+    """Write `text` to path.tmp, then rename it over `path`: the old file or the new one, never half of
+    one."""
     path = Path(path)
     staged = path.with_name(path.name + ".tmp")
     staged.write_text(text, encoding="utf-8")
@@ -146,7 +147,8 @@ def is_run_directory(out):
     """Whether out/config.json is one that train.py wrote."""
     try:
         info = json.loads((Path(out) / "config.json").read_text())
-        return isinstance(info, dict) and isinstance(info.get("config"), dict) and "trainable_parameters" in info
+        return isinstance(info, dict) and isinstance(info.get("config"),
+                                                     dict) and "trainable_parameters" in info
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
 
@@ -165,7 +167,8 @@ def check_resumable(out, config):
 
 
 def prepare_out(out, resume):
-    """The checkpoint to resume from, or None for a fresh start in `out`; refuses what would lose a user's files.
+    """The checkpoint to resume from, or None for a fresh start in `out`; refuses what would lose a user's
+    files.
 
     - missing or empty: a fresh start;
     - holding files this project did not write (no config.json of ours): refused, nothing touched;
@@ -179,7 +182,8 @@ def prepare_out(out, resume):
         return None
     if not out.is_dir() or not is_run_directory(out):
         found = sorted(p.name for p in out.iterdir())[:5] if out.is_dir() else ["(a file)"]
-        raise SystemExit(f"{out} exists and is not a run directory of this project (it holds {', '.join(found)}); "
+        raise SystemExit(f"{out} exists and is not a run directory of this project (it holds "
+                         f"{', '.join(found)}); "
                          "nothing was touched: pass a new or empty --out")
     checkpoint = find_checkpoint(out)
     if checkpoint is None:
@@ -268,7 +272,8 @@ class Checkpointer:
     def save(self):
         rngs = gather(self.rng)  # every rank's RNG states, for an exact resume of each
         if self.rank == 0:
-            save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.step, rngs, self.config)
+            save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.step, rngs,
+                            self.config)
         self.saved = self.step
 
     def save_if_due(self):
@@ -277,10 +282,11 @@ class Checkpointer:
         if self.step % self.config.save_every == 0 or self.step == self.config.steps or stopping:
             self.save()
         if stopping:
-            raise SystemExit(f"stopping: {self.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
-                             f"and were skipped (steps {self.step - self.skipped_in_a_row + 1}-{self.step}); "
-                             f"checkpoint at step {self.step} in {self.out}. Check the rewards for NaN, or lower "
-                             "--lr; --dtype float32 rules out bf16 overflow")
+            first = self.step - self.skipped_in_a_row + 1
+            raise SystemExit(f"stopping: {self.skipped_in_a_row} steps in a row had a non-finite loss or "
+                             f"gradient and were skipped (steps {first}-{self.step}); checkpoint at step "
+                             f"{self.step} in {self.out}. Check the rewards for NaN, or lower --lr; --dtype "
+                             "float32 rules out bf16 overflow")
 
     def save_after_error(self, err):
         """An error or a second signal mid-step: save the last finished step if the adapter has not moved
@@ -288,20 +294,25 @@ class Checkpointer:
         moved = self.scheduler.last_epoch != self.updates  # an update ran after the last finished step
         saving = self.ranks == 1 and not moved
         if saving:
-            save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.step, [self.rng], self.config)
-        what = "stopped" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__} during step {self.step + 1}"
+            save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.step, [self.rng],
+                            self.config)
+        what = f"{type(err).__name__} during step {self.step + 1}"
+        if isinstance(err, KeyboardInterrupt):
+            what = "stopped"
         where = (f"checkpoint saved at step {self.step} in {self.out}" if saving
                  else f"{self.out}'s last checkpoint stands")
         print(f"\n{what}: {where}; continue with --resume", file=sys.stderr)
 
 
 def finish(out, model, config, start_step, checkpointer, stop_signal, rank):
-    """After the loop: a stopped run saves its step and exits 128 + the signal; a finished one writes adapter/."""
+    """After the loop: a stopped run saves its step and exits 128 + the signal; a finished one writes
+    adapter/."""
     if stop_signal:
         if checkpointer.saved != checkpointer.step:
             checkpointer.save()
         if rank == 0:
-            print(f"\n{signal.Signals(stop_signal).name}: checkpoint saved at step {checkpointer.step} in {out}; "
+            print(f"\n{signal.Signals(stop_signal).name}: checkpoint saved at step {checkpointer.step} in "
+                  f"{out}; "
                   "continue with --resume")
         raise SystemExit(128 + stop_signal)
     if rank == 0:

@@ -5,8 +5,8 @@ token per step with the cache written in place. Finished rows are checked every 
 every step, so the loop does not wait on the GPU for each token. Each distinct prompt is prefilled
 once and its keys and values copied to its K rows (GRPO's groups, pass@k). Top-p sorts only the
 top-k candidates on a GPU (no host sync) and draws by exact rejection on the CPU, where a sort costs
-more than the whole step of a small model (`sample_next_token`). Log-probs of the drawn tokens come
-from model.token_logprobs' formula, the training forward's.
+more than the whole step of a small model (`sample_next_token`). Log-probs come from one helper,
+`token_logprobs`, for the sampler and the training forward alike (grpo.completion_logprobs).
 
 `generate(..., compile=True)` runs the same contract through compiled_decode.py's static-shape
 decode step under torch.compile (CUDA graphs on a GPU): one call, two loops, and the eager one here
@@ -75,7 +75,10 @@ def draw_from_cumulative(cumulative, total, generator=None, uniforms=None):
     (cumulative[i] - cumulative[i - 1]) / total when total <= cumulative[-1]; one uniform number
     per row (uniforms (B,) when given, else drawn from generator) and a binary search.
     """
-    u = torch.rand(total.shape, device=total.device, generator=generator) if uniforms is None else uniforms[:, None]  # (B, 1)
+    if uniforms is None:
+        u = torch.rand(total.shape, device=total.device, generator=generator)  # (B, 1)
+    else:
+        u = uniforms[:, None]  # (B, 1)
     return torch.searchsorted(cumulative, u * total, right=True)  # (B, 1)
 
 
@@ -88,7 +91,8 @@ def sample_top_p_sorted(probs, top_p, generator=None, uniforms=None):
     """
     probs, ids = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
     cumulative = probs.cumsum(dim=-1)  # (B, V) nondecreasing
-    kept = ((cumulative < top_p).sum(dim=-1, keepdim=True) + 1).clamp(max=probs.shape[-1])  # (B, 1) tokens kept
+    kept = (cumulative < top_p).sum(dim=-1, keepdim=True) + 1  # (B, 1) tokens kept
+    kept = kept.clamp(max=probs.shape[-1])  # (B, 1)
     choice = draw_from_cumulative(cumulative, cumulative.gather(-1, kept - 1), generator, uniforms)  # (B, 1)
     return ids.gather(-1, choice.clamp(max=kept - 1)).squeeze(-1)  # (B,)
 
@@ -105,17 +109,18 @@ def sample_top_k_top_p(logits, top_k, top_p, generator=None, uniforms=None):
     """
     values, ids = logits.topk(top_k, dim=-1)  # (B, k), descending
     kth = values[:, -1:]  # (B, 1) the k-th largest logit
-    probs = torch.where(logits >= kth, logits, float("-inf")).softmax(dim=-1)  # (B, V) top_k_filter's distribution
+    probs = torch.where(logits >= kth, logits, float("-inf")).softmax(dim=-1)  # (B, V) top_k_filter's
     ids, order = ids.sort(dim=-1)  # by id, then a stable sort by value: ties in id order
     values, order = values.gather(-1, order).sort(dim=-1, descending=True, stable=True)  # (B, k)
     ids = ids.gather(-1, order)  # (B, k)
     head = torch.where(values > kth, probs.gather(-1, ids), 0.0)  # (B, k) the candidates above the k-th value
     tied = torch.where(logits == kth, probs, 0.0)  # (B, V) the k-th value's tokens, in id order
-    cumulative = torch.cat([head, tied], dim=-1).cumsum(dim=-1)  # (B, k + V): the sorted cumulative, with zeros between
+    cumulative = torch.cat([head, tied], dim=-1).cumsum(dim=-1)  # (B, k + V): sorted, with zeros between
     kept = ((cumulative < top_p).sum(dim=-1, keepdim=True) + 1).clamp(max=cumulative.shape[-1])  # (B, 1)
-    choice = draw_from_cumulative(cumulative, cumulative.gather(-1, kept - 1), generator, uniforms).clamp(max=kept - 1)  # (B, 1)
+    choice = draw_from_cumulative(cumulative, cumulative.gather(-1, kept - 1), generator, uniforms)  # (B, 1)
+    choice = choice.clamp(max=kept - 1)  # (B, 1)
     head_token = ids.gather(-1, choice.clamp(max=top_k - 1))  # (B, 1)
-    return torch.where(choice < top_k, head_token, choice - top_k).squeeze(-1)  # (B,) a tied token's position is its id
+    return torch.where(choice < top_k, head_token, choice - top_k).squeeze(-1)  # (B,) a tied one: its id
 
 
 def sample_top_p_by_rejection(probs, top_p, generator=None, max_rounds=64, uniforms=None):
@@ -143,15 +148,17 @@ def sample_top_p_by_rejection(probs, top_p, generator=None, max_rounds=64, unifo
             return tokens
         cumulative = torch.where(probs > floor, probs, 0.0).cumsum(dim=-1)  # (R, V)
         u = None if uniforms is None else uniforms[rows, round_index]  # (R,)
-        draw = draw_from_cumulative(cumulative, cumulative[:, -1:], generator, u).clamp(max=probs.shape[-1] - 1)  # (R, 1)
+        draw = draw_from_cumulative(cumulative, cumulative[:, -1:], generator, u)  # (R, 1)
+        draw = draw.clamp(max=probs.shape[-1] - 1)  # (R, 1)
         drawn_prob = probs.gather(-1, draw)  # (R, 1)
-        likelier = torch.where(probs > drawn_prob, probs, 0.0).sum(dim=-1)  # (R,) mass of strictly likelier tokens
+        likelier = torch.where(probs > drawn_prob, probs, 0.0).sum(dim=-1)  # (R,) mass of the likelier
         accepted = (likelier < top_p) | (likelier == 0)  # (R,)
         tokens[rows[accepted]] = draw[accepted, 0]
         floor = torch.maximum(floor, drawn_prob)[~accepted]  # (R', 1)
         rows, probs = rows[~accepted], probs[~accepted]  # (R',), (R', V)
     if len(rows):
-        tokens[rows] = sample_top_p_sorted(probs, top_p, generator, None if uniforms is None else uniforms[rows, -1])
+        last_uniforms = None if uniforms is None else uniforms[rows, -1]  # (R,)
+        tokens[rows] = sample_top_p_sorted(probs, top_p, generator, last_uniforms)
     return tokens
 
 
@@ -185,20 +192,35 @@ def sample_next_token(logits, temperature, top_p, generator=None, top_k=0, unifo
     u = None if uniforms is None else uniforms[:, 0]
     if top_p >= 1:
         cumulative = top_k_filter(logits, top_k).softmax(dim=-1).cumsum(dim=-1)  # (B, V)
-        return draw_from_cumulative(cumulative, cumulative[:, -1:], generator, u).clamp(max=logits.shape[-1] - 1).squeeze(-1)  # (B,)
+        draw = draw_from_cumulative(cumulative, cumulative[:, -1:], generator, u)  # (B, 1)
+        return draw.clamp(max=logits.shape[-1] - 1).squeeze(-1)  # (B,)
     if logits.device.type == "cpu":
-        return sample_top_p_by_rejection(top_k_filter(logits, top_k).softmax(dim=-1), top_p, generator, uniforms=uniforms)
+        probs = top_k_filter(logits, top_k).softmax(dim=-1)  # (B, V)
+        return sample_top_p_by_rejection(probs, top_p, generator, uniforms=uniforms)
     if 0 < top_k < logits.shape[-1]:
         return sample_top_k_top_p(logits, top_k, top_p, generator, u)
     return sample_top_p_sorted(logits.softmax(dim=-1), top_p, generator, u)
 
 
 # ----------------------------------------------------------------------------------------------
-# The model's side of a step: logits of the last position, the drawn token's log-prob
+# Log-probabilities: the one helper for the sampler and the training forward; the decode step's logits
+
+
+def token_logprobs(logits, tokens):
+    """log pi(token) and the entropy of pi, in fp32.
+
+    logits (..., V), tokens (...) -> logprobs (...), entropies (...).
+    """
+    logits = logits.float()
+    log_normaliser = logits.logsumexp(dim=-1)  # (...)
+    logprobs = logits.gather(-1, tokens[..., None]).squeeze(-1) - log_normaliser  # (...)
+    entropies = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # (...) H = logZ - E[logit]
+    return logprobs, entropies
 
 
 def next_token_logits(model, hidden, vocab_size):
-    """fp32 logits (B, V) from the last hidden states (B, H); rows past the tokenizer's vocab_size real ids at -inf."""
+    """fp32 logits (B, V) from the last hidden states (B, H); rows past the tokenizer's vocab_size real ids at
+    -inf."""
     logits = model.lm_head(hidden).float()  # (B, V)
     if vocab_size is not None and vocab_size < logits.shape[-1]:
         logits[:, vocab_size:] = float("-inf")
@@ -206,7 +228,8 @@ def next_token_logits(model, hidden, vocab_size):
 
 
 def drawn_logprob(logits, token):
-    """log pi(token) (B,) under the untempered logits (B, V): token_logprobs' formula without its entropy pass."""
+    """log pi(token) (B,) under the untempered logits (B, V): token_logprobs' formula without its entropy
+    pass."""
     return logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
 
 
@@ -234,23 +257,25 @@ def prefill(model, prompts, samples_per_prompt, cache):
     device, K = model.lm_head.weight.device, samples_per_prompt
     prompt_ids, prompt_mask = pack_prompts(prompts, device)  # (B / K, P)
     if K == 1:
-        return model(prompt_ids, prompt_mask, kv_cache=cache)[:, -1]  # (B, hidden): the last slot is real in every row
+        return model(prompt_ids, prompt_mask, kv_cache=cache)[:, -1]  # (B, hidden): the last slot is real
     shared = KVCache.allocate(model.config, len(prompts), prompt_ids.shape[1], device, cache.keys[0].dtype)
     hidden = model(prompt_ids, prompt_mask, kv_cache=shared)[:, -1]  # (B / K, hidden)
     for layer in range(model.config.num_hidden_layers):
-        cache.keys[layer][:, :, : shared.length] = shared.keys[layer].repeat_interleave(K, dim=0)  # (B, KV, P, D)
-        cache.values[layer][:, :, : shared.length] = shared.values[layer].repeat_interleave(K, dim=0)
+        filled = slice(0, shared.length)
+        cache.keys[layer][:, :, filled] = shared.keys[layer].repeat_interleave(K, dim=0)  # (B, KV, P, D)
+        cache.values[layer][:, :, filled] = shared.values[layer].repeat_interleave(K, dim=0)
     cache.length = shared.length
     return hidden.repeat_interleave(K, dim=0)  # (B, hidden)
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id, generator=None,
-             vocab_size=None, return_logprobs=False, check_every=8, top_k=0, row_generators=None, samples_per_prompt=1,
-             compile=False):
+             vocab_size=None, return_logprobs=False, check_every=8, top_k=0, row_generators=None,
+             samples_per_prompt=1, compile=False):
     """Sample completions for a batch of prompts of different lengths.
 
-    prompts: list of token-id lists. eos_token_id: an id or a list of ids that end a completion (an empty list: none does).
+    prompts: list of token-id lists. eos_token_id: an id or a list of ids that end a completion (an empty
+    list: none does).
     vocab_size: the tokenizer's number of real ids; embedding rows past it are never sampled.
     temperature, top_k, top_p: see sample_next_token (temperature 0: greedy).
     row_generators: one torch.Generator per row instead of `generator`; each row's random numbers are
@@ -283,14 +308,16 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
                                  row_generators=row_generators, samples_per_prompt=samples_per_prompt)
     device = model.lm_head.weight.device
     eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    eos_ids, fill_id = torch.tensor(eos_list, device=device), eos_list[0] if eos_list else 0  # fill_id: what finished rows hold
+    eos_ids = torch.tensor(eos_list, device=device)
+    fill_id = eos_list[0] if eos_list else 0  # what finished rows hold
     K, P = samples_per_prompt, max(len(p) for p in prompts)
     B = len(prompts) * K
     cache = KVCache.allocate(model.config, B, P + max_new_tokens, device, model.lm_head.weight.dtype)
     row_prompt_mask = pack_prompts(prompts, device)[1].repeat_interleave(K, dim=0)  # (B, P) real prompt slots
     # Decode-step attention bias (B, 1, 1, S): 0 on real slots, -inf on padding and on slots not yet
     # written. One query row broadcasts over the G folded heads; keys padded to 16 (see attention_bias).
-    key_bias = torch.full((B, 1, 1, -(-(P + max_new_tokens) // 16) * 16), float("-inf"), device=device, dtype=cache.keys[0].dtype)
+    width = -(-(P + max_new_tokens) // 16) * 16
+    key_bias = torch.full((B, 1, 1, width), float("-inf"), device=device, dtype=cache.keys[0].dtype)
     key_bias[:, 0, 0, :P].masked_fill_(row_prompt_mask, 0.0)
     first_position = row_prompt_mask.sum(dim=1, keepdim=True)  # (B, 1) position of each row's first new token
     tokens = torch.full((B, max_new_tokens), fill_id, dtype=torch.long, device=device)  # (B, N)
@@ -299,13 +326,16 @@ def generate(model, prompts, max_new_tokens, *, temperature, top_p, eos_token_id
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
     uniforms = None
     if row_generators is not None and temperature > 0:
-        uniforms = torch.stack([torch.rand(max_new_tokens, UNIFORMS_PER_DRAW, generator=g, device=g.device) for g in row_generators]).to(device)  # (B, N, U)
+        shape = (max_new_tokens, UNIFORMS_PER_DRAW)
+        per_row = [torch.rand(shape, generator=g, device=g.device) for g in row_generators]  # B x (N, U)
+        uniforms = torch.stack(per_row).to(device)  # (B, N, U)
 
     with torch.inference_mode():
         hidden = prefill(model, prompts, K, cache)  # (B, hidden)
         for step in range(max_new_tokens):
             logits = next_token_logits(model, hidden, vocab_size)  # (B, V)
-            next_token = sample_next_token(logits, temperature, top_p, generator, top_k, None if uniforms is None else uniforms[:, step])  # (B,)
+            step_uniforms = None if uniforms is None else uniforms[:, step]  # (B, U)
+            next_token = sample_next_token(logits, temperature, top_p, generator, top_k, step_uniforms)
             next_token = next_token.masked_fill(finished, fill_id)  # (B,)
             tokens[:, step] = next_token
             mask[:, step] = ~finished

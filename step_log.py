@@ -56,7 +56,7 @@ class StepLog:
 
     def micro_batch(self, rows, mask, inputs, weights, loss, kl):
         """Add this micro-batch's statistics (device tensors, no read); mask (B, T) is its trained tokens."""
-        first_of_step = not self.reports and not self.totals and process_rank() == 0  # measure once, on rank 0
+        first_of_step = not self.reports and not self.totals and process_rank() == 0  # measure: once, rank 0
         width, rollout = mask.shape[1], self.rollout
         roles = None if self.roles is None else (self.roles[0][rows, :width], self.roles[1][rows])
         stats = micro_batch_statistics(
@@ -76,8 +76,8 @@ class StepLog:
         """The step's line of metrics.jsonl (over every rank's completions)."""
         self.clock.lap("train")
         completions = self.completions
-        return step_metrics(self.reports, self.scores, completions.lengths, completions.stopped, self.timeouts,
-                            self.lr, self.clock, self.device, self.config)
+        return step_metrics(self.reports, self.scores, completions.lengths, completions.stopped,
+                            self.timeouts, self.lr, self.clock, self.device, self.config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,17 +111,19 @@ def micro_batch_statistics(model, prompts, tokens, mask, sampler_logprobs, input
     and the count of completions the task could not parse.
     """
     gap = ((inputs["token_logprobs"] - sampler_logprobs).abs() * mask).sum()
-    stats = {"loss": loss, "kl": kl, "trained_tokens": mask.sum(), "entropy_sum": (inputs["entropies"] * mask).sum(),
+    entropy = (inputs["entropies"] * mask).sum()
+    stats = {"loss": loss, "kl": kl, "trained_tokens": mask.sum(), "entropy_sum": entropy,
              "logprob_gap_sum": gap}
     if diagnose_all and inputs["h_base"] is None:
         inputs = credit_inputs(model, prompts, tokens, mask, inputs["token_logprobs"], inputs["entropies"],
                                inputs["h_adapted"], config, reference=True)
-    measured = METHODS if inputs["h_base"] is not None else ("uniform", "surprisal", "entropy", "entropy-top20")
+    without_reference = ("uniform", "surprisal", "entropy", "entropy-top20")  # the training forward's alone
+    measured = METHODS if inputs["h_base"] is not None else without_reference
     for method in measured:
         if method == config.credit:
             method_weights = weights
         else:
-            method_weights = credit_weights(method, mask, config.credit_eps, config.power, seeds, **inputs)  # (B, T)
+            method_weights = credit_weights(method, mask, config.credit_eps, config.power, seeds, **inputs)
         for key, value in zip(("gini", "effective_token_ratio", "top10_mass", "rows"),
                               diagnostic_sums(method_weights, mask)):
             stats[f"{key}/{method}"] = value  # gini/arca, rows/arca, ...
@@ -139,8 +141,9 @@ def micro_batch_statistics(model, prompts, tokens, mask, sampler_logprobs, input
         residual = arca_scores(inputs["h_adapted"], inputs["h_base"]) * mask  # (B, T) ||h_adapted - h_base||
         stats.update(arca_norm_sum=residual.sum(), arca_norm_max=residual.max(), arca_tokens=mask.sum())
         if fidelity and config.credit == "arca":
+            exact = config.arca_precision == "exact"
             stats["arca_exact_corr"], stats["arca_floor_ratio"] = arca_fidelity(
-                model, prompts, tokens, mask, inputs["h_adapted"], inputs["h_base"], config.arca_precision == "exact")
+                model, prompts, tokens, mask, inputs["h_adapted"], inputs["h_base"], exact)
     return stats
 
 
@@ -183,21 +186,26 @@ def step_metrics(reports, rewards, lengths, stopped, timeouts, lr, clock, device
     """The metrics line of a step (metrics.jsonl): the first update's statistics, the last update's grad
     norm, and the step's rewards, lengths, stops and times over every rank (one collective)."""
     first, last = reports[0], reports[-1]
-    by_rank = gather(dict(rewards=rewards, lengths=lengths, stopped=stopped, timeouts=timeouts, phases=clock.seconds(),
-                          peak_memory_gb=peak_memory_gb(device)))
+    local = dict(rewards=rewards, lengths=lengths, stopped=stopped, timeouts=timeouts, phases=clock.seconds(),
+                 peak_memory_gb=peak_memory_gb(device))
+    by_rank = gather(local)
     rewards = [r for rank in by_rank for r in rank["rewards"]]  # every rank's, in order: Python numbers
     lengths = [n for rank in by_rank for n in rank["lengths"]]
     stopped = [s for rank in by_rank for s in rank["stopped"]]
     phases = {name: max(rank["phases"][name] for rank in by_rank) for name in ("rollout", "reward", "train")}
-    groups = [rewards[start : start + config.group_size] for start in range(0, len(rewards), config.group_size)]
+    K = config.group_size
+    groups = [rewards[start : start + K] for start in range(0, len(rewards), K)]  # in order
     rows, trained_tokens = max(first["rows"], 1), max(first["trained_tokens"], 1)
     mean = sum(rewards) / len(rewards)  # (a NaN reward makes a NaN mean and std, as it should)
+    arca_norm_mean = None  # no adapter-off pass, no residual
+    if "arca_norm_sum" in first:
+        arca_norm_mean = first["arca_norm_sum"] / max(first["arca_tokens"], 1)
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1)) if len(rewards) > 1 else 0.0
     per_method = {f"{key}/{method}": first[f"{key}/{method}"] / first[f"rows/{method}"]
                   for method in METHODS if first.get(f"rows/{method}")
                   for key in ("gini", "effective_token_ratio", "top10_mass")}
     computed_mass = {f"computed_mass/{method}": first[f"computed_mass/{method}"] / first[f"parsed/{method}"]
-                     for method in METHODS if first.get(f"parsed/{method}")}  # a task with roles_fn (the demo)
+                     for method in METHODS if first.get(f"parsed/{method}")}  # a task with roles_fn
     return {
         "reward_mean": mean,
         "reward_std": std,
@@ -212,13 +220,13 @@ def step_metrics(reports, rewards, lengths, stopped, timeouts, lr, clock, device
         "weight_gini": first["weight_gini"] / rows,
         "effective_token_ratio": first["effective_token_ratio"] / rows,
         "top10_mass": first["top10_mass"] / rows,
-        "arca_norm_mean": first["arca_norm_sum"] / max(first["arca_tokens"], 1) if "arca_norm_sum" in first else None,
+        "arca_norm_mean": arca_norm_mean,
         "arca_norm_max": first.get("arca_norm_max"),
-        "arca_exact_corr": first.get("arca_exact_corr"),  # with fidelity and credit arca: the first micro-batch's
+        "arca_exact_corr": first.get("arca_exact_corr"),  # with fidelity and credit arca
         "arca_floor_ratio": first.get("arca_floor_ratio"),
         **per_method,
         **computed_mass,
-        **({"unparsed_completions": first["unparsed_completions"]} if "unparsed_completions" in first else {}),
+        **{key: first[key] for key in ("unparsed_completions",) if key in first},  # a task with roles_fn
         "grad_norm": last["grad_norm"],
         "skipped_update": not (math.isfinite(last["grad_norm"]) and math.isfinite(last["loss"])),
         "lr": lr,
@@ -287,7 +295,9 @@ def arca_fidelity(model, prompts, tokens, mask, h_adapted, h_base, exact):
                 exact_base = completion_hidden(model, prompts, tokens, mask, torch.float32)
             exact_scores = arca_scores(exact_adapted_hidden(model, prompts, tokens, mask), exact_base)[mask]
             bf16_scores = training_scores = arca_scores(h_adapted, h_base)[mask]
-    floor_ratio = bf16_scores.mean().item() / exact_scores.mean().item() if exact_scores.sum() > 0 else float("nan")
+    floor_ratio = float("nan")  # no adapter yet: no ratio
+    if exact_scores.sum() > 0:
+        floor_ratio = bf16_scores.mean().item() / exact_scores.mean().item()
     return pearson(training_scores, exact_scores), floor_ratio
 
 
@@ -299,6 +309,6 @@ def all_method_weights(model, prompts, tokens, mask, power, eps=1e-8, vocab_size
     logprobs, entropies, h_adapted = completion_forward(model, prompts, tokens, mask, vocab_size)
     with disable_adapter(model):
         ref_logprobs, _, h_base = completion_forward(model, prompts, tokens, mask, vocab_size)
-    inputs = dict(token_logprobs=logprobs, entropies=entropies, ref_token_logprobs=ref_logprobs, h_adapted=h_adapted,
-                  h_base=h_base)
+    inputs = dict(token_logprobs=logprobs, entropies=entropies, ref_token_logprobs=ref_logprobs,
+                  h_adapted=h_adapted, h_base=h_base)
     return {method: credit_weights(method, mask, eps, power, **inputs) for method in METHODS}

@@ -150,7 +150,7 @@ def test_config_reads_head_dim_and_both_config_styles(tmp_path):
 
 
 def test_entropy_is_positive_and_hand_computed():
-    from model import token_logprobs
+    from sampling import token_logprobs
 
     logprobs, entropies = token_logprobs(torch.zeros(2, 4), torch.tensor([0, 3]))  # uniform over 4
     torch.testing.assert_close(entropies, torch.full((2,), math.log(4)))  # 1.386; a flipped sign gives -1.386
@@ -205,10 +205,12 @@ def test_loader_errors_name_the_problem(tmp_path, tiny_checkpoint):
     with pytest.raises(ValueError, match=r"missing tensor.*model\.norm\.weight"):
         Qwen3.from_pretrained(with_tensors("missing", lambda t: t.pop("model.norm.weight")))
     extras = {f"model.extra{i}.weight": torch.zeros(2) for i in range(7)}
-    with pytest.raises(ValueError, match=r"unexpected tensor\(s\) \['model\.extra0\.weight', .*\.\.\. \(7 in all\)"):
+    with pytest.raises(ValueError,
+                       match=r"unexpected tensor\(s\) \['model\.extra0\.weight', .*\.\.\. \(7 in all\)"):
         Qwen3.from_pretrained(with_tensors("unexpected", lambda t: t.update(extras)))
     with pytest.raises(ValueError, match=r"'model\.norm\.weight' has dtype I32, expected floating point"):
-        Qwen3.from_pretrained(with_tensors("int", lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)})))
+        integer_norm = {"model.norm.weight": torch.ones(64, dtype=torch.int32)}
+        Qwen3.from_pretrained(with_tensors("int", lambda t: t.update(integer_norm)))
     different_head = lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] + 1})
     with pytest.raises(ValueError, match=r"ties lm_head.*different lm_head\.weight"):
         Qwen3.from_pretrained(with_tensors("tied-with-head", different_head))
@@ -226,7 +228,8 @@ def test_loader_errors_name_the_problem(tmp_path, tiny_checkpoint):
         Qwen3.from_pretrained(with_tensors("shape", bad_shape))
 
     directory = copy("lfs")
-    (directory / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n")
+    (directory / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid "
+                                                 "sha256:abc\nsize 12\n")
     with pytest.raises(ValueError, match="git-lfs pointer"):
         Qwen3.from_pretrained(directory)
 
@@ -246,11 +249,13 @@ def test_loader_errors_name_the_problem(tmp_path, tiny_checkpoint):
     (directory / "model.safetensors").unlink()
     first = {k: v for k, v in tensors.items() if k != "model.norm.weight"}
     save_file(first, directory / "a.safetensors")
-    save_file({"model.norm.weight": tensors["model.norm.weight"], "model.embed_tokens.weight": tensors["model.embed_tokens.weight"]},
+    save_file({"model.norm.weight": tensors["model.norm.weight"],
+               "model.embed_tokens.weight": tensors["model.embed_tokens.weight"]},
               directory / "b.safetensors")
     weight_map = {**{k: "a.safetensors" for k in first}, "model.norm.weight": "b.safetensors"}
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(ValueError, match=r"b\.safetensors: its tensors differ from what model\.safetensors\.index\.json assigns"):
+    with pytest.raises(ValueError, match=r"b\.safetensors: its tensors differ from what "
+                                         r"model\.safetensors\.index\.json assigns"):
         Qwen3.from_pretrained(directory)  # b also holds the embedding, which the index puts in a
     weight_map["model.embed_tokens.weight"] = "b.safetensors"
     save_file({k: v for k, v in first.items()}, directory / "a.safetensors")  # ... and a still holds it too
@@ -271,13 +276,15 @@ def test_config_without_tie_word_embeddings_is_untied_as_in_transformers(tmp_pat
     assert not ours.config.tie_word_embeddings
     ids = torch.tensor([[3, 11, 4, 13]])
     with torch.no_grad():
-        torch.testing.assert_close(ours.lm_head(ours(ids)), reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.lm_head(ours(ids)), reference(input_ids=ids).logits, atol=1e-5,
+                                   rtol=1e-5)
     # a tied checkpoint whose config lost the key: the missing head is named, with the reason
     tied, _ = save_tiny_checkpoint(tmp_path / "tied")
     config = json.loads((tied / "config.json").read_text())
     del config["tie_word_embeddings"]
     (tied / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"lm_head\.weight.*untied \(tie_word_embeddings is false or missing"):
+    with pytest.raises(ValueError,
+                       match=r"lm_head\.weight.*untied \(tie_word_embeddings is false or missing"):
         Qwen3.from_pretrained(tied)
 
 
@@ -324,11 +331,14 @@ def test_lora_dropout_drops_the_input_not_the_update():
     x = torch.randn(3, 16)
     torch.manual_seed(1)
     ours = layer(x)
-    torch.manual_seed(1)  # the same mask, drawn by hand on the input (PEFT: lora_B(lora_A(dropout(x))) * scaling)
-    expected = base(x) + F.linear(F.linear(F.dropout(x, 0.5, training=True), layer.lora_A), layer.lora_B) * 2.0
+    # the same mask, drawn by hand on the input (PEFT: lora_B(lora_A(dropout(x))) * scaling)
+    torch.manual_seed(1)
+    expected = base(x) + F.linear(F.linear(F.dropout(x, 0.5, training=True), layer.lora_A),
+                                  layer.lora_B) * 2.0
     torch.testing.assert_close(ours, expected)
     # and PEFT's own layer, same weights, same random numbers
-    peft_model = get_peft_model(nn.Sequential(nn.Linear(16, 8)), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["0"]))
+    peft_model = get_peft_model(nn.Sequential(nn.Linear(16, 8)),
+                                LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["0"]))
     peft_layer = peft_model.base_model.model[0]
     with torch.no_grad():
         peft_layer.base_layer.weight.copy_(base.weight)
@@ -339,7 +349,8 @@ def test_lora_dropout_drops_the_input_not_the_update():
     torch.manual_seed(1)
     torch.testing.assert_close(ours, peft_model(x))
     layer.eval()
-    torch.testing.assert_close(layer(x), base(x) + F.linear(F.linear(x, layer.lora_A), layer.lora_B) * 2.0)  # eval: no dropout
+    # eval: no dropout
+    torch.testing.assert_close(layer(x), base(x) + F.linear(F.linear(x, layer.lora_A), layer.lora_B) * 2.0)
 
 
 def test_adapter_stays_fp32_on_a_bf16_base():
@@ -352,7 +363,8 @@ def test_adapter_stays_fp32_on_a_bf16_base():
 
 
 def test_a_bf16_adapter_keeps_no_fp32_copy_of_its_input():
-    """compute_dtype bf16 on a bf16 layer: backward keeps x itself (no fp32 copy); fp32 (PEFT's way) keeps one. The
+    """compute_dtype bf16 on a bf16 layer: backward keeps x itself (no fp32 copy); fp32 (PEFT's way) keeps
+    one. The
     gradients still reach fp32 A and B, and the output is the fp32 computation's to bf16 rounding."""
     from model import InputDtypeLinear  # the model's linear layer: computes in its input's dtype
 
@@ -367,12 +379,15 @@ def test_a_bf16_adapter_keeps_no_fp32_copy_of_its_input():
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             outputs[dtype] = layer(x)
-        kept[dtype] = [t for t in saved if t.numel() == x.numel() and t.dtype == torch.float32]  # an fp32 copy of the input
+        # an fp32 copy of the input
+        kept[dtype] = [t for t in saved if t.numel() == x.numel() and t.dtype == torch.float32]
         outputs[dtype].float().sum().backward()
         assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_A.grad.abs().sum() > 0
     assert kept[torch.bfloat16] == [] and len(kept[torch.float32]) == 1
-    torch.testing.assert_close(outputs[torch.bfloat16].float(), outputs[torch.float32].float(), atol=0.05, rtol=0.02)
-    exact = LoRALinear(base, rank=8, alpha=16, compute_dtype=torch.bfloat16)  # an fp32 pass computes the update in fp32
+    torch.testing.assert_close(outputs[torch.bfloat16].float(), outputs[torch.float32].float(), atol=0.05,
+                               rtol=0.02)
+    # an fp32 pass computes the update in fp32
+    exact = LoRALinear(base, rank=8, alpha=16, compute_dtype=torch.bfloat16)
     assert exact(x.detach().float()).dtype == torch.float32
 
 
@@ -386,14 +401,16 @@ def test_sampling_copies_compute_the_update_in_the_base_dtype():
         exact = x.float() @ w.T + b + (x.float() @ layer.lora_A.T @ layer.lora_B.T) * 2.0  # (3, 5, 32), fp32
         assert (exact - (x.float() @ w.T + b)).abs().mean() > 0.3 * exact.abs().mean()  # the update matters
         with torch.no_grad(), sampling_copies(nn.Sequential(layer)):
-            assert layer.sampling_B.dtype == dtype and torch.equal(layer.sampling_B, (layer.lora_B * 2.0).to(dtype))
+            assert layer.sampling_B.dtype == dtype and torch.equal(layer.sampling_B,
+                                                                   (layer.lora_B * 2.0).to(dtype))
             assert "sampling_A" not in layer.state_dict()  # not saved with the model
             lean = layer(x)
         assert lean.dtype == dtype and lean.shape == exact.shape
         scale = exact.abs().max().item()
         torch.testing.assert_close(lean.float(), exact, atol=tolerance * scale, rtol=0)
         with torch.no_grad():
-            torch.testing.assert_close(lean.float(), layer(x).float(), atol=tolerance * scale, rtol=0)  # the training path
+            # the training path
+            torch.testing.assert_close(lean.float(), layer(x).float(), atol=tolerance * scale, rtol=0)
     model = nn.Sequential(layer)
     with sampling_copies(model), pytest.raises(RuntimeError, match="torch.no_grad"):
         layer(x)  # gradients would not reach A and B
@@ -419,7 +436,8 @@ def test_sampling_copies_give_the_same_completions(checkpoint_dir):
     assert torch.equal(plain[0], lean[0]) and torch.equal(plain[1], lean[1])
     torch.testing.assert_close(plain[2], lean[2], atol=1e-5, rtol=0)
     with disable_adapter(model):
-        assert not torch.equal(generate(model, prompts, 16, generator=torch.Generator().manual_seed(0), **sampling)[0], plain[0])
+        assert not torch.equal(generate(model, prompts, 16, generator=torch.Generator().manual_seed(0),
+                                        **sampling)[0], plain[0])
 
 
 def test_fresh_adapter_leaves_logits_unchanged(checkpoint_dir):
@@ -550,7 +568,8 @@ def readme_snippet(heading):
 
 
 def test_the_readme_snippet_computes_arca_as_the_step_does(checkpoint_dir, tmp_path):
-    """README's "ARCA in your own loop", read out of the file and run on transformers + PEFT: its weights and loss
+    """README's "ARCA in your own loop", read out of the file and run on transformers + PEFT: its weights and
+    loss
     equal this project's (our Qwen3 and LoRA, the same adapter) and its gradient reaches the adapter."""
     code = readme_snippet("## ARCA in your own loop")
     assert len([line for line in code.splitlines() if line.strip()]) <= 15
@@ -563,9 +582,11 @@ def test_the_readme_snippet_computes_arca_as_the_step_does(checkpoint_dir, tmp_p
                 parameter.normal_(0, 0.3)  # a trained adapter: ARCA's weights are not uniform
     reference.save_pretrained(tmp_path / "adapter")
     prompts = [[5, 9, 2, 7], [4, 11, 6, 3]]
-    completions, mask = torch.tensor([[7, 8, 9, 1], [3, 4, 1, 1]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool()
+    completions, mask = torch.tensor([[7, 8, 9, 1],
+                                      [3, 4, 1, 1]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool()
     advantages = torch.tensor([1.0, -1.0])
-    names = dict(model=reference, input_ids=torch.cat([torch.tensor(prompts), completions], dim=1), P=4, mask=mask,
+    names = dict(model=reference, input_ids=torch.cat([torch.tensor(prompts), completions], dim=1), P=4,
+                 mask=mask,
                  attention_mask=torch.ones(2, 8, dtype=torch.long), advantages=advantages)
     exec(code, names)
 
@@ -578,8 +599,10 @@ def test_the_readme_snippet_computes_arca_as_the_step_does(checkpoint_dir, tmp_p
     weights = token_weights(arca_scores(h_adapted, h_base), mask, power=2.0)
     assert weights.max() > 0.4  # not uniform: the check below can fail
     torch.testing.assert_close(names["weights"], weights, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(names["loss"], grpo.policy_loss(logprobs, advantages, weights, 2), atol=1e-5, rtol=1e-4)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in reference.named_parameters() if "lora_B" in n)
+    torch.testing.assert_close(names["loss"], grpo.policy_loss(logprobs, advantages, weights, 2), atol=1e-5,
+                               rtol=1e-4)
+    lora_b = [p for n, p in reference.named_parameters() if "lora_B" in n]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
 
 
 def test_peft_loads_our_adapter(checkpoint_dir, tmp_path):
@@ -590,7 +613,8 @@ def test_peft_loads_our_adapter(checkpoint_dir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8)
-    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in saved
 
     with disable_adapter(model):
         assert (ours - logits(model, ids)).abs().max() > 1e-2  # the adapter matters
@@ -606,8 +630,9 @@ def test_peft_loads_our_adapter(checkpoint_dir, tmp_path):
 
 
 def test_we_load_a_peft_adapter(checkpoint_dir, tmp_path):
-    peft_model = get_peft_model(hf_model(checkpoint_dir), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                                   target_modules=list(TARGETS), task_type="CAUSAL_LM"))
+    lora_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(TARGETS),
+                             task_type="CAUSAL_LM")
+    peft_model = get_peft_model(hf_model(checkpoint_dir), lora_config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -630,8 +655,10 @@ def test_load_adapter_errors_name_what_differs(checkpoint_dir, tmp_path):
     save_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8), tmp_path, "tiny")
     with pytest.raises(ValueError, match="r is 4 in the adapter, but the model has 8"):
         load_adapter(apply_lora(tiny_model(checkpoint_dir), rank=8, alpha=8), tmp_path)
-    with pytest.raises(ValueError, match="target_modules is .* in the adapter, but the model has \\['q_proj', 'v_proj'\\]"):
-        load_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8, targets=("q_proj", "v_proj")), tmp_path)
+    with pytest.raises(ValueError, match="target_modules is .* in the adapter, but the model has "
+                                         "\\['q_proj', 'v_proj'\\]"):
+        load_adapter(apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8, targets=("q_proj", "v_proj")),
+                     tmp_path)
 
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     tensors = load_file(tmp_path / "adapter_model.safetensors")
@@ -730,9 +757,12 @@ def test_token_weights_hand_values():
 
 def test_token_weights_add_eps_before_the_power():
     mask = full_mask(1, 2)
-    # README, The method (2): (alpha + eps)^p; with eps 1, p 2: (0 + 1)^2 : (1 + 1)^2 = 1 : 4 (eps after the power: 1 : 2)
-    torch.testing.assert_close(token_weights(torch.tensor([[0.0, 1.0]]), mask, eps=1.0, power=2.0), torch.tensor([[0.2, 0.8]]))
-    torch.testing.assert_close(token_weights(torch.tensor([[1.0, 3.0]]), mask, eps=1.0, power=1.0), torch.tensor([[1 / 3, 2 / 3]]))
+    # README, The method (2): (alpha + eps)^p; with eps 1, p 2: (0 + 1)^2 : (1 + 1)^2 = 1 : 4 (eps after the
+    # power: 1 : 2)
+    torch.testing.assert_close(token_weights(torch.tensor([[0.0, 1.0]]), mask, eps=1.0, power=2.0),
+                               torch.tensor([[0.2, 0.8]]))
+    torch.testing.assert_close(token_weights(torch.tensor([[1.0, 3.0]]), mask, eps=1.0, power=1.0),
+                               torch.tensor([[1 / 3, 2 / 3]]))
 
 
 def test_token_weights_sum_to_one_on_every_valid_row():
@@ -834,8 +864,10 @@ def test_credit_scores_dispatches_and_names_valid_methods():
 
 
 def test_arca_shuffled_moves_arcas_own_weights_to_random_tokens():
-    """The control for "non-uniform by the right amount": each row's weights are exactly ARCA's, sorted alike, on
-    a uniformly random permutation of its valid tokens; padding stays 0; a row's permutation depends on its seed and
+    """The control for "non-uniform by the right amount": each row's weights are exactly ARCA's, sorted alike,
+    on
+    a uniformly random permutation of its valid tokens; padding stays 0; a row's permutation depends on its
+    seed and
     length alone, not on the batch's padding width; another seed, another permutation."""
     from credit import credit_weights, shuffle_within_rows
 
@@ -843,30 +875,37 @@ def test_arca_shuffled_moves_arcas_own_weights_to_random_tokens():
     h_adapted, h_base = torch.randn(3, 9, 16), torch.randn(3, 9, 16)
     mask = lengths_mask([9, 5, 1], 9)
     arca = credit_weights("arca", mask, power=2.0, h_adapted=h_adapted, h_base=h_base)
-    shuffled = credit_weights("arca-shuffled", mask, power=2.0, shuffle_seeds=[11, 12, 13], h_adapted=h_adapted, h_base=h_base)
+    shuffled = credit_weights("arca-shuffled", mask, power=2.0, shuffle_seeds=[11, 12, 13],
+                              h_adapted=h_adapted, h_base=h_base)
     for row in range(3):
-        assert torch.equal(shuffled[row].sort().values, arca[row].sort().values)  # the same numbers, bit for bit
+        # the same numbers, bit for bit
+        assert torch.equal(shuffled[row].sort().values, arca[row].sort().values)
     assert (shuffled[~mask] == 0).all() and not torch.equal(shuffled[0], arca[0])
-    assert torch.equal(gini(shuffled, mask), gini(arca, mask)) and torch.equal(top_mass(shuffled, mask), top_mass(arca, mask))
+    assert torch.equal(gini(shuffled, mask), gini(arca, mask)) and torch.equal(top_mass(shuffled, mask),
+                                                                               top_mass(arca, mask))
     narrow = shuffle_within_rows(arca[1:2, :5], mask[1:2, :5], [12])  # the same row, trimmed to its length
     assert torch.equal(narrow[0], shuffled[1, :5])
     assert not torch.equal(shuffle_within_rows(arca[:1], mask[:1], [99]), shuffled[:1])
     counts = {}
     for seed in range(3000):  # 3 valid tokens: each of the 6 orders about 1/6 of the time
-        order = tuple(shuffle_within_rows(torch.tensor([[1.0, 2.0, 3.0, 0.0]]), lengths_mask([3], 4), [seed])[0].tolist())
+        order = tuple(shuffle_within_rows(torch.tensor([[1.0, 2.0, 3.0, 0.0]]), lengths_mask([3], 4),
+                                          [seed])[0].tolist())
         counts[order] = counts.get(order, 0) + 1
     assert len(counts) == 6 and all(400 < n < 600 for n in counts.values()), counts
 
 
 def test_entropy_top20_puts_equal_weight_on_the_highest_entropy_fifth():
-    """1/k on the k = ceil(0.2 T) highest-entropy valid tokens, a tie to the earlier position, exact zeros elsewhere
+    """1/k on the k = ceil(0.2 T) highest-entropy valid tokens, a tie to the earlier position, exact zeros
+    elsewhere
     (the per-completion variant of the high-entropy-minority rule)."""
     from credit import credit_weights
 
-    entropies = torch.tensor([[0.5, 2.0, 1.0, 2.0, 0.1, 9.0], [3.0, 1.0, 3.0, 3.0, 0.2, 0.1], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    entropies = torch.tensor([[0.5, 2.0, 1.0, 2.0, 0.1, 9.0], [3.0, 1.0, 3.0, 3.0, 0.2, 0.1],
+                              [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
     mask = lengths_mask([5, 6, 0], 6)  # T 5 -> k 1; T 6 -> k 2; an empty row
     weights = credit_weights("entropy-top20", mask, entropies=entropies)
-    assert weights.tolist() == [[0, 1, 0, 0, 0, 0], [0.5, 0, 0.5, 0, 0, 0], [0] * 6]  # padding's 9.0 is never chosen
+    # padding's 9.0 is never chosen
+    assert weights.tolist() == [[0, 1, 0, 0, 0, 0], [0.5, 0, 0.5, 0, 0, 0], [0] * 6]
     assert weights[:2].sum(dim=1).tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="needs entropies"):
         credit_weights("entropy-top20", mask)
@@ -883,7 +922,8 @@ def test_credit_diagnostics_leaves_out_rows_without_tokens():
 
 def test_credit_html_escapes_tokens_and_shades_uniform_neutral():
     tokens = ["The", " answer", "<script>alert(1)</script>", " is"]
-    page = credit_html(tokens, {"uniform": torch.full((4,), 0.25), "one-hot": torch.tensor([0.0, 0.0, 1.0, 0.0])})
+    page = credit_html(tokens,
+                       {"uniform": torch.full((4,), 0.25), "one-hot": torch.tensor([0.0, 0.0, 1.0, 0.0])})
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     uniform_row, one_hot_row = page.split("<h3>")[1:]
     assert "Gini 0.000" in uniform_row and "EffN/T 1.000" in uniform_row
@@ -897,13 +937,17 @@ def test_credit_html_escapes_tokens_and_shades_uniform_neutral():
 def test_credit_page_explains_itself():
     tokens = ["\\boxed{", "1", "7", "3", "}"]
     weights = {"uniform": torch.full((5,), 0.2), "arca": torch.tensor([0.05, 0.1, 0.6, 0.2, 0.05])}
-    facts = {"problem": "82+91=", "gold answer": "173", "reward (symbolic)": "1", "advantage (grpo)": "+1.500"}
+    facts = {"problem": "82+91=", "gold answer": "173", "reward (symbolic)": "1",
+             "advantage (grpo)": "+1.500"}
     page = credit_page("token credit: runs/x, step 20", [credit_section(tokens, weights, facts)], 5)
     assert "<h1>token credit: runs/x, step 20</h1>" in page
-    for text in ("82+91=", "173", "reward (symbolic)", "+1.500", "weight scale (T = 5 tokens)", "1/T (uniform)"):
+    for text in ("82+91=", "173", "reward (symbolic)", "+1.500", "weight scale (T = 5 tokens)",
+                 "1/T (uniform)"):
         assert text in page, text
-    assert "top: \u201c7\u201d 0.600, \u201c3\u201d 0.200, \u201c1\u201d 0.100" in page  # the numbers as text, not only colour
-    assert page.count('class="tok"') == 2 * 5 + 5  # every token in its own box (2 methods), plus the 5 legend cells
+    # the numbers as text, not only colour
+    assert "top: \u201c7\u201d 0.600, \u201c3\u201d 0.200, \u201c1\u201d 0.100" in page
+    # every token in its own box (2 methods), plus the 5 legend cells
+    assert page.count('class="tok"') == 2 * 5 + 5
 
 
 def test_arca_weights_uniform_for_fresh_adapter_and_not_after_perturbing_b():
@@ -958,7 +1002,8 @@ def test_group_advantages_hand_values():
 
 
 def test_pack_sequences_layout():
-    ids, mask, P = pack_sequences([[5, 6], [7]], torch.tensor([[8, 1], [9, 1]]), torch.tensor([[1, 1], [1, 0]]))
+    ids, mask, P = pack_sequences([[5, 6], [7]], torch.tensor([[8, 1], [9, 1]]),
+                                  torch.tensor([[1, 1], [1, 0]]))
     assert ids.tolist() == [[5, 6, 8, 1], [0, 7, 9, 1]]
     assert mask.int().tolist() == [[1, 1, 1, 1], [0, 1, 1, 0]] and P == 2
 
@@ -992,15 +1037,19 @@ def test_clipped_loss_equals_plain_with_one_update():
 def test_k3_kl_hand_value():
     mask = torch.ones(1, 1, dtype=torch.bool)
     # r = ref - logp = -2 - (-1) = -1: exp(-1) + 1 - 1 = 0.3679 (the reversed ratio gives e - 2 = 0.7183)
-    assert k3_kl(torch.tensor([[-1.0]]), torch.tensor([[-2.0]]), mask, 1).item() == pytest.approx(math.exp(-1), abs=1e-6)
-    two = torch.tensor([[-1.0, -3.0, 0.0]]), torch.tensor([[-2.0, -3.0, 5.0]]), torch.tensor([[1, 1, 0]]).bool()
-    assert k3_kl(*two, 2).item() == pytest.approx(math.exp(-1) / 2 / 2, abs=1e-6)  # mean over 2 valid tokens, over N = 2
+    assert k3_kl(torch.tensor([[-1.0]]), torch.tensor([[-2.0]]), mask,
+                 1).item() == pytest.approx(math.exp(-1), abs=1e-6)
+    two = torch.tensor([[-1.0, -3.0, 0.0]]), torch.tensor([[-2.0, -3.0,
+                                                            5.0]]), torch.tensor([[1, 1, 0]]).bool()
+    # mean over 2 valid tokens, over N = 2
+    assert k3_kl(*two, 2).item() == pytest.approx(math.exp(-1) / 2 / 2, abs=1e-6)
 
 
 def test_clipped_surrogate_takes_the_minimum():
     weights = torch.ones(1, 1)
     logprobs, old = torch.tensor([[0.0]], requires_grad=True), torch.tensor([[-1.0]])  # ratio e
-    # A = 1: min(e * 1, clip(e, 0.8, 1.2) * 1) = 1.2 (max would give e); loss = -1.2, no gradient through the clip
+    # A = 1: min(e * 1, clip(e, 0.8, 1.2) * 1) = 1.2 (max would give e); loss = -1.2, no gradient through the
+    # clip
     loss = policy_loss(logprobs, torch.tensor([1.0]), weights, 1, old_logprobs=old, clip_eps=0.2)
     assert loss.item() == pytest.approx(-1.2)
     assert torch.autograd.grad(loss, logprobs)[0].item() == 0.0
@@ -1018,10 +1067,14 @@ def test_k3_kl_nonnegative_and_zero_when_equal():
         assert k3_kl(logprobs, torch.randn(2, 4), mask, 2).item() > 0
 
 
-def micro_batch_stats(model, prompts, tokens, mask, advantages, config, num_completions, diagnose_all=False, fidelity=False):
-    """One micro-batch trained (grpo.train_micro_batch), and its statistics read to the host as grpo_step reads them."""
-    signals, weights, loss, kl = grpo.train_micro_batch(model, prompts, tokens, mask, advantages, config, num_completions)
-    stats = step_log.micro_batch_statistics(model, prompts, tokens, mask.bool(), signals["token_logprobs"], signals, weights, loss, kl, config,
+def micro_batch_stats(model, prompts, tokens, mask, advantages, config, num_completions, diagnose_all=False,
+                      fidelity=False):
+    """One micro-batch trained (grpo.train_micro_batch), and its statistics read to the host as grpo_step
+    reads them."""
+    signals, weights, loss, kl = grpo.train_micro_batch(model, prompts, tokens, mask, advantages, config,
+                                                        num_completions)
+    stats = step_log.micro_batch_statistics(model, prompts, tokens, mask.bool(), signals["token_logprobs"],
+                                            signals, weights, loss, kl, config,
                                         diagnose_all, fidelity)
     return step_log.read_statistics(stats, torch.zeros(())), signals["token_logprobs"]
 
@@ -1029,7 +1082,8 @@ def micro_batch_stats(model, prompts, tokens, mask, advantages, config, num_comp
 def test_reference_pass_with_fresh_adapter_gives_uniform_arca_zero_kl(tiny_checkpoint):
     model = lora_tiny_model(tiny_checkpoint[0])
     prompts = [[5, 9, 2], [4, 11]]
-    tokens, mask = torch.tensor([[7, 8, 9, 1], [3, 4, 1, 1]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool()
+    tokens, mask = torch.tensor([[7, 8, 9, 1], [3, 4, 1, 1]]), torch.tensor([[1, 1, 1, 1],
+                                                                             [1, 1, 1, 0]]).bool()
     weights = step_log.all_method_weights(model, prompts, tokens, mask, power=2.0)
     torch.testing.assert_close(weights["arca"], mask / mask.sum(1, keepdim=True))  # step 0: uniform
     assert not torch.allclose(weights["surprisal"], weights["arca"])
@@ -1056,7 +1110,8 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_checkpoint):
         model.train()
         for start in range(0, 4, per_micro_batch):
             rows = slice(start, start + per_micro_batch)
-            grpo.train_micro_batch(model, prompts[rows], tokens[rows], mask[rows], advantages[rows], StepConfig(), 4)
+            grpo.train_micro_batch(model, prompts[rows], tokens[rows], mask[rows], advantages[rows],
+                                   StepConfig(), 4)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
@@ -1066,7 +1121,8 @@ def test_micro_batch_without_completion_tokens_does_not_crash(tiny_checkpoint):
     model = lora_tiny_model(tiny_checkpoint[0]).train()
     tokens, mask = torch.tensor([[1, 1]]), torch.zeros(1, 2, dtype=torch.bool)
     for credit in ("uniform", "surprisal", "entropy", "divergence", "arca"):
-        stats, _ = micro_batch_stats(model, [[5, 9]], tokens, mask, torch.tensor([1.0]), StepConfig(credit=credit, beta=0.1), 4)
+        stats, _ = micro_batch_stats(model, [[5, 9]], tokens, mask, torch.tensor([1.0]),
+                                     StepConfig(credit=credit, beta=0.1), 4)
         assert stats["loss"] == 0.0 and stats["rows"] == 0
 
 
@@ -1079,17 +1135,21 @@ STEP_BATCH = dict(
 
 
 def test_reference_pass_switches_the_adapter_off(tiny_checkpoint):
-    """ARCA's h_base and the KL's pi_ref must come from the base model: checked against a model loaded without LoRA."""
+    """ARCA's h_base and the KL's pi_ref must come from the base model: checked against a model loaded without
+    LoRA."""
     b = STEP_BATCH
     model = perturbed_lora_model(tiny_checkpoint[0])
-    stats, _ = micro_batch_stats(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], StepConfig(credit="arca", beta=0.1), 2)
-    base_model = Qwen3.from_pretrained(tiny_checkpoint[0], dtype=torch.float32)  # the oracle: no adapter at all
+    stats, _ = micro_batch_stats(model, b["prompts"], b["tokens"], b["mask"], b["advantages"],
+                                 StepConfig(credit="arca", beta=0.1), 2)
+    # the oracle: no adapter at all
+    base_model = Qwen3.from_pretrained(tiny_checkpoint[0], dtype=torch.float32)
     with torch.no_grad():
         logprobs, _, h_adapted = grpo.completion_forward(model, b["prompts"], b["tokens"], b["mask"])
         ref_logprobs, _, h_base = grpo.completion_forward(base_model, b["prompts"], b["tokens"], b["mask"])
     expected_norms = arca_scores(h_adapted, h_base)[b["mask"]]  # (valid tokens,)
     expected_kl = k3_kl(logprobs, ref_logprobs, b["mask"], 2).item()
-    assert expected_norms.sum() > 1.0 and expected_kl > 1e-3  # the adapter matters: with it on, both would be 0
+    # the adapter matters: with it on, both would be 0
+    assert expected_norms.sum() > 1.0 and expected_kl > 1e-3
     assert stats["arca_norm_sum"] == pytest.approx(expected_norms.sum().item(), rel=1e-5)
     assert stats["arca_norm_max"] == pytest.approx(expected_norms.max().item(), rel=1e-5)
     assert stats["kl"] == pytest.approx(expected_kl, rel=1e-4)
@@ -1100,7 +1160,8 @@ def test_beta_adds_the_kl_gradient(tiny_checkpoint):
     grads = {}
     for beta in (0.0, 1.0):
         model = perturbed_lora_model(tiny_checkpoint[0])
-        grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], StepConfig(credit="uniform", beta=beta), 2)
+        grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"], b["advantages"],
+                               StepConfig(credit="uniform", beta=beta), 2)
         grads[beta] = lora_gradient(model)
     model = perturbed_lora_model(tiny_checkpoint[0])  # the KL term's gradient alone, by autograd
     logprobs, _, _ = grpo.completion_forward(model, b["prompts"], b["tokens"], b["mask"])
@@ -1116,22 +1177,26 @@ def eos_rollout():
     """Two completions: one stops on EOS (id 1) at its third token, one is truncated at 4 tokens."""
     tokens = torch.tensor([[7, 8, 1, 1], [3, 4, 5, 6]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
-    return grpo.Rollout([[5, 9, 2], [4, 11]], torch.tensor([0, 0]), tokens, mask, torch.zeros(2, 4), grpo.eos_positions(tokens, mask, 1), [0, 1])
+    return grpo.Rollout([[5, 9, 2], [4, 11]], torch.tensor([0, 0]), tokens, mask, torch.zeros(2, 4),
+                        grpo.eos_positions(tokens, mask, 1), [0, 1])
 
 
 def test_eos_positions_are_read_at_the_last_valid_token():
     rollout = eos_rollout()
     assert rollout.ends_with_eos.tolist() == [True, False]
     # a completion whose EOS falls in the last slot stopped; it is not truncated
-    assert grpo.eos_positions(torch.tensor([[3, 4, 5, 1]]), torch.ones(1, 4, dtype=torch.bool), 1).tolist() == [True]
-    assert grpo.eos_positions(torch.tensor([[3, 1, 1]]), torch.ones(1, 3, dtype=torch.bool), []).tolist() == [False]
+    assert grpo.eos_positions(torch.tensor([[3, 4, 5, 1]]), torch.ones(1, 4, dtype=torch.bool),
+                              1).tolist() == [True]
+    assert grpo.eos_positions(torch.tensor([[3, 1, 1]]), torch.ones(1, 3, dtype=torch.bool),
+                              []).tolist() == [False]
 
 
 def test_no_credit_eos_leaves_eos_out_of_weights_and_gradient(tiny_checkpoint):
     rollout = eos_rollout()
     with_eos, without_eos = grpo.loss_mask(rollout, True), grpo.loss_mask(rollout, False)
     assert torch.equal(with_eos, rollout.mask)
-    assert without_eos.tolist() == [[True, True, False, False], [True, True, True, True]]  # the truncated row is unchanged
+    # the truncated row is unchanged
+    assert without_eos.tolist() == [[True, True, False, False], [True, True, True, True]]
     weights = token_weights(torch.rand(2, 4), without_eos)
     assert weights[0, 2] == 0 and weights.sum(dim=1).tolist() == pytest.approx([1.0, 1.0])
 
@@ -1139,7 +1204,8 @@ def test_no_credit_eos_leaves_eos_out_of_weights_and_gradient(tiny_checkpoint):
         model = perturbed_lora_model(tiny_checkpoint[0])
         tokens = rollout.tokens.clone()
         tokens[0, 2] = eos_id
-        grpo.train_micro_batch(model, rollout.prompts, tokens, mask, torch.tensor([1.0, -1.0]), StepConfig(credit=credit, beta=0.1), 2)
+        grpo.train_micro_batch(model, rollout.prompts, tokens, mask, torch.tensor([1.0, -1.0]),
+                               StepConfig(credit=credit, beta=0.1), 2)
         return lora_gradient(model)
 
     assert torch.equal(gradient(1, without_eos), gradient(12, without_eos))
@@ -1151,15 +1217,21 @@ def test_every_signal_is_diagnosed_on_the_same_completions(tiny_checkpoint):
     model = perturbed_lora_model(tiny_checkpoint[0])
     config = StepConfig(credit="uniform")
     stats, _ = micro_batch_stats(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2)
-    assert {"gini/uniform", "gini/surprisal", "gini/entropy"} <= set(stats) and "gini/arca" not in stats  # no adapter-off pass ran
-    stats, _ = micro_batch_stats(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2, diagnose_all=True)
-    oracle = step_log.all_method_weights(model, b["prompts"], b["tokens"], b["mask"], power=2.0)  # eval mode, its own passes
+    # no adapter-off pass ran
+    assert {"gini/uniform", "gini/surprisal", "gini/entropy"} <= set(stats) and "gini/arca" not in stats
+    stats, _ = micro_batch_stats(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2,
+                                 diagnose_all=True)
+    # eval mode, its own passes
+    oracle = step_log.all_method_weights(model, b["prompts"], b["tokens"], b["mask"], power=2.0)
     model.train()
     for method, weights in oracle.items():
         expected = credit_diagnostics(weights, b["mask"])
-        assert stats[f"gini/{method}"] / stats["rows"] == pytest.approx(expected["weight_gini"], abs=1e-5), method
-        assert stats[f"effective_token_ratio/{method}"] / stats["rows"] == pytest.approx(expected["effective_token_ratio"], abs=1e-5)
-        assert stats[f"top10_mass/{method}"] / stats["rows"] == pytest.approx(expected["top10_mass"], abs=1e-5)
+        assert stats[f"gini/{method}"] / stats["rows"] == pytest.approx(expected["weight_gini"],
+                                                                        abs=1e-5), method
+        effective = stats[f"effective_token_ratio/{method}"] / stats["rows"]
+        assert effective == pytest.approx(expected["effective_token_ratio"], abs=1e-5)
+        assert stats[f"top10_mass/{method}"] / stats["rows"] == pytest.approx(expected["top10_mass"],
+                                                                              abs=1e-5)
     assert stats["gini/arca"] > 0.01 and stats["gini/uniform"] == 0.0  # the adapter shows in ARCA's weights
 
 
@@ -1199,13 +1271,16 @@ def test_exact_arca_equals_an_fp32_model_where_bf16_is_off(tiny_checkpoint):
     stats = {}
     for precision in ("exact", "bf16"):
         config = StepConfig(credit="arca", arca_precision=precision)
-        stats[precision], _ = micro_batch_stats(bf16_model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2, fidelity=True)
+        stats[precision], _ = micro_batch_stats(bf16_model, b["prompts"], b["tokens"], b["mask"],
+                                                b["advantages"], config, 2, fidelity=True)
     assert stats["exact"]["arca_norm_sum"] == pytest.approx(expected.sum().item(), rel=1e-5)
     assert stats["exact"]["arca_norm_max"] == pytest.approx(expected.max().item(), rel=1e-5)
-    assert abs(stats["bf16"]["arca_norm_sum"] / expected.sum().item() - 1) > 0.5  # bf16 mostly measures rounding here
+    # bf16 mostly measures rounding here
+    assert abs(stats["bf16"]["arca_norm_sum"] / expected.sum().item() - 1) > 0.5
     assert stats["exact"]["arca_exact_corr"] == pytest.approx(1.0, abs=1e-6)
     assert stats["bf16"]["arca_exact_corr"] < 0.9 and stats["bf16"]["arca_floor_ratio"] > 1.5
-    assert stats["exact"]["arca_floor_ratio"] == pytest.approx(stats["bf16"]["arca_floor_ratio"], rel=0.05)  # the same figure
+    # the same figure
+    assert stats["exact"]["arca_floor_ratio"] == pytest.approx(stats["bf16"]["arca_floor_ratio"], rel=0.05)
 
 
 def test_exact_and_bf16_arca_are_zero_and_uniform_at_b_zero(tiny_checkpoint):
@@ -1213,26 +1288,34 @@ def test_exact_and_bf16_arca_are_zero_and_uniform_at_b_zero(tiny_checkpoint):
     bf16_model, _ = bf16_and_rounded_fp32_models(tiny_checkpoint[0], b_scale=0.0)
     for precision in ("exact", "bf16"):
         config = StepConfig(credit="arca", arca_precision=precision)
-        stats, _ = micro_batch_stats(bf16_model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2)
+        stats, _ = micro_batch_stats(bf16_model, b["prompts"], b["tokens"], b["mask"], b["advantages"],
+                                     config, 2)
         assert stats["arca_norm_sum"] == 0.0 and stats["arca_norm_max"] == 0.0
-        assert stats["weight_gini"] == 0.0 and stats["effective_token_ratio"] == pytest.approx(2.0)  # 2 rows, each EffN/T 1
+        # 2 rows, each EffN/T 1
+        assert stats["weight_gini"] == 0.0 and stats["effective_token_ratio"] == pytest.approx(2.0)
 
 
 def test_exact_arca_keeps_the_kl_and_divergence_on_the_bf16_pair(tiny_checkpoint):
-    """--arca-precision exact with bf16 weights: at B = 0 the KL is exactly 0 and divergence's weights uniform (the
-    policy and reference passes differ by the adapter alone), and with beta > 0 the KL still has its gradient."""
+    """--arca-precision exact with bf16 weights: at B = 0 the KL is exactly 0 and divergence's weights uniform
+    (the
+    policy and reference passes differ by the adapter alone), and with beta > 0 the KL still has its
+    gradient."""
     b = STEP_BATCH
     bf16_model, _ = bf16_and_rounded_fp32_models(tiny_checkpoint[0], b_scale=0.0)
     for credit in ("arca", "divergence"):
         config = StepConfig(credit=credit, arca_precision="exact", beta=0.1)
-        stats, _ = micro_batch_stats(bf16_model, b["prompts"], b["tokens"], b["mask"], b["advantages"], config, 2, diagnose_all=True)
-        assert stats["kl"] == 0.0 and stats["gini/divergence"] / stats["rows"] < 1e-6 and stats["arca_norm_sum"] == 0.0, credit
+        stats, _ = micro_batch_stats(bf16_model, b["prompts"], b["tokens"], b["mask"], b["advantages"],
+                                     config, 2, diagnose_all=True)
+        assert stats["kl"] == 0.0 and stats["arca_norm_sum"] == 0.0, credit
+        assert stats["gini/divergence"] / stats["rows"] < 1e-6, credit
     grads = {}  # on the fp32 twin, where a gradient difference is not bf16 noise: the same code path
     for beta in (0.0, 1.0):
         _, model = bf16_and_rounded_fp32_models(tiny_checkpoint[0], b_scale=1e-2)
-        grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"], b["advantages"], StepConfig(credit="arca", arca_precision="exact", beta=beta), 2)
+        grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"], b["advantages"],
+                               StepConfig(credit="arca", arca_precision="exact", beta=beta), 2)
         grads[beta] = lora_gradient(model)
-    _, model = bf16_and_rounded_fp32_models(tiny_checkpoint[0], b_scale=1e-2)  # the KL term's gradient alone, by autograd
+    # the KL term's gradient alone, by autograd
+    _, model = bf16_and_rounded_fp32_models(tiny_checkpoint[0], b_scale=1e-2)
     logprobs, _, _ = grpo.completion_forward(model, b["prompts"], b["tokens"], b["mask"])
     with torch.no_grad(), disable_adapter(model):
         ref_logprobs, _, _ = grpo.completion_forward(model, b["prompts"], b["tokens"], b["mask"])
@@ -1420,11 +1503,14 @@ LABELLED = [
     ("4^\\circ, 20^\\circ", "20, 4", True),
     # matrices
     ("\\begin{pmatrix} 1 \\\\ 4 \\\\ 3 \\end{pmatrix}", "\\begin{pmatrix}1\\\\4\\\\3\\end{pmatrix}", True),
-    ("\\begin{pmatrix} 1 \\\\ 4 \\\\ 3 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 3 \\\\ 4 \\end{pmatrix}", False),
+    ("\\begin{pmatrix} 1 \\\\ 4 \\\\ 3 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 3 \\\\ 4 \\end{pmatrix}",
+     False),
     ("\\begin{bmatrix} 1/5 \\\\ -3/5 \\end{bmatrix}", "\\begin{pmatrix} 0.2 \\\\ -0.6 \\end{pmatrix}", True),
     ("\\begin{pmatrix} 1/\\sqrt{2} & 1/\\sqrt{2} \\\\ -1/\\sqrt{2} & 1/\\sqrt{2} \\end{pmatrix}",
-     "\\begin{pmatrix} \\frac{\\sqrt2}{2} & \\frac{\\sqrt2}{2} \\\\ -\\frac{\\sqrt2}{2} & \\frac{\\sqrt2}{2} \\end{pmatrix}", True),
-    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix} 1 & 3 \\\\ 2 & 4 \\end{pmatrix}", False),
+     "\\begin{pmatrix} \\frac{\\sqrt2}{2} & \\frac{\\sqrt2}{2} \\\\ -\\frac{\\sqrt2}{2} & \\frac{\\sqrt2}{2} "
+     "\\end{pmatrix}", True),
+    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix} 1 & 3 \\\\ 2 & 4 \\end{pmatrix}",
+     False),
     ("\\begin{pmatrix} 1 & 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", False),
     # equations
     ("y = 1-2x", "y=-2x+1", True),
@@ -1599,7 +1685,8 @@ ADVERSARIAL = {
     "sympify lambda": boxed(f"(lambda: open('{PWNED_FILE}', 'w'))()"),
     "many elements": boxed(",".join(str(i) for i in range(2000))),
     "big set": boxed("\\{" + ",".join(f"x^{i}" for i in range(32)) + "\\}"),
-    "big matrix": boxed("\\begin{pmatrix}" + "\\\\".join("&".join(["1"] * 32) for _ in range(32)) + "\\end{pmatrix}"),
+    "big matrix": boxed("\\begin{pmatrix}" + "\\\\".join("&".join(["1"] * 32) for _ in range(32))
+                        + "\\end{pmatrix}"),
     "many plus-minus": boxed("\\pm" * 500),
     "long subscript": boxed("x_{" + "1" * 900 + "}"),
     "division by zero": boxed("1/0"),
@@ -1647,7 +1734,8 @@ STRICT_CASES = [  # (completion, gold, strict_match, math_reward)
     ("\\boxed{x = 5}", "5", 0.0, 1.0),
     ("\\boxed{1,000}", "1000", 0.0, 1.0),
     ("\\boxed{(1,2)}", "(1, 2)", 0.0, 1.0),
-    ("\\boxed{ABC}", "abc", 0.0, 1.0),  # no lowercasing (the reference's docstring says so, its code does not)
+    # no lowercasing (the reference's docstring says so, its code does not)
+    ("\\boxed{ABC}", "abc", 0.0, 1.0),
     # no answer
     ("no box at all", "5", 0.0, 0.0),
     ("\\boxed{5", "5", 0.0, 0.0),  # the last box never closes
@@ -1658,7 +1746,8 @@ STRICT_CASES = [  # (completion, gold, strict_match, math_reward)
 @pytest.mark.parametrize("completion, gold, strict, symbolic", STRICT_CASES)
 def test_strict_match_is_the_reference_codes_check(completion, gold, strict, symbolic):
     assert strict_match(completion, gold) == strict
-    assert strict_match(completion, "Solution: so \\boxed{" + gold + "}.") == strict  # a gold solution: its last box
+    # a gold solution: its last box
+    assert strict_match(completion, "Solution: so \\boxed{" + gold + "}.") == strict
     assert math_reward(completion, gold) == symbolic  # the two checkers differ exactly where the table says
 
 
@@ -1715,5 +1804,7 @@ def test_huge_function_arguments_are_refused_fast():
     for text in ("\\cos(5000! \\cdot 60)", "\\sin(e^{10000})", "\\tan(10^{3000})", "\\log(2^{5000})"):
         assert math_reward(boxed(text), "\\frac{1}{2}") == 0.0
         assert math_reward(boxed(text), text) == 1.0  # the same text still matches as a string
-    assert math_reward(boxed("\\sin(2^{10}) + 1"), "1 + \\sin 1024") == 1.0  # ordinary arguments still compare
-    assert time.perf_counter() - start < 5.0  # refused before evaluation: milliseconds, not the minute cos(5000!) could take
+    # ordinary arguments still compare
+    assert math_reward(boxed("\\sin(2^{10}) + 1"), "1 + \\sin 1024") == 1.0
+    # refused before evaluation: milliseconds, not the minute cos(5000!) could take
+    assert time.perf_counter() - start < 5.0

@@ -31,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 from credit import METHODS
-from data import CACHE_DIR, PROMPTS, data_sources, encode_prompts, load_data, prompt_seed, select_eval_rows, step_prompts
+from data import (CACHE_DIR, PROMPTS, data_sources, encode_prompts, load_data, prompt_seed, select_eval_rows,
+                  step_prompts)
 from evaluation import record_eval, score, task_roles
 from grpo import grpo_step
 from lora import apply_lora
@@ -55,18 +56,30 @@ def option(default, help):
 class TrainConfig:
     preset: str = option("paper", "preset the other fields start from: paper or demo")
     model: str = option("Qwen/Qwen3-1.7B-Base", "checkpoint directory or Hugging Face hub id")
-    task: str = option("math", "problems, prompt and answer rule: math (DigitalLearningGmbH/MATH-lighteval), gsm8k (openai/gsm8k) or demo (the CPU demo's additions)")
-    data: str | None = option(None, "training problems, JSON lines with problem and answer (or solution); default: the task's train split from the hub")
+    task: str = option("math", "problems, prompt and answer rule: math "
+                               "(DigitalLearningGmbH/MATH-lighteval), gsm8k (openai/gsm8k) or demo (the CPU "
+                               "demo's additions)")
+    data: str | None = option(None, "training problems, JSON lines with problem and answer (or solution); "
+                                    "default: the task's train split from the hub")
     eval_data: str | None = option(None, "evaluation problems, same format; wins over --eval-set")
-    data_revision: str | None = option(None, "hub revision (commit, branch or tag) of the task's dataset; default: the one data.py pins")
-    eval_set: str = option("test", "evaluation problems: test (the task's own test split) or math500 (HuggingFaceH4/MATH-500, with --task math)")
-    prompt_template: str | None = option(None, "prompt text; {problem} is replaced by the problem; default: the task's (the reference code's for math and gsm8k)")
-    credit: str = option("arca", "token credit: uniform, surprisal, entropy, divergence, arca, or a control: arca-shuffled, entropy-top20")
+    data_revision: str | None = option(None, "hub revision (commit, branch or tag) of the task's dataset; "
+                                             "default: the one data.py pins")
+    eval_set: str = option("test", "evaluation problems: test (the task's own test split) or math500 "
+                                   "(HuggingFaceH4/MATH-500, with --task math)")
+    prompt_template: str | None = option(None, "prompt text; {problem} is replaced by the problem; default: "
+                                               "the task's (the reference code's for math and gsm8k)")
+    credit: str = option("arca", "token credit: uniform, surprisal, entropy, divergence, arca, or a "
+                                 "control: arca-shuffled, entropy-top20")
     power: float = option(2.0, "sharpening power p of w = (alpha + eps)^p / sum")
     credit_eps: float = option(1e-8, "eps of the credit weights")
-    arca_precision: str = option("bf16", "ARCA's two hidden states: bf16 (the paper's: the training forward and a bf16 adapter-off pass) or exact (two no-grad passes with fp32 activations, so the score is the adapter's, not bf16 rounding)")
-    credit_eos: bool = option(False, "train and weight the EOS token that ends a completion (the reference code leaves it out)")
-    reward: str = option("strict", "training reward: strict (the reference code's string match) or symbolic (math_reward's equivalence)")
+    arca_precision: str = option("bf16", "ARCA's two hidden states: bf16 (the paper's: the training forward "
+                                         "and a bf16 adapter-off pass) or exact (two no-grad passes with "
+                                         "fp32 activations, so the score is the adapter's, not bf16 "
+                                         "rounding)")
+    credit_eos: bool = option(False, "train and weight the EOS token that ends a completion (the reference "
+                                     "code leaves it out)")
+    reward: str = option("strict", "training reward: strict (the reference code's string match) or symbolic "
+                                   "(math_reward's equivalence)")
     advantage: str = option("grpo", "advantage estimator: grpo or rloo (README, The method (1))")
     rank: int = option(64, "LoRA rank r")
     lora_alpha: float | None = option(None, "LoRA alpha; default 2 r")
@@ -83,13 +96,19 @@ class TrainConfig:
     max_new_tokens: int = option(512, "completion length limit")
     temperature: float = option(1.0, "sampling temperature of training rollouts and pass@k")
     top_p: float = option(0.95, "nucleus mass of training rollouts and pass@k")
-    top_k: int = option(50, "keep only the k most likely tokens before top-p, 0 = off (transformers' default 50)")
+    top_k: int = option(50, "keep only the k most likely tokens before top-p, 0 = off (transformers' "
+                            "default 50)")
     beta: float = option(0.0, "coefficient of the k3 KL to the base model")
-    diagnose_all: bool = option(True, "log all seven methods' Gini, EffN/T and top-10% mass on each step's completions (adds an adapter-off pass on one micro-batch when the method has none)")
-    updates_per_batch: int = option(1, "optimiser updates per batch of rollouts; > 1 uses the PPO clipped ratio")
+    diagnose_all: bool = option(True, "log all seven methods' Gini, EffN/T and top-10% mass on each step's "
+                                      "completions (adds an adapter-off pass on one micro-batch when the "
+                                      "method has none)")
+    updates_per_batch: int = option(1, "optimiser updates per batch of rollouts; > 1 uses the PPO clipped "
+                                       "ratio")
     clip_eps: float = option(0.2, "PPO clip range, used when updates-per-batch > 1")
-    eval_problems: int | None = option(None, "evaluation problems: the first ones of the eval set, in file order; default 200 (math500: all 500)")
-    eval_sample: bool = option(False, "evaluate on a fixed seeded sample (seed 0) of the evaluation data instead of its first rows")
+    eval_problems: int | None = option(None, "evaluation problems: the first ones of the eval set, in file "
+                                             "order; default 200 (math500: all 500)")
+    eval_sample: bool = option(False, "evaluate on a fixed seeded sample (seed 0) of the evaluation data "
+                                      "instead of its first rows")
     eval_every: int = option(20, "evaluate every this many steps (and at step 0 and the end)")
     pass_k: int = option(4, "k of pass@k (sampled)")
     eval_batch_size: int = option(64, "sequences per generate call in evaluation")
@@ -98,10 +117,16 @@ class TrainConfig:
     reward_timeout: float = option(5.0, "seconds the answer checker may spend on one completion")
     seed: int = option(1337, "random seed")
     dtype: str = option("bfloat16", "base weight dtype: bfloat16 or float32 (LoRA weights are fp32)")
-    lora_dtype: str = option("bfloat16", "dtype of the LoRA update's matmuls (A, B and AdamW's state stay fp32): bfloat16 or float32; never narrower than the activations (an exact-ARCA pass computes fp32)")
-    gradient_checkpointing: str = option("auto", "recompute each layer in backward to save memory: on, off, or auto (on when the planned peak without it passes 90%% of the device's memory)")
-    compile: bool = option(False, "sample through a static-shape decode step under torch.compile (CUDA graphs on a GPU), compiled once per batch and cache bucket")
-    cpu_threads: int = option(0, "torch CPU threads, 0 = torch's default; the demo pins 1, so it prints the same numbers on every machine")
+    lora_dtype: str = option("bfloat16", "dtype of the LoRA update's matmuls (A, B and AdamW's state stay "
+                                         "fp32): bfloat16 or float32; never narrower than the activations "
+                                         "(an exact-ARCA pass computes fp32)")
+    gradient_checkpointing: str = option("auto", "recompute each layer in backward to save memory: on, off, "
+                                                 "or auto (on when the planned peak without it passes 90% "
+                                                 "of the device's memory)")
+    compile: bool = option(False, "sample through a static-shape decode step under torch.compile (CUDA "
+                                  "graphs on a GPU), compiled once per batch and cache bucket")
+    cpu_threads: int = option(0, "torch CPU threads, 0 = torch's default; the demo pins 1, so it prints the "
+                                 "same numbers on every machine")
     out: str | None = option(None, "output directory; default runs/<preset>-<credit>-r<rank>")
 
 
@@ -114,10 +139,12 @@ DEMO = dataclasses.replace(
     model=str(CACHE_DIR / "demo-qwen3"),
     reward="symbolic",
     credit_eos=True,  # stopping after the box is part of the answer
-    temperature=0.5,  # 22 sampled tokens: at 1.0 the half-trained model's copies fail too often for a signal in 150 steps
+    # 22 sampled tokens: at 1.0 the half-trained model's copies fail too often for a signal in 150 steps
+    temperature=0.5,
     top_k=0,
     eval_sample=True,
-    cpu_threads=1,  # a CPU matmul's rounding depends on its thread count: one thread, the same result everywhere
+    # a CPU matmul's rounding depends on its thread count: one thread, the same result everywhere
+    cpu_threads=1,
     rank=8,
     lora_dropout=0.0,
     group_size=8,
@@ -127,7 +154,8 @@ DEMO = dataclasses.replace(
     lr=1e-3,
     warmup_steps=10,
     max_prompt_tokens=32,
-    max_new_tokens=24,  # completions need 21 or 22 with EOS; more lets a run drift into junk after the box, which the reward cannot see
+    # completions need 21 or 22 with EOS; more lets a run drift into junk after the box, unseen by the reward
+    max_new_tokens=24,
     eval_problems=200,
     eval_every=50,
     eval_batch_size=200,
@@ -142,7 +170,8 @@ PRESETS = {"paper": PAPER, "demo": DEMO}
 
 def parse_args(argv=None):
     """The config from a preset and the flags, plus the commands (--resume, --dry-run, --report)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))  # X | None -> X
@@ -155,15 +184,19 @@ def parse_args(argv=None):
             parser.add_argument(flag, type=kind, default=None, help=help)
     parser.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
-    parser.add_argument("--report", nargs="+", metavar="DIR", help="print the paper's tables for these runs and exit")
-    parser.add_argument("--plot", metavar="FILE.png", help="with --report: also draw accuracy, reward and the seven signals' Gini over steps (needs matplotlib)")
+    parser.add_argument("--report", nargs="+", metavar="DIR",
+                        help="print the paper's tables for these runs and exit")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="with --report: also draw accuracy, reward and the seven signals' Gini over "
+                             "steps (needs matplotlib)")
     args = parser.parse_args(argv)
 
     preset_given = args.preset is not None
     preset = args.preset or ("paper" if torch.cuda.is_available() else "demo")
     if preset not in PRESETS:
         parser.error(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    overrides = {name: value for name, value in given.items() if value is not None}
     config = dataclasses.replace(PRESETS[preset], **overrides)
     if config.lora_alpha is None:
         config.lora_alpha = 2.0 * config.rank  # the paper's alpha = 2 r
@@ -180,31 +213,39 @@ def parse_args(argv=None):
 
 def check_config(config, parser):
     """Every option in its valid range, or parser.error naming the flag, the value and the range."""
-    choices = {"credit": METHODS, "advantage": ("grpo", "rloo"),
-               "task": ("math", "gsm8k", "demo"), "eval_set": ("test", "math500"), "lora_dtype": ("bfloat16", "float32"),
-               "gradient_checkpointing": ("auto", "on", "off"),
-               "reward": ("strict", "symbolic"), "dtype": ("bfloat16", "float32"), "arca_precision": ("bf16", "exact")}
+    choices = {"credit": METHODS, "advantage": ("grpo", "rloo"), "task": ("math", "gsm8k", "demo"),
+               "eval_set": ("test", "math500"), "lora_dtype": ("bfloat16", "float32"),
+               "gradient_checkpointing": ("auto", "on", "off"), "reward": ("strict", "symbolic"),
+               "dtype": ("bfloat16", "float32"), "arca_precision": ("bf16", "exact")}
     for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            parser.error(f"--{name.replace('_', '-')} {getattr(config, name)!r}: expected one of {', '.join(allowed)}")
-    at_least_1, at_least_0, above_0 = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0"), (lambda v: v > 0, "> 0")
+        value = getattr(config, name)
+        if value not in allowed:
+            parser.error(f"--{name.replace('_', '-')} {value!r}: expected one of {', '.join(allowed)}")
+    at_least_1 = (lambda v: v >= 1, ">= 1")
+    at_least_0 = (lambda v: v >= 0, ">= 0")
+    above_0 = (lambda v: v > 0, "> 0")
     ranges = {  # flag: (test, the valid range as the error states it)
-        "steps": at_least_1, "rank": at_least_1, "group_size": (lambda v: v >= 2, ">= 2 (a group baseline needs 2 completions)"),
+        "steps": at_least_1, "rank": at_least_1,
+        "group_size": (lambda v: v >= 2, ">= 2 (a group baseline needs 2 completions)"),
         "prompts_per_micro_batch": at_least_1, "micro_batches": at_least_1, "max_prompt_tokens": at_least_1,
-        "max_new_tokens": at_least_1, "updates_per_batch": at_least_1, "pass_k": at_least_1, "eval_problems": at_least_1,
-        "eval_every": at_least_1, "save_every": at_least_1, "eval_batch_size": at_least_1, "top_k": at_least_0,
-        "warmup_steps": at_least_0, "html_completions": at_least_0, "cpu_threads": at_least_0, "power": at_least_0, "credit_eps": at_least_0,
-        "lora_alpha": above_0, "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "lr": above_0, "weight_decay": at_least_0,
-        "grad_clip": above_0, "temperature": at_least_0, "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "beta": at_least_0,
-        "clip_eps": above_0, "reward_timeout": above_0,
+        "max_new_tokens": at_least_1, "updates_per_batch": at_least_1, "pass_k": at_least_1,
+        "eval_problems": at_least_1, "eval_every": at_least_1, "save_every": at_least_1,
+        "eval_batch_size": at_least_1, "top_k": at_least_0, "warmup_steps": at_least_0,
+        "html_completions": at_least_0, "cpu_threads": at_least_0, "power": at_least_0,
+        "credit_eps": at_least_0,
+        "lora_alpha": above_0, "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "lr": above_0,
+        "weight_decay": at_least_0, "grad_clip": above_0, "temperature": at_least_0,
+        "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "beta": at_least_0, "clip_eps": above_0,
+        "reward_timeout": above_0,
     }
     for name, (valid, described) in ranges.items():
         value = getattr(config, name)
         if not (math.isfinite(value) and valid(value)):
             parser.error(f"--{name.replace('_', '-')} {value}: expected a value {described}")
     if config.eval_set == "math500" and config.task != "math":
-        parser.error(f"--eval-set math500 is HuggingFaceH4/MATH-500, 500 MATH problems with MATH's answers; --task {config.task} "
-                     "has its own test split (--eval-set test) or takes --eval-data FILE")
+        parser.error("--eval-set math500 is HuggingFaceH4/MATH-500, 500 MATH problems with MATH's answers; "
+                     f"--task {config.task} has its own test split (--eval-set test) or takes "
+                     "--eval-data FILE")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +261,7 @@ def cosine_with_warmup(warmup_steps, total_steps):
         if step < warmup_steps:
             return step / max(1, warmup_steps)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # held at 0 past the end (resume with more --steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # 0 past the end (resumed for longer)
 
     return multiplier
 
@@ -238,14 +279,33 @@ def load_model(config, device, rank, ranks):
     if config.task == "demo" and config.model == DEMO.model:
         import demo
 
-        on_first_rank(lambda: demo.build_demo_checkpoint(config.model), rank, ranks)  # built once, then cached
+        on_first_rank(lambda: demo.build_demo_checkpoint(config.model), rank, ranks)  # built once, cached
     model = Qwen3.from_pretrained(config.model, device=device, dtype=getattr(torch, config.dtype))
-    apply_lora(model, config.rank, config.lora_alpha, config.lora_dropout, compute_dtype=getattr(torch, config.lora_dtype))
+    lora_dtype = getattr(torch, config.lora_dtype)
+    apply_lora(model, config.rank, config.lora_alpha, config.lora_dropout, compute_dtype=lora_dtype)
     if ranks > 1:
         torch.manual_seed(config.seed + 1 + rank)
-    config.gradient_checkpointing = resolve_gradient_checkpointing(model.config, config, device)  # auto -> on or off
+    # auto becomes on or off here, and config.json records which
+    config.gradient_checkpointing = resolve_gradient_checkpointing(model.config, config, device)
     model.gradient_checkpointing = config.gradient_checkpointing == "on"
     return model, load_tokenizer(config.model)
+
+
+def check_processes(config, ranks):
+    """The step's prompts must divide among the processes (each takes an equal share)."""
+    per_step = config.prompts_per_micro_batch * config.micro_batches
+    if per_step % ranks:
+        raise SystemExit(f"{per_step} prompts per step (--prompts-per-micro-batch x --micro-batches) do not "
+                         f"divide among {ranks} processes; use a multiple of {ranks}")
+
+
+def optimizer_and_schedule(model, config, device):
+    """AdamW on the LoRA parameters, and the reference's warm-up then cosine schedule (by update)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
+    schedule = cosine_with_warmup(config.warmup_steps, config.steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def write_run_info(out, config, model, device, ranks, train_rows, eval_rows):
@@ -311,45 +371,48 @@ def run(config, resume=False):
     """
     rank, ranks, device = start_distributed()
     out = Path(config.out)
-    per_step = config.prompts_per_micro_batch * config.micro_batches
-    if per_step % ranks:
-        raise SystemExit(f"{per_step} prompts per step (--prompts-per-micro-batch x --micro-batches) do not divide "
-                         f"among {ranks} processes; use a multiple of {ranks}")
+    check_processes(config, ranks)
     checkpoint_dir = on_first_rank(lambda: prepare_out(out, resume), rank, ranks)
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
-    train_rows, eval_rows = on_first_rank(lambda: load_data(config), rank, ranks)  # first: a bad dataset fails fast
-
+    # the problems first (a bad dataset fails in seconds), then the model, then the prompts as token ids
+    train_rows, eval_rows = on_first_rank(lambda: load_data(config), rank, ranks)
     model, tokenizer = load_model(config, device, rank, ranks)
     train_rows = encode_prompts(train_rows, tokenizer, config, "training", quiet=rank > 0)
-    eval_rows = encode_prompts(select_eval_rows(eval_rows, config), tokenizer, config, "evaluation", quiet=rank > 0)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config.warmup_steps, config.steps))
+    eval_rows = select_eval_rows(eval_rows, config)
+    eval_rows = encode_prompts(eval_rows, tokenizer, config, "evaluation", quiet=rank > 0)
+    optimizer, scheduler = optimizer_and_schedule(model, config, device)
     generator = torch.Generator(device).manual_seed(config.seed)
     start_step, evals = 0, []
     if checkpoint_dir is not None:
-        start_step, evals = restore(checkpoint_dir, out, config, model, optimizer, scheduler, generator, rank, ranks)
+        start_step, evals = restore(checkpoint_dir, out, config, model, optimizer, scheduler, generator, rank,
+                                    ranks)
     elif rank == 0:
         write_run_info(out, config, model, device, ranks, train_rows, eval_rows)
 
     checkpointer = Checkpointer(out, model, optimizer, scheduler, generator, config, rank, ranks, start_step,
                                 saved=start_step if checkpoint_dir is not None else None)
     roles_fn = task_roles(config)  # the demo knows which tokens compute the answer: computed_mass/<method>
+
+    def reward_fn(texts, golds):  # the run's --reward, looked up at each call (tests replace `score`)
+        return score(texts, golds, config)
+
     stop, stop_signal = StopRequest(), 0
     handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         if is_eval_step(start_step, config) and start_step not in [e["step"] for e in evals]:
-            record_eval(model, tokenizer, eval_rows, config, start_step, out, evals, rank)  # step 0, or an interrupted one
+            # step 0's evaluation, or one a stop interrupted
+            record_eval(model, tokenizer, eval_rows, config, start_step, out, evals, rank)
         progress = Progress(config, start_step, rank)
         for step in progress:
             stop_signal = max(gather(stop.signal or 0))  # every rank stops at the same step
             if stop_signal:
                 break
             prompts, golds, seeds = step_batch(train_rows, step, config, rank, ranks)
-            log = StepLog(model, tokenizer, config, scheduler.get_last_lr()[0], is_eval_step(step + 1, config), roles_fn)
-            grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, lambda texts, golds: score(texts, golds, config),
-                      config, generator, log, prompt_seeds=seeds)
+            log = StepLog(model, tokenizer, config, lr=scheduler.get_last_lr()[0],
+                          fidelity=is_eval_step(step + 1, config), roles_fn=roles_fn)
+            grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, reward_fn, config, generator,
+                      log, prompt_seeds=seeds)
             metrics = log.metrics()
             if rank == 0:
                 append_line(out / "metrics.jsonl", {"step": step + 1, **metrics})
@@ -382,22 +445,23 @@ def main(argv=None):
         return
     if config.preset == "paper" and not torch.cuda.is_available():
         if config.model == PAPER.model:
-            raise SystemExit("the paper preset with Qwen3-1.7B needs a CUDA GPU (100 GRPO steps of 32 completions of "
-                             "up to 512 tokens). On this machine run the CPU demo, python train.py --preset demo, or "
-                             "pass a small local --model DIR")
+            raise SystemExit("the paper preset with Qwen3-1.7B needs a CUDA GPU (100 GRPO steps of 32 "
+                             "completions of up to 512 tokens). On this machine run the CPU demo, python "
+                             "train.py --preset demo, or pass a small local --model DIR")
         print(f"no CUDA GPU: running the paper preset on the CPU with {config.model}; expect it to be slow")
     if not preset_given and config.preset == "demo":
         print("No CUDA GPU found: running the demo preset (a tiny Qwen3 learning column addition on the CPU: "
-              "under 3 minutes on 2 idle cores, about 40 s of it building the model the first time). On a GPU, "
-              "`python train.py` runs the paper's MATH experiment.")
+              "under 3 minutes on 2 idle cores, about 40 s of it building the model the first time). On a "
+              "GPU, `python train.py` runs the paper's MATH experiment.")
     elif not preset_given:
         print("CUDA GPU found: running the paper preset (Qwen3-1.7B-Base on MATH, README: The paper's run).")
     try:
         run(config, resume=args.resume)
         barrier()  # every rank done (rank 0 writes last) before the process group goes
     except torch.cuda.OutOfMemoryError:
-        raise SystemExit("CUDA out of memory. Lower memory with --gradient-checkpointing on, --prompts-per-micro-batch 1 "
-                         "--micro-batches 8 (same batch), a smaller --eval-batch-size, or --max-new-tokens.") from None
+        raise SystemExit("CUDA out of memory. Lower memory with --gradient-checkpointing on, "
+                         "--prompts-per-micro-batch 1 --micro-batches 8 (same batch), a smaller "
+                         "--eval-batch-size, or --max-new-tokens.") from None
     finally:
         end_distributed()
 

@@ -14,9 +14,13 @@ from conftest import parity_reward, run_args
 
 
 @pytest.mark.parametrize("flag, value", [
-    ("--eval-every", "0"), ("--save-every", "0"), ("--top-p", "0"), ("--top-p", "1.5"), ("--temperature", "-1"),
-    ("--reward-timeout", "0"), ("--lr", "-1e-5"), ("--lr", "nan"), ("--top-k", "-1"), ("--lora-dropout", "1"), ("--rank", "0"),
-    ("--group-size", "1"), ("--eval-problems", "0"), ("--grad-clip", "0"), ("--reward", "exact"), ("--credit", "random"),
+    ("--eval-every", "0"), ("--save-every", "0"), ("--top-p", "0"), ("--top-p",
+                                                                     "1.5"), ("--temperature", "-1"),
+    ("--reward-timeout", "0"), ("--lr", "-1e-5"), ("--lr", "nan"), ("--top-k",
+                                                                    "-1"), ("--lora-dropout",
+                                                                            "1"), ("--rank", "0"),
+    ("--group-size", "1"), ("--eval-problems", "0"), ("--grad-clip", "0"), ("--reward",
+                                                                            "exact"), ("--credit", "random"),
 ])
 def test_invalid_options_name_the_flag_and_the_range(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -30,12 +34,15 @@ def test_dry_run_of_the_paper_preset_prints_the_papers_settings(capsys):
     config = json.loads(capsys.readouterr().out)
     expected = {  # the paper's settings (README, The paper's run)
         "model": "Qwen/Qwen3-1.7B-Base", "group_size": 4, "prompts_per_micro_batch": 2, "micro_batches": 4,
-        "steps": 100, "lr": 5e-6, "warmup_steps": 10, "weight_decay": 0.0, "grad_clip": 1.0, "max_prompt_tokens": 512,
-        "max_new_tokens": 512, "temperature": 1.0, "top_p": 0.95, "rank": 64, "lora_alpha": 128.0, "lora_dropout": 0.05,
+        "steps": 100, "lr": 5e-6, "warmup_steps": 10, "weight_decay": 0.0, "grad_clip": 1.0,
+        "max_prompt_tokens": 512, "max_new_tokens": 512, "temperature": 1.0, "top_p": 0.95, "rank": 64,
+        "lora_alpha": 128.0, "lora_dropout": 0.05,
         "power": 2.0, "credit_eps": 1e-8, "eval_problems": 200, "pass_k": 4, "save_every": 20, "seed": 1337,
         "credit": "arca", "advantage": "grpo", "beta": 0.0, "updates_per_batch": 1, "dtype": "bfloat16",
-        # the reference code's protocol (README, This implementation and the reference code): prompt, strict reward, EOS out of the loss, top-k 50, first 200 rows
-        "prompt_template": "Solve this math problem step by step. Put your final answer in \\boxed{{}}.\n\nProblem: {problem}\n",
+        # the reference code's protocol (README, This implementation and the reference code): prompt, strict
+        # reward, EOS out of the loss, top-k 50, first 200 rows
+        "prompt_template": "Solve this math problem step by step. Put your final answer in "
+                           "\\boxed{{}}.\n\nProblem: {problem}\n",
         "reward": "strict", "credit_eos": False, "top_k": 50, "eval_sample": False,
     }
     assert {k: config[k] for k in expected} == expected
@@ -56,10 +63,13 @@ def test_warm_up_and_cosine_equal_transformers_schedule():
         return values
 
     for warmup, total in ((10, 30), (3, 30), (0, 30)):
-        ours = lrs(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, train.cosine_with_warmup(warmup, total)))
+        ours = lrs(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt,
+                                                                 train.cosine_with_warmup(warmup, total)))
         theirs = lrs(lambda opt: transformers.get_cosine_schedule_with_warmup(opt, warmup, total))
         assert ours == pytest.approx(theirs, abs=1e-12)
-    assert ours[0] == 1.0 and lrs(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, train.cosine_with_warmup(10, 30)))[:2] == [0.0, 0.1]
+    assert ours[0] == 1.0
+    first_two = lrs(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, train.cosine_with_warmup(10, 30)))[:2]
+    assert first_two == [0.0, 0.1]
 
 
 def test_report_and_plot_show_every_run_and_signal(char_run_setup, tmp_path, monkeypatch, capsys):
@@ -70,9 +80,10 @@ def test_report_and_plot_show_every_run_and_signal(char_run_setup, tmp_path, mon
     shutil.rmtree(unfinished / "adapter")  # as if killed before the end
     report = train.report([finished, unfinished])
     assert f"| `{finished}` | uniform |" in report and f"| `{unfinished}` (unfinished) | arca |" in report
-    signals = report.split("All seven signals")[1]
+    signals = report.split("All signals")[1]
     assert signals.count("| uniform (trains) |") == 1 and signals.count("| arca (trains) |") == 1
-    assert signals.count("| divergence | 0.") == 2  # measured in both runs, the uniform one included (--diagnose-all)
+    # measured in both runs, the uniform one included (--diagnose-all)
+    assert signals.count("| divergence | 0.") == 2
     pytest.importorskip("matplotlib")
     train.main(["--report", str(finished), str(unfinished), "--plot", str(tmp_path / "runs.png")])
     assert (tmp_path / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -82,7 +93,9 @@ def test_help_shows_each_default(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(paper 'strict', demo 'symbolic')" in text and "(default 1337)" in text and "(paper 50, demo 0)" in text
+    assert "(paper 'strict', demo 'symbolic')" in text
+    assert "(default 1337)" in text
+    assert "(paper 50, demo 0)" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
@@ -93,11 +106,16 @@ def test_paper_preset_without_cuda_says_what_to_run():
 
 def test_dry_run_names_the_datasets_their_revisions_and_the_eval_set(capsys):
     for args, train_data, eval_data in (
-            ([], "DigitalLearningGmbH/MATH-lighteval@0530c78699ea5e8eb5530600900e1f328b48acad data/train-00000-of-00001.parquet",
-             "DigitalLearningGmbH/MATH-lighteval@0530c78699ea5e8eb5530600900e1f328b48acad data/test-00000-of-00001.parquet"),
-            (["--task", "gsm8k"], "openai/gsm8k@740312add88f781978c0658806c59bc2815b9866 main/train-00000-of-00001.parquet",
+            ([], "DigitalLearningGmbH/MATH-lighteval@0530c78699ea5e8eb5530600900e1f328b48acad "
+                 "data/train-00000-of-00001.parquet",
+             "DigitalLearningGmbH/MATH-lighteval@0530c78699ea5e8eb5530600900e1f328b48acad "
+             "data/test-00000-of-00001.parquet"),
+            (["--task", "gsm8k"],
+             "openai/gsm8k@740312add88f781978c0658806c59bc2815b9866 main/train-00000-of-00001.parquet",
              "openai/gsm8k@740312add88f781978c0658806c59bc2815b9866 main/test-00000-of-00001.parquet"),
-            (["--eval-set", "math500"], "DigitalLearningGmbH/MATH-lighteval@0530c78699ea5e8eb5530600900e1f328b48acad data/train-00000-of-00001.parquet",
+            (["--eval-set", "math500"],
+             "DigitalLearningGmbH/MATH-lighteval@0530c78699ea5e8eb5530600900e1f328b48acad "
+             "data/train-00000-of-00001.parquet",
              "HuggingFaceH4/MATH-500@6e4ed1a2a79af7d8630a6b768ec859cb5af4d3be test.jsonl")):
         train.main(["--preset", "paper", *args, "--dry-run"])
         sources = json.loads(capsys.readouterr().out)["data_sources"]

@@ -20,7 +20,8 @@ DEMO_TARGET_ACCURACY = demo.WARMUP["target_accuracy"]
 
 @pytest.fixture(scope="module")
 def demo_checkpoint(tmp_path_factory):
-    """A demo checkpoint built with a short warm-up that learns the layout, not yet the sums (the full one takes a minute)."""
+    """A demo checkpoint built with a short warm-up that learns the layout, not yet the sums (the full one
+    takes a minute)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(demo.WARMUP, "target_accuracy", 0.02)
         yield demo.build_demo_checkpoint(tmp_path_factory.mktemp("demo") / "demo-qwen3")
@@ -54,26 +55,33 @@ def test_problems_are_seeded_samples_of_their_split():
 
 
 def test_gold_answers_score_one_and_wrong_answers_zero():
-    assert demo.completion_text("47+85=") == "7+5=12,4+8+1=13,\\boxed{132}" and demo.completion_text("23+45=") == "3+5=08,2+4+0=06,\\boxed{68}"
+    assert demo.completion_text("47+85=") == "7+5=12,4+8+1=13,\\boxed{132}"
+    assert demo.completion_text("23+45=") == "3+5=08,2+4+0=06,\\boxed{68}"
     for p in demo.demo_problems("test", 200, seed=0):
         a, b = (int(x) for x in p["problem"].removesuffix("=").split("+"))
         assert math_reward(demo.completion_text(p["problem"]), p["answer"]) == 1.0
-        assert math_reward(demo.completion_text(p["problem"]).replace(f"{{{a + b}}}", f"{{{a + b + 1}}}"), p["answer"]) == 0.0
+        assert math_reward(demo.completion_text(p["problem"]).replace(f"{{{a + b}}}", f"{{{a + b + 1}}}"),
+                           p["answer"]) == 0.0
     assert math_reward("7+5=12,4+8+1=13,", "132") == 0.0  # no \boxed{}: no reward
 
 
 def test_token_roles_mark_the_column_sums():
-    """Computed: the two digits of each column's sum; copies (operand digits, the carry, the answer) and format are not.
+    """Computed: the two digits of each column's sum; copies (operand digits, the carry, the answer) and
+    format are not.
     A completion out of the layout (cut short, a wrong separator, junk after the box) is not parsed."""
     tokenizer = demo.build_tokenizer()
     pieces = lambda text: [tokenizer.decode([i]) for i in tokenizer.encode(text).ids] + [demo.EOS]
     completion = pieces(demo.completion_text("47+85="))  # 7 + 5 = 1 2 , 4 + 8 + 1 = 1 3 , \boxed{ 1 3 2 } EOS
     roles = demo.token_roles("47+85=", completion)
-    assert len(roles) == len(completion) == 22 and [i for i, computed in enumerate(roles) if computed] == [4, 5, 13, 14]
-    assert demo.token_roles("47+85=", completion[:-1]) == roles[:-1]  # truncated just before EOS: still parsed
-    wrong_sums = pieces("7+5=13,4+8+1=99,\\boxed{932}")  # the arithmetic is wrong, the layout is not: the same roles
+    assert len(roles) == len(completion) == 22
+    assert [i for i, computed in enumerate(roles) if computed] == [4, 5, 13, 14]
+    # truncated just before EOS: still parsed
+    assert demo.token_roles("47+85=", completion[:-1]) == roles[:-1]
+    # the arithmetic is wrong, the layout is not: the same roles
+    wrong_sums = pieces("7+5=13,4+8+1=99,\\boxed{932}")
     assert demo.token_roles("47+85=", wrong_sums) == roles
-    for broken in (completion[:10], completion[:4] + ["+"] + completion[5:], completion[:-1] + ["7", demo.EOS], pieces("\\boxed{132}")):
+    for broken in (completion[:10], completion[:4] + ["+"] + completion[5:],
+                   completion[:-1] + ["7", demo.EOS], pieces("\\boxed{132}")):
         assert demo.token_roles("47+85=", broken) is None
 
 
@@ -82,17 +90,20 @@ def test_tokenizer_round_trips_every_problem_and_completion(demo_checkpoint):
     assert tokenizer.eos_token_id == tokenizer.pad_token_id == 0
     assert tokenizer.vocab_size == len(demo.VOCAB)
     problems = demo.demo_problems("train", 7100, seed=0) + demo.demo_problems("test", 1000, seed=0)
-    texts = [demo.DEMO_PROMPT_TEMPLATE.format(problem=p["problem"]) + demo.completion_text(p["problem"]) + demo.EOS
+    texts = [demo.DEMO_PROMPT_TEMPLATE.format(problem=p["problem"]) + demo.completion_text(p["problem"])
+             + demo.EOS
              for p in problems]
     for text, encoding in zip(texts, tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False)):
         assert tokenizer.decode(encoding.ids) == text
         assert encoding.ids[-1] == tokenizer.eos_token_id
         assert encoding.ids.count(tokenizer.tokenizer.token_to_id(demo.BOXED)) == 1  # \boxed{ is one token
     completions = [len(tokenizer.encode(demo.completion_text(p["problem"]))) + 1 for p in problems]
-    assert min(completions) == 21 and max(completions) == 22 and sum(completions) / len(completions) > 21  # with EOS
+    # with EOS
+    assert min(completions) == 21 and max(completions) == 22 and sum(completions) / len(completions) > 21
     assert train.DEMO.max_new_tokens >= max(completions)  # the demo's length limit fits every completion
     prompts = [len(tokenizer.encode(p["problem"])) for p in problems]
-    assert max(prompts) + train.DEMO.max_new_tokens <= demo.MODEL["max_position_embeddings"]  # and the model's positions
+    # and the model's positions
+    assert max(prompts) + train.DEMO.max_new_tokens <= demo.MODEL["max_position_embeddings"]
     with pytest.raises(Exception, match="UNK|unk"):
         tokenizer.encode("12/4=")  # a character outside the task is an error, not a silent token
 
@@ -105,35 +116,45 @@ def test_checkpoint_loads_like_a_real_one(demo_checkpoint):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.config.hidden_size == demo.MODEL["hidden_size"]
     assert model.config.num_hidden_layers == demo.MODEL["num_hidden_layers"]
-    assert not list(demo_checkpoint.parent.glob(f".{demo_checkpoint.name}.building-*"))  # the staging directory is gone
+    # the staging directory is gone
+    assert not list(demo_checkpoint.parent.glob(f".{demo_checkpoint.name}.building-*"))
 
 
 def test_warm_up_leaves_the_model_neither_hopeless_nor_perfect(tmp_path, monkeypatch):
-    monkeypatch.setitem(demo.WARMUP, "target_accuracy", DEMO_TARGET_ACCURACY)  # the real recipe, whatever fixtures patched
+    # the real recipe, whatever fixtures patched
+    monkeypatch.setitem(demo.WARMUP, "target_accuracy", DEMO_TARGET_ACCURACY)
     checkpoint = demo.build_demo_checkpoint(tmp_path / "demo-qwen3")  # the full warm-up: 10-20 s
     model, tokenizer = Qwen3.from_pretrained(checkpoint), load_tokenizer(checkpoint)
     problems = demo.demo_problems("test", 400, seed=0)
     prompts = [tokenizer.encode(demo.DEMO_PROMPT_TEMPLATE.format(problem=p["problem"])) for p in problems]
-    tokens, mask = generate(model, prompts, train.DEMO.max_new_tokens, temperature=0.0, top_p=1.0, eos_token_id=tokenizer.eos_token_id)
+    tokens, mask = generate(model, prompts, train.DEMO.max_new_tokens, temperature=0.0, top_p=1.0,
+                            eos_token_id=tokenizer.eos_token_id)
     completions = [row[valid].tolist() for row, valid in zip(tokens, mask)]
-    accuracy = sum(math_reward(tokenizer.decode(ids), p["answer"]) for ids, p in zip(completions, problems)) / len(problems)
+    accuracy = sum(math_reward(tokenizer.decode(ids),
+                               p["answer"]) for ids, p in zip(completions, problems)) / len(problems)
     assert 0.1 <= accuracy <= 0.6
-    well_formed = [demo.token_roles(p["problem"], [tokenizer.decode([i]) for i in ids]) is not None for ids, p in zip(completions, problems)]
-    assert sum(well_formed) / len(completions) > 0.95  # the layout is learnt; the column sums are what is left to learn
+    well_formed = [demo.token_roles(p["problem"], [tokenizer.decode([i]) for i in ids]) is not None
+                   for ids, p in zip(completions, problems)]
+    # the layout is learnt; the column sums are what is left to learn
+    assert sum(well_formed) / len(completions) > 0.95
 
 
 @pytest.mark.parametrize("credit", ["arca-shuffled", "entropy-top20"])
-def test_the_controls_train_end_to_end_and_every_signal_finds_the_computed_tokens(demo_checkpoint, tmp_path, credit, monkeypatch):
-    """Each control trains a demo run (the adapter moves), and every step of a demo run logs all seven methods' Gini
+def test_the_controls_train_end_to_end_and_every_signal_finds_the_computed_tokens(demo_checkpoint, tmp_path,
+                                                                                   credit, monkeypatch):
+    """Each control trains a demo run (the adapter moves), and every step of a demo run logs all seven
+    methods' Gini
     and computed_mass (their weight's share on the column sums of the completions token_roles parses)."""
-    monkeypatch.setattr(train, "score", parity_reward)  # a reward earned half the time: every step has a gradient
+    # a reward earned half the time: every step has a gradient
+    monkeypatch.setattr(train, "score", parity_reward)
     out = tmp_path / credit
-    train.main(["--preset", "demo", "--model", str(demo_checkpoint), "--out", str(out), "--credit", credit, "--steps", "2",
-                "--eval-every", "2", "--eval-problems", "8", "--prompts-per-micro-batch", "4", "--group-size", "4", "--lr", "1e-3",
-                "--warmup-steps", "0"])
+    train.main(["--preset", "demo", "--model", str(demo_checkpoint), "--out", str(out), "--credit", credit,
+                "--steps", "2", "--eval-every", "2", "--eval-problems", "8", "--prompts-per-micro-batch", "4",
+                "--group-size", "4", "--lr", "1e-3", "--warmup-steps", "0"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for row in metrics:
-        for method in ("uniform", "surprisal", "entropy", "divergence", "arca", "arca-shuffled", "entropy-top20"):
+        for method in ("uniform", "surprisal", "entropy", "divergence", "arca", "arca-shuffled",
+                       "entropy-top20"):
             assert 0 <= row[f"gini/{method}"] < 1 and 0 <= row[f"computed_mass/{method}"] <= 1, (method, row)
         assert row["unparsed_completions"] <= 16
         assert 0.1 < row["computed_mass/uniform"] < 0.25  # 4 of the 21 or 22 tokens
@@ -164,7 +185,8 @@ def test_build_is_deterministic_given_the_seed(tmp_path, quick_recipe):
 def test_build_runs_on_one_thread_whatever_the_machine_has(tmp_path, quick_recipe, monkeypatch):
     threads_seen = []
     real_warm_up = demo.warm_up
-    monkeypatch.setattr(demo, "warm_up", lambda *args: (threads_seen.append(torch.get_num_threads()), real_warm_up(*args))[1])
+    monkeypatch.setattr(demo, "warm_up",
+                        lambda *args: (threads_seen.append(torch.get_num_threads()), real_warm_up(*args))[1])
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -16,7 +16,8 @@ from lora import apply_lora, sampling_copies
 from model import Qwen3, Qwen3Config
 from sampling import generate
 
-HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.nonzero.default)
+HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+              torch.ops.aten.nonzero.default)
 
 
 def tensor_arguments(args, kwargs):
@@ -24,9 +25,12 @@ def tensor_arguments(args, kwargs):
 
 
 class DeviceChecks(TorchDispatchMode):
-    """Fails on an op whose tensors are on different devices (a 0-d CPU tensor excepted, as CUDA takes it) and records
-    each host read (.item(), bool(), int(): aten._local_scalar_dense or is_nonzero; nonzero; a copy to the CPU) under
-    the label in self.phase. A read of a tensor made from host copies alone (self.host) is not one. With stub_reads
+    """Fails on an op whose tensors are on different devices (a 0-d CPU tensor excepted, as CUDA takes it) and
+    records
+    each host read (.item(), bool(), int(): aten._local_scalar_dense or is_nonzero; nonzero; a copy to the
+    CPU) under
+    the label in self.phase. A read of a tensor made from host copies alone (self.host) is not one. With
+    stub_reads
     (tensors without values), a read returns False for a bool, else `stub`."""
 
     def __init__(self, stub_reads=False, stub=0):
@@ -38,7 +42,8 @@ class DeviceChecks(TorchDispatchMode):
         tensors = tensor_arguments(args, kwargs)
         devices = {t.device for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
         copy_to_host = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and (
-            kwargs.get("device", tensors[0].device).type == "cpu") and any(t.device.type != "cpu" for t in tensors)
+            kwargs.get("device",
+                       tensors[0].device).type == "cpu") and any(t.device.type != "cpu" for t in tensors)
         if len(devices) > 1 and not copy_to_host and func is not torch.ops.aten.copy_.default:
             raise AssertionError(f"{func} mixes devices {sorted(map(str, devices))}")
         on_host = bool(tensors) and all(t.untyped_storage().data_ptr() in self.host for t in tensors)
@@ -53,22 +58,30 @@ class DeviceChecks(TorchDispatchMode):
 
 
 def test_generation_and_the_credit_passes_never_mix_devices_and_read_the_device_when_said():
-    """generate, the training forward without grad, the adapter-off and exact passes and every credit method, on a
-    model on the meta device: like a GPU it is not the CPU (a tensor made without device= would mix and fail) and its
-    tensors have no values (every read of one to the host is seen, and stubbed). generate reads the device once every
-    8 decode steps (have all rows stopped?) and once at the end (the longest completion); the credit passes never.
-    (FakeTensorMode's CUDA tensors would do, but a CPU build cannot index them: its indexing bindings take a CUDA
+    """generate, the training forward without grad, the adapter-off and exact passes and every credit method,
+    on a
+    model on the meta device: like a GPU it is not the CPU (a tensor made without device= would mix and fail)
+    and its
+    tensors have no values (every read of one to the host is seen, and stubbed). generate reads the device
+    once every
+    8 decode steps (have all rows stopped?) and once at the end (the longest completion); the credit passes
+    never.
+    (FakeTensorMode's CUDA tensors would do, but a CPU build cannot index them: its indexing bindings take a
+    CUDA
     device guard before any mode runs.)"""
-    config = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    config = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4,
                          num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
     with torch.device("meta"):
         model = apply_lora(Qwen3(config), rank=4, alpha=8)
     with DeviceChecks(stub_reads=True, stub=17) as checks:
         with sampling_copies(model):
-            sampled = generate(model, [[5, 9, 2], [4, 11]], 17, temperature=1.0, top_p=0.9, top_k=20, eos_token_id=[1],
+            sampled = generate(model, [[5, 9, 2], [4, 11]], 17, temperature=1.0, top_p=0.9, top_k=20,
+                               eos_token_id=[1],
                                samples_per_prompt=4, return_logprobs=True)
             generate(model, [[5, 9, 2], [4, 11]], 17, temperature=0.0, top_p=1.0, eos_token_id=[1])
-        assert all(t.device.type == "meta" for t in sampled) and len(checks.reads) == 2 * (2 + 1)  # steps 8 and 16, the end
+        # steps 8 and 16, the end
+        assert all(t.device.type == "meta" for t in sampled) and len(checks.reads) == 2 * (2 + 1)
         checks.reads.clear()
         tokens, mask = sampled[0], sampled[1]
         prompts = [[5, 9, 2]] * 4 + [[4, 11]] * 4
@@ -79,7 +92,8 @@ def test_generation_and_the_credit_passes_never_mix_devices_and_read_the_device_
                                               StepConfig(credit="arca", beta=0.1, arca_precision=precision))
                 for method in ("uniform", "surprisal", "entropy", "divergence", "arca"):
                     weights = token_weights(credit_scores(method, mask, **signals), mask, power=2.0)
-                    assert weights.device.type == "meta" and diagnostic_sums(weights, mask).device.type == "meta"
+                    assert weights.device.type == "meta" and diagnostic_sums(weights,
+                                                                             mask).device.type == "meta"
                 assert grpo.k3_kl(logprobs, signals["ref_token_logprobs"], mask, 8).device.type == "meta"
             step_log.all_method_weights(model, prompts, tokens, mask, power=2.0)
         assert checks.reads == []  # the credit passes never wait for the device
@@ -88,9 +102,12 @@ def test_generation_and_the_credit_passes_never_mix_devices_and_read_the_device_
 
 
 def test_a_grpo_step_reads_the_device_a_known_number_of_times(tiny_checkpoint, monkeypatch):
-    """One whole grpo_step on real CPU tensors under DeviceChecks (and .cpu() and .tolist() counted): per decode step
-    one read every 8 steps, per micro-batch none, per update one (its statistics and the grad norm together), and per
-    step a copy of the completions to the host and two in the advantages. The optimiser's own (CPU step counters) aside."""
+    """One whole grpo_step on real CPU tensors under DeviceChecks (and .cpu() and .tolist() counted): per
+    decode step
+    one read every 8 steps, per micro-batch none, per update one (its statistics and the grad norm together),
+    and per
+    step a copy of the completions to the host and two in the advantages. The optimiser's own (CPU step
+    counters) aside."""
     model = lora_tiny_model(tiny_checkpoint[0])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -127,9 +144,11 @@ def test_a_grpo_step_reads_the_device_a_known_number_of_times(tiny_checkpoint, m
 
     monkeypatch.setattr(torch.Tensor, "cpu", cpu)
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
-    config = StepConfig(credit="arca", beta=0.05, max_new_tokens=17, diagnose_all=True)  # 2 micro-batches of 1 prompt x 4
+    # 2 micro-batches of 1 prompt x 4
+    config = StepConfig(credit="arca", beta=0.05, max_new_tokens=17, diagnose_all=True)
     with checks:
-        one_grpo_step(model, optimizer, scheduler, [[5, 9, 2], [4, 11]], ["0", "0"], reward_first_token_even, config,
+        one_grpo_step(model, optimizer, scheduler, [[5, 9, 2], [4, 11]], ["0", "0"], reward_first_token_even,
+                      config,
                       torch.Generator().manual_seed(0))
     counts = {phase: checks.reads.count(phase) for phase in ("decode", "micro-batch", "update", "step")}
     assert counts == {"decode": 2 + 1, "micro-batch": 0, "update": 1, "step": 1 + 2}, checks.reads

@@ -58,7 +58,8 @@ def test_a_worker_killed_while_idle_is_replaced():
     victim = math_reward_module._pool.workers[0].process
     os.kill(victim.pid, signal.SIGKILL)
     victim.join(timeout=10)
-    scores, n_timeouts = score_batch([boxed("1"), boxed("2"), boxed("3"), boxed("4")], ["1", "2", "3", "5"], n_workers=2)
+    scores, n_timeouts = score_batch([boxed("1"), boxed("2"), boxed("3"), boxed("4")], ["1", "2", "3", "5"],
+                                     n_workers=2)
     assert scores[1:] == [1.0, 1.0, 0.0] and scores[0] in (0.0, 1.0) and n_timeouts == (scores[0] == 0.0)
     assert all(worker.process.is_alive() for worker in math_reward_module._pool.workers)
 
@@ -84,7 +85,8 @@ def test_workers_run_under_an_address_space_limit(tmp_path, monkeypatch):
     (limit,), _ = score_batch(["x"], ["x"], n_workers=1, scorer=scorer)
     import resource
 
-    assert limit != float(resource.RLIM_INFINITY) and limit < 64 * 2**30  # a few GiB, not the machine's memory
+    # a few GiB, not the machine's memory
+    assert limit != float(resource.RLIM_INFINITY) and limit < 64 * 2**30
 
 
 def test_score_batch_workers_ignore_ctrl_c():

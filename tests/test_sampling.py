@@ -48,7 +48,8 @@ def test_greedy_generate_matches_transformers(tmp_path):
     tokens, mask = generate(model, prompts, 40, temperature=0, top_p=1.0, eos_token_id=1)
     ids, attention = left_padded(prompts, pad=1)
     reference = hf_model.generate(
-        input_ids=ids, attention_mask=attention, max_new_tokens=40, do_sample=False, eos_token_id=1, pad_token_id=1
+        input_ids=ids, attention_mask=attention, max_new_tokens=40, do_sample=False, eos_token_id=1,
+        pad_token_id=1
     )[:, ids.shape[1] :]
     assert mask.sum() >= 32 or (tokens == 1).any()  # long enough to mean something
     for row in range(len(prompts)):
@@ -93,18 +94,24 @@ def test_mask_stops_at_first_eos(tiny_checkpoint):
 def test_shared_prefill_equals_repeating_the_prompt(tiny_checkpoint):
     model = Qwen3.from_pretrained(tiny_checkpoint[0], dtype=torch.float32)
     prompts, K = [[5, 9, 2, 7], [4, 11], [3]], 4
+
     def sample(shared):
-        generators = [g for g in (torch.Generator().manual_seed(seed) for seed in (1, 2, 3)) for _ in range(K)]  # a prompt's rows share one
-        kwargs = dict(temperature=1.0, top_p=0.9, top_k=20, eos_token_id=[1], row_generators=generators, return_logprobs=True)
+        seeded = (torch.Generator().manual_seed(seed) for seed in (1, 2, 3))
+        generators = [g for g in seeded for _ in range(K)]  # a prompt's rows share one
+        kwargs = dict(temperature=1.0, top_p=0.9, top_k=20, eos_token_id=[1], row_generators=generators,
+                      return_logprobs=True)
         if shared:
             return generate(model, prompts, 12, samples_per_prompt=K, **kwargs)
         return generate(model, [p for p in prompts for _ in range(K)], 12, **kwargs)
-    (tokens, mask, logprobs), (tokens_repeated, mask_repeated, logprobs_repeated) = sample(True), sample(False)
+    (tokens, mask, logprobs), (tokens_repeated, mask_repeated,
+                               logprobs_repeated) = sample(True), sample(False)
     assert torch.equal(tokens, tokens_repeated) and torch.equal(mask, mask_repeated)
     torch.testing.assert_close(logprobs, logprobs_repeated, atol=1e-5, rtol=0)
     assert len({tuple(row) for row in tokens[:K].tolist()}) > 1  # a prompt's K samples differ
     greedy = generate(model, prompts, 8, temperature=0, top_p=1.0, eos_token_id=[], samples_per_prompt=2)[0]
-    assert torch.equal(greedy[0::2], greedy[1::2]) and torch.equal(greedy[0::2], generate(model, prompts, 8, temperature=0, top_p=1.0, eos_token_id=[])[0])
+    assert torch.equal(greedy[0::2], greedy[1::2]) and torch.equal(greedy[0::2],
+                                                                   generate(model, prompts, 8, temperature=0,
+                                                                            top_p=1.0, eos_token_id=[])[0])
 
 
 def test_top_p_keeps_exactly_the_nucleus():
@@ -124,7 +131,8 @@ def test_rows_past_the_real_vocabulary_are_never_drawn(tiny_checkpoint):
     g = torch.Generator().manual_seed(0)
     unmasked, _ = generate(model, [[5, 9]] * 4, 8, temperature=1.0, top_p=1.0, eos_token_id=[], generator=g)
     assert (unmasked >= 80).any()  # the test can fail
-    tokens, _ = generate(model, [[5, 9]] * 4, 8, temperature=1.0, top_p=1.0, eos_token_id=[], generator=g, vocab_size=80)
+    tokens, _ = generate(model, [[5, 9]] * 4, 8, temperature=1.0, top_p=1.0, eos_token_id=[], generator=g,
+                         vocab_size=80)
     assert (tokens < 80).all()
 
 
@@ -134,7 +142,8 @@ def test_temperature_divides_the_logits():
     for top_p in (1.0, 0.999):  # the plain draw and the CPU top-p sampler
         drawn = sample_next_token(logits, 2.0, top_p, g)
         frequencies = torch.bincount(drawn, minlength=3).float() / len(drawn)
-        expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0]) / 2.0, dim=0)  # [0.506, 0.307, 0.186]; T * logits: [0.867, ...]
+        # [0.506, 0.307, 0.186]; T * logits: [0.867, ...]
+        expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0]) / 2.0, dim=0)
         torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)
 
 
@@ -151,7 +160,8 @@ def test_top_k_then_top_p_keeps_the_hand_computed_set():
     for top_k, top_p, kept in cases:
         drawn = set(sample_next_token(logits, 1.0, top_p, g, top_k=top_k).tolist())
         assert drawn == kept, (top_k, top_p, drawn)
-    assert top_k_filter(torch.tensor([[1.0, 3.0, 2.0, 0.5]]), 2).tolist() == [[float("-inf"), 3.0, 2.0, float("-inf")]]
+    assert top_k_filter(torch.tensor([[1.0, 3.0, 2.0, 0.5]]),
+                        2).tolist() == [[float("-inf"), 3.0, 2.0, float("-inf")]]
 
 
 def test_seeded_draws_stay_in_transformers_warpers_kept_set():
@@ -169,7 +179,8 @@ def test_seeded_draws_stay_in_transformers_warpers_kept_set():
             warped = TopKLogitsWarper(top_k)(None, warped)
         if top_p < 1:
             warped = TopPLogitsWarper(top_p)(None, warped)
-        kept = torch.isfinite(warped)  # (B, V) transformers' kept set, in its order: temperature, top-k, top-p
+        # (B, V) transformers' kept set, in its order: temperature, top-k, top-p
+        kept = torch.isfinite(warped)
         for _ in range(50):
             drawn = sample_next_token(logits, temperature, top_p, g, top_k=top_k)  # (B,)
             assert kept.gather(1, drawn[:, None]).all(), (temperature, top_k, top_p)
@@ -185,8 +196,10 @@ def test_sampler_never_loops_forever():
 
 
 def in_nucleus(probs, top_p):
-    """Brute force, (..., V) -> (..., V) bool: token i is kept iff the mass of strictly likelier tokens is below p."""
-    likelier = (probs[..., None, :] > probs[..., :, None]) * probs[..., None, :]  # (..., V, V): [i, j] = p_j if p_j > p_i
+    """Brute force, (..., V) -> (..., V) bool: token i is kept iff the mass of strictly likelier tokens is
+    below p."""
+    # (..., V, V): [i, j] = p_j if p_j > p_i
+    likelier = (probs[..., None, :] > probs[..., :, None]) * probs[..., None, :]
     return likelier.sum(dim=-1) < top_p
 
 
@@ -216,7 +229,8 @@ def test_top_p_samplers_stay_in_the_nucleus_of_random_distributions(sampler):
     probs = logits.softmax(dim=-1)
     for top_p in (0.5, 0.95):
         kept = in_nucleus(probs, top_p)  # (B, V)
-        assert (kept.sum(dim=-1) > 1).float().mean() > 0.5 and (kept.sum(dim=-1) < 300).all()  # the test can fail
+        # the test can fail
+        assert (kept.sum(dim=-1) > 1).float().mean() > 0.5 and (kept.sum(dim=-1) < 300).all()
         for _ in range(20):
             drawn = sampler(probs, top_p, generator)  # (B,)
             assert kept.gather(-1, drawn[:, None]).all()
@@ -233,7 +247,8 @@ def test_rejection_sampler_ends_on_a_one_hot_distribution_and_tiny_p():
 
 
 def test_generate_returns_ordinary_tensors(gqa_model):
-    tokens, mask, logprobs = generate(gqa_model, [[5, 9, 2], [4]], 6, temperature=1.0, top_p=0.9, eos_token_id=[],
+    tokens, mask, logprobs = generate(gqa_model, [[5, 9, 2], [4]], 6, temperature=1.0, top_p=0.9,
+                                      eos_token_id=[],
                                       generator=torch.Generator().manual_seed(0), return_logprobs=True)
     assert not any(torch.is_inference(t) for t in (tokens, mask, logprobs))
     weight = torch.ones(mask.shape, requires_grad=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, find_checkpoint_step, run_args
+from conftest import REPO, find_checkpoint_step, metrics_of, run_args
 
 TORCHRUN_ENTRY = """
 import os, signal, sys
@@ -36,16 +36,19 @@ if __name__ == "__main__":
 """
 
 
-TWO_RANKS = ("--steps", "3", "--save-every", "2", "--eval-every", "3", "--lora-dropout", "0", "--prompts-per-micro-batch", "2",
+TWO_RANKS = ("--steps", "3", "--save-every", "2", "--eval-every", "3", "--lora-dropout", "0",
+             "--prompts-per-micro-batch", "2",
              "--micro-batches", "1")
 
 
 def torchrun(setup, out, tmp_path, *args, processes=2, fault=None):
     entry = tmp_path / f"entry_{abs(hash(str(out)))}.py"
     entry.write_text(TORCHRUN_ENTRY.format(repo=str(REPO), fault=fault))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", str(entry),
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               str(entry),
                *run_args(setup, out, *args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(command, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +66,15 @@ def test_two_processes_make_the_one_process_run(one_and_two_processes):
     adapter_one, adapter_two = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (one, two))
     assert all((adapter_one[k] - adapter_two[k]).abs().max() < 1e-5 for k in adapter_one)
     assert any(adapter_one[k].abs().sum() > 0 for k in adapter_one if "lora_B" in k)  # it trained
-    metrics_one, metrics_two = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two))
-    assert [m["reward_mean"] for m in metrics_one] == [m["reward_mean"] for m in metrics_two]  # the same completions
+    metrics_one, metrics_two = metrics_of(one), metrics_of(two)
+    # the same completions
+    assert [m["reward_mean"] for m in metrics_one] == [m["reward_mean"] for m in metrics_two]
     assert [m["completion_len"] for m in metrics_one] == [m["completion_len"] for m in metrics_two]
     assert len({m["reward_mean"] for m in metrics_one}) > 1 or metrics_one[0]["reward_mean"] not in (0.0, 1.0)
     evals_one, evals_two = (json.loads((d / "eval.json").read_text()) for d in (one, two))
     assert [e["greedy_accuracy"] for e in evals_one] == [e["greedy_accuracy"] for e in evals_two]
-    assert [e["pass@2"] for e in evals_one] == [e["pass@2"] for e in evals_two]  # per-problem seeds: sampling agrees too
+    # per-problem seeds: sampling agrees too
+    assert [e["pass@2"] for e in evals_one] == [e["pass@2"] for e in evals_two]
     assert json.loads((two / "config.json").read_text())["processes"] == 2
 
 
@@ -84,18 +89,23 @@ def test_a_failing_rank_ends_every_process(char_run_setup, one_and_two_processes
 def test_a_killed_two_process_run_resumes_on_two_processes(char_run_setup, one_and_two_processes):
     _, two, tmp_path = one_and_two_processes
     out = tmp_path / "killed"
-    killed = torchrun(char_run_setup, out, tmp_path, *TWO_RANKS, fault=(0, 3, "kill"))  # rank 0 dies in step 3, after step 2's save
+    # rank 0 dies in step 3, after step 2's save
+    killed = torchrun(char_run_setup, out, tmp_path, *TWO_RANKS, fault=(0, 3, "kill"))
     assert killed.returncode != 0 and find_checkpoint_step(out) == 2 and not (out / "adapter").exists()
     refused = torchrun(char_run_setup, out, tmp_path, *TWO_RANKS, "--resume", processes=1)
-    assert refused.returncode != 0 and "trained on 2 process(es), this is 1" in refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert "trained on 2 process(es), this is 1" in refused.stdout + refused.stderr
     resumed = torchrun(char_run_setup, out, tmp_path, *TWO_RANKS, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [row["step"] for row in metrics_of(out)] == [1, 2, 3]
     adapter, expected = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, two))
     assert all(torch.equal(adapter[k], expected[k]) for k in adapter)
 
 
 def test_prompts_that_do_not_divide_among_the_processes_are_refused(char_run_setup, one_and_two_processes):
     _, _, tmp_path = one_and_two_processes
-    result = torchrun(char_run_setup, tmp_path / "odd", tmp_path, *TWO_RANKS, "--prompts-per-micro-batch", "3")
-    assert result.returncode != 0 and "3 prompts per step" in result.stdout + result.stderr and "among 2 processes" in result.stdout + result.stderr
+    result = torchrun(char_run_setup, tmp_path / "odd", tmp_path, *TWO_RANKS, "--prompts-per-micro-batch",
+                      "3")
+    assert result.returncode != 0
+    assert "3 prompts per step" in result.stdout + result.stderr
+    assert "among 2 processes" in result.stdout + result.stderr
