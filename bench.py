@@ -85,11 +85,9 @@ SHAPES = {  # Hugging Face config.json fields
                  num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, bos_token_id=4095, eos_token_id=4095),
     "0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, max_position_embeddings=32768),
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768),
     "1.7b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                 num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, max_position_embeddings=32768),
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768),
 }
 COMMON = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], rope_theta=1000000, rms_norm_eps=1e-6,
               tie_word_embeddings=True, attention_bias=False, hidden_act="silu", use_sliding_window=False,
@@ -885,8 +883,7 @@ def bench_memory(device, records, shape):
                                                    setting) for setting in (False, True)}
     for setting, profile in profiles.items():
         records.append(record("activations_per_token" + ("_checkpointed" if setting else ""), shape, 1,
-                              device,
-                              profile["per_token"] / 2**20, None, "MB per token",
+                              device, profile["per_token"] / 2**20, None, "MB per token",
                               f"{model_config.num_hidden_layers} layers, of which one layer "
                               f"{profile['layer_per_token'] / 2**10:.1f} KB; "
                               f"plus {profile['constant'] / 2**20:.0f} MB whatever the length (LoRA weight casts)"))
@@ -900,8 +897,7 @@ def bench_memory(device, records, shape):
         plan = memory.planned_peak(model_config, config, device, setting, dict(profiles))
         parts = ", ".join(f"{name} {value:.2f}" for name, value in plan.items() if name not in ("peak", "phase") and value)
         records.append(record("paper_step_planned_peak" + ("_checkpointed" if setting else ""), shape, None,
-                              device, plan["peak"],
-                              None, "GB", f"{plan['phase']} phase: {parts}"))
+                              device, plan["peak"], None, "GB", f"{plan['phase']} phase: {parts}"))
 
 
 # ----------------------------------------------------------------------------------------------

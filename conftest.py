@@ -81,8 +81,7 @@ def checkpoint_dir(tmp_path_factory):
     """A tiny random Qwen3 with transformers' own initialisation (small weights, norms at 1), saved as
     safetensors: the weights both our model and transformers + PEFT load in the LoRA tests."""
     directory, _ = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"), randomise_norms=False,
-                                        vocab_size=97,
-                                        max_position_embeddings=64, initializer_range=0.02)
+                                        vocab_size=97, max_position_embeddings=64, initializer_range=0.02)
     return directory
 
 

@@ -248,8 +248,8 @@ def cached_split(task_or_set, split, revision=None, cache_dir=None):
 
 
 def data_sources(config):
-    """{"train": ..., "eval": ...}: where each side's problems come from, as config.json and --report
-    name them."""
+    """{"train": ..., "eval": ...}: where each side's problems come from, as config.json and --report name
+    them."""
     if config.task == "demo":
         hub = {"train": "demo additions (demo.py)", "eval": "demo additions, held out (demo.py)"}
     else:

@@ -89,8 +89,8 @@ RECIPE_VERSION = 3
 
 
 def _split_pairs():
-    """{"train": [(a, b), ...], "test": [...]}: a fixed permutation of every pair, the first TEST_SIZE
-    held out."""
+    """{"train": [(a, b), ...], "test": [...]}: a fixed permutation of every pair, the first TEST_SIZE held
+    out."""
     pairs = [(a, b) for a in OPERANDS for b in OPERANDS]
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     return {"test": [pairs[i] for i in order[:TEST_SIZE]], "train": [pairs[i] for i in order[TEST_SIZE:]]}

@@ -157,8 +157,8 @@ def sampling_options(config, tokenizer):
 
 
 def sample_rollouts(model, prompts, config, tokenizer, generator, prompt_seeds=None):
-    """K = config.group_size completions per prompt, adapter on (unmerged, lora.sampling_copies), dropout
-    off; random numbers from one seed per prompt when prompt_seeds is given, else from generator."""
+    """K = config.group_size completions per prompt, adapter on (unmerged, lora.sampling_copies), dropout off;
+    random numbers from one seed per prompt when prompt_seeds is given, else from generator."""
     model.eval()
     K = config.group_size
     device = model.lm_head.weight.device

@@ -972,9 +972,9 @@ def _normalize_strict(s):
 
 
 def strict_match(completion, gold):
-    """1.0 if the completion's last `\\boxed{}` equals the gold answer as a string after
-    `_normalize_strict`, else 0.0: the reward of the paper's reference code (README, "This implementation and
-    the reference code").
+    """1.0 if the completion's last `\\boxed{}` equals the gold answer as a string after `_normalize_strict`,
+    else 0.0: the reward of the paper's reference code (README, "This implementation and the reference
+    code").
 
     gold is a bare answer or a full solution (its last box is used). Linear time, never raises.
         strict_match("so \\boxed{\\dfrac{1}{2}}.", "\\frac{1}{2}") -> 1.0

@@ -134,8 +134,8 @@ def weight_count(model_config):
 
 def planned_peak(model_config, config, device, checkpointing, profiles=None):
     """{component: GB} of the largest phase of a step, and "peak" and the phase's name (see the module
-    docstring). profiles: {checkpointing: activation_profile(...)} for False (and True), measured here
-    when not given."""
+    docstring).
+    profiles: {checkpointing: activation_profile(...)} for False (and True), measured here when not given."""
     profiles = profiles or {}
     for setting in {False, checkpointing}:
         if setting not in profiles:

@@ -399,8 +399,7 @@ def some_names(names, shown=5):
 
 def load_weights(model, directory, device, dtype):
     """Read every tensor onto `device` as `dtype`, strictly: names, shapes and float dtypes must match the
-    model,
-    each name in exactly one file (the one the index names).
+    model, each name in exactly one file (the one the index names).
 
     Tensors are read one at a time from memory-mapped files, so host memory stays near one tensor
     beyond the weights themselves. A tied checkpoint (tie_word_embeddings true) uses the embedding as

@@ -51,8 +51,8 @@ def gather(value):
 
 
 def start_distributed():
-    """(rank, number of ranks, device): torchrun's process group (NCCL on GPUs, gloo on CPUs), or
-    (0, 1, the one device)."""
+    """(rank, number of ranks, device): torchrun's process group (NCCL on GPUs, gloo on CPUs), or (0, 1, the
+    one device)."""
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")

@@ -17,8 +17,8 @@ from credit import METHODS
 
 
 def read_metrics(out):
-    """metrics.jsonl's rows; a torn last line (a kill or a full disk mid-write) is dropped, any other bad
-    line is an error."""
+    """metrics.jsonl's rows; a torn last line (a kill or a full disk mid-write) is dropped, any other bad line
+    is an error."""
     path = Path(out) / "metrics.jsonl"
     if not path.exists():
         return []

@@ -85,9 +85,9 @@ class StepLog:
 
 
 def token_roles(rollout, ids, tokenizer, roles_fn):
-    """(computed (N, T) bool, parsed (N,) bool) on the device, from roles_fn(problem, completion token
-    texts) for each completion (ids: their token ids); a completion roles_fn cannot parse has no
-    computed token and parsed False."""
+    """(computed (N, T) bool, parsed (N,) bool) on the device, from roles_fn(problem, completion token texts)
+    for each completion (ids: their token ids); a completion roles_fn cannot parse has no computed token
+    and parsed False."""
     computed = torch.zeros(rollout.tokens.shape, dtype=torch.bool)  # (N, T) on the host
     parsed = torch.zeros(len(ids), dtype=torch.bool)  # (N,)
     for row, (prompt, completion) in enumerate(zip(rollout.prompts, ids)):
@@ -224,8 +224,7 @@ def step_metrics(reports, rewards, lengths, stopped, timeouts, lr, clock, device
         "arca_norm_max": first.get("arca_norm_max"),
         "arca_exact_corr": first.get("arca_exact_corr"),  # with fidelity and credit arca
         "arca_floor_ratio": first.get("arca_floor_ratio"),
-        **per_method,
-        **computed_mass,
+        **per_method, **computed_mass,
         **{key: first[key] for key in ("unparsed_completions",) if key in first},  # a task with roles_fn
         "grad_norm": last["grad_norm"],
         "skipped_update": not (math.isfinite(last["grad_norm"]) and math.isfinite(last["loss"])),
@@ -239,8 +238,8 @@ def step_metrics(reports, rewards, lengths, stopped, timeouts, lr, clock, device
 
 
 class PhaseClock:
-    """Seconds spent in each phase of a step (the device synchronised at each lap, so a GPU's queued
-    work counts)."""
+    """Seconds spent in each phase of a step (the device synchronised at each lap, so a GPU's queued work
+    counts)."""
 
     def __init__(self, device):
         self.device, self.last, self.laps = device, time.perf_counter(), {}

@@ -24,61 +24,16 @@ from safetensors.torch import load_file, save_file
 
 import grpo
 import step_log
-from conftest import (
-    REPO,
-    SHARED_DATA,
-    TARGETS,
-    StepConfig,
-    boxed,
-    hf_model,
-    input_ids,
-    left_padded,
-    logits,
-    lora_gradient,
-    lora_tiny_model,
-    one_grpo_step,
-    perturbed_lora_model,
-    randomise_adapter,
-    reward_first_token_even,
-    save_tiny_checkpoint,
-    tiny_hf_config,
-    tiny_model,
-)
-from credit import (
-    arca_scores,
-    credit_diagnostics,
-    credit_html,
-    credit_page,
-    credit_scores,
-    credit_section,
-    divergence_scores,
-    effective_token_ratio,
-    entropy_reduction_scores,
-    gini,
-    surprisal_scores,
-    token_weights,
-    top_mass,
-    uniform_scores,
-)
+from conftest import (REPO, SHARED_DATA, TARGETS, StepConfig, boxed, hf_model, input_ids, left_padded, logits,
+                      lora_gradient, lora_tiny_model, one_grpo_step, perturbed_lora_model, randomise_adapter,
+                      reward_first_token_even, save_tiny_checkpoint, tiny_hf_config, tiny_model)
+from credit import (arca_scores, credit_diagnostics, credit_html, credit_page, credit_scores, credit_section,
+                    divergence_scores, effective_token_ratio, entropy_reduction_scores, gini,
+                    surprisal_scores, token_weights, top_mass, uniform_scores)
 from grpo import group_advantages, k3_kl, pack_sequences, policy_loss
-from lora import (
-    LoRALinear,
-    apply_lora,
-    disable_adapter,
-    load_adapter,
-    lora_layers,
-    merge_adapter,
-    sampling_copies,
-    save_adapter,
-    unmerge_adapter,
-)
-from math_reward import (
-    extract_boxed,
-    is_equiv,
-    math_reward,
-    normalize_answer,
-    strict_match,
-)
+from lora import (LoRALinear, apply_lora, disable_adapter, load_adapter, lora_layers, merge_adapter,
+                  sampling_copies, save_adapter, unmerge_adapter)
+from math_reward import extract_boxed, is_equiv, math_reward, normalize_answer, strict_match
 from model import Qwen3, Qwen3Config, apply_rotary, load_tokenizer, rotary_cos_sin
 from sampling import generate
 
@@ -364,8 +319,8 @@ def test_adapter_stays_fp32_on_a_bf16_base():
 
 def test_a_bf16_adapter_keeps_no_fp32_copy_of_its_input():
     """compute_dtype bf16 on a bf16 layer: backward keeps x itself (no fp32 copy); fp32 (PEFT's way) keeps
-    one. The
-    gradients still reach fp32 A and B, and the output is the fp32 computation's to bf16 rounding."""
+    one. The gradients still reach fp32 A and B, and the output is the fp32 computation's to bf16
+    rounding."""
     from model import InputDtypeLinear  # the model's linear layer: computes in its input's dtype
 
     torch.manual_seed(0)
@@ -569,8 +524,8 @@ def readme_snippet(heading):
 
 def test_the_readme_snippet_computes_arca_as_the_step_does(checkpoint_dir, tmp_path):
     """README's "ARCA in your own loop", read out of the file and run on transformers + PEFT: its weights and
-    loss
-    equal this project's (our Qwen3 and LoRA, the same adapter) and its gradient reaches the adapter."""
+    loss equal this project's (our Qwen3 and LoRA, the same adapter) and its gradient reaches the
+    adapter."""
     code = readme_snippet("## ARCA in your own loop")
     assert len([line for line in code.splitlines() if line.strip()]) <= 15
     reference = get_peft_model(transformers.Qwen3ForCausalLM.from_pretrained(checkpoint_dir),
@@ -586,8 +541,7 @@ def test_the_readme_snippet_computes_arca_as_the_step_does(checkpoint_dir, tmp_p
                                       [3, 4, 1, 1]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool()
     advantages = torch.tensor([1.0, -1.0])
     names = dict(model=reference, input_ids=torch.cat([torch.tensor(prompts), completions], dim=1), P=4,
-                 mask=mask,
-                 attention_mask=torch.ones(2, 8, dtype=torch.long), advantages=advantages)
+                 mask=mask, attention_mask=torch.ones(2, 8, dtype=torch.long), advantages=advantages)
     exec(code, names)
 
     ours = apply_lora(tiny_model(checkpoint_dir), rank=4, alpha=8)
@@ -865,10 +819,8 @@ def test_credit_scores_dispatches_and_names_valid_methods():
 
 def test_arca_shuffled_moves_arcas_own_weights_to_random_tokens():
     """The control for "non-uniform by the right amount": each row's weights are exactly ARCA's, sorted alike,
-    on
-    a uniformly random permutation of its valid tokens; padding stays 0; a row's permutation depends on its
-    seed and
-    length alone, not on the batch's padding width; another seed, another permutation."""
+    on a uniformly random permutation of its valid tokens; padding stays 0; a row's permutation depends on
+    its seed and length alone, not on the batch's padding width; another seed, another permutation."""
     from credit import credit_weights, shuffle_within_rows
 
     torch.manual_seed(0)
@@ -896,8 +848,7 @@ def test_arca_shuffled_moves_arcas_own_weights_to_random_tokens():
 
 def test_entropy_top20_puts_equal_weight_on_the_highest_entropy_fifth():
     """1/k on the k = ceil(0.2 T) highest-entropy valid tokens, a tie to the earlier position, exact zeros
-    elsewhere
-    (the per-completion variant of the high-entropy-minority rule)."""
+    elsewhere (the per-completion variant of the high-entropy-minority rule)."""
     from credit import credit_weights
 
     entropies = torch.tensor([[0.5, 2.0, 1.0, 2.0, 0.1, 9.0], [3.0, 1.0, 3.0, 3.0, 0.2, 0.1],
@@ -1297,8 +1248,7 @@ def test_exact_and_bf16_arca_are_zero_and_uniform_at_b_zero(tiny_checkpoint):
 
 def test_exact_arca_keeps_the_kl_and_divergence_on_the_bf16_pair(tiny_checkpoint):
     """--arca-precision exact with bf16 weights: at B = 0 the KL is exactly 0 and divergence's weights uniform
-    (the
-    policy and reference passes differ by the adapter alone), and with beta > 0 the KL still has its
+    (the policy and reference passes differ by the adapter alone), and with beta > 0 the KL still has its
     gradient."""
     b = STEP_BATCH
     bf16_model, _ = bf16_and_rounded_fp32_models(tiny_checkpoint[0], b_scale=0.0)

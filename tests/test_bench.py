@@ -15,8 +15,7 @@ from model import Qwen3
 
 def test_bench_quick_prints_every_measurement():
     result = subprocess.run([sys.executable, "bench.py", "--quick"], cwd=REPO, capture_output=True, text=True,
-                            timeout=240,
-                            env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+                            timeout=240, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     for line in lines:

@@ -17,11 +17,9 @@ from sampling import generate, sample_top_p_sorted, top_k_filter
 @pytest.mark.skipif(inductor_missing() is not None, reason=str(inductor_missing()))
 def test_compiled_decode_step_matches_eager_and_compiles_once(tiny_checkpoint, monkeypatch):
     """Inductor's compiled step: each layer's K and V written in place (its generated code allocates no
-    cache-sized
-    buffer, which a copy of the cache would need), greedy tokens equal eager's, sampled ones equal the eager
-    sorted
-    sampler's on the same uniforms at three temperatures without recompiling, log-probs the trainer's, LoRA
-    too."""
+    cache-sized buffer, which a copy of the cache would need), greedy tokens equal eager's, sampled ones
+    equal the eager sorted sampler's on the same uniforms at three temperatures without recompiling,
+    log-probs the trainer's, LoRA too."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
 
@@ -87,12 +85,9 @@ def test_compiled_decode_step_matches_eager_and_compiles_once(tiny_checkpoint, m
 
 def test_a_paper_run_compiles_a_known_number_of_graphs(tiny_checkpoint, monkeypatch):
     """The calls of a paper run (rollouts of 8 prompts x K 4, evaluation batches of 64 and their tails, greedy
-    and
-    sampled), with temperature, top-p, max_new_tokens and the batch size changing: one graph per (greedy or
-    sampled,
-    batch bucket, cache bucket), counted by dynamo (eager backend: the graphs, not inductor's kernels, are
-    counted),
-    reused by every later call, its buffers at the same addresses."""
+    and sampled), with temperature, top-p, max_new_tokens and the batch size changing: one graph per
+    (greedy or sampled, batch bucket, cache bucket), counted by dynamo (eager backend: the graphs, not
+    inductor's kernels, are counted), reused by every later call, its buffers at the same addresses."""
     from torch._dynamo.testing import CompileCounter
 
     import compiled_decode

@@ -104,10 +104,8 @@ def hub_cache(tmp_path, monkeypatch):
 
 class LoopbackHub(http.server.ThreadingHTTPServer):
     """A Hugging Face hub on 127.0.0.1 for huggingface_hub's own client: it serves `files` {url path: bytes}
-    at the
-    revision in the path, answers other revisions as the hub does (`errors` {revision: (status,
-    X-Error-Code)}) and
-    logs every request."""
+    at the revision in the path, answers other revisions as the hub does (`errors` {revision: (status,
+    X-Error-Code)}) and logs every request."""
 
     def __init__(self, files, errors):
         self.files, self.errors, self.requests = files, errors, []

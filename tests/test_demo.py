@@ -67,8 +67,8 @@ def test_gold_answers_score_one_and_wrong_answers_zero():
 
 def test_token_roles_mark_the_column_sums():
     """Computed: the two digits of each column's sum; copies (operand digits, the carry, the answer) and
-    format are not.
-    A completion out of the layout (cut short, a wrong separator, junk after the box) is not parsed."""
+    format are not. A completion out of the layout (cut short, a wrong separator, junk after the box) is
+    not parsed."""
     tokenizer = demo.build_tokenizer()
     pieces = lambda text: [tokenizer.decode([i]) for i in tokenizer.encode(text).ids] + [demo.EOS]
     completion = pieces(demo.completion_text("47+85="))  # 7 + 5 = 1 2 , 4 + 8 + 1 = 1 3 , \boxed{ 1 3 2 } EOS
@@ -143,8 +143,8 @@ def test_warm_up_leaves_the_model_neither_hopeless_nor_perfect(tmp_path, monkeyp
 def test_the_controls_train_end_to_end_and_every_signal_finds_the_computed_tokens(demo_checkpoint, tmp_path,
                                                                                    credit, monkeypatch):
     """Each control trains a demo run (the adapter moves), and every step of a demo run logs all seven
-    methods' Gini
-    and computed_mass (their weight's share on the column sums of the completions token_roles parses)."""
+    methods' Gini and computed_mass (their weight's share on the column sums of the completions token_roles
+    parses)."""
     # a reward earned half the time: every step has a gradient
     monkeypatch.setattr(train, "score", parity_reward)
     out = tmp_path / credit

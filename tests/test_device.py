@@ -26,12 +26,9 @@ def tensor_arguments(args, kwargs):
 
 class DeviceChecks(TorchDispatchMode):
     """Fails on an op whose tensors are on different devices (a 0-d CPU tensor excepted, as CUDA takes it) and
-    records
-    each host read (.item(), bool(), int(): aten._local_scalar_dense or is_nonzero; nonzero; a copy to the
-    CPU) under
-    the label in self.phase. A read of a tensor made from host copies alone (self.host) is not one. With
-    stub_reads
-    (tensors without values), a read returns False for a bool, else `stub`."""
+    records each host read (.item(), bool(), int(): aten._local_scalar_dense or is_nonzero; nonzero; a copy
+    to the CPU) under the label in self.phase. A read of a tensor made from host copies alone (self.host)
+    is not one. With stub_reads (tensors without values), a read returns False for a bool, else `stub`."""
 
     def __init__(self, stub_reads=False, stub=0):
         super().__init__()
@@ -59,26 +56,19 @@ class DeviceChecks(TorchDispatchMode):
 
 def test_generation_and_the_credit_passes_never_mix_devices_and_read_the_device_when_said():
     """generate, the training forward without grad, the adapter-off and exact passes and every credit method,
-    on a
-    model on the meta device: like a GPU it is not the CPU (a tensor made without device= would mix and fail)
-    and its
-    tensors have no values (every read of one to the host is seen, and stubbed). generate reads the device
-    once every
-    8 decode steps (have all rows stopped?) and once at the end (the longest completion); the credit passes
-    never.
-    (FakeTensorMode's CUDA tensors would do, but a CPU build cannot index them: its indexing bindings take a
-    CUDA
-    device guard before any mode runs.)"""
+    on a model on the meta device: like a GPU it is not the CPU (a tensor made without device= would mix
+    and fail) and its tensors have no values (every read of one to the host is seen, and stubbed). generate
+    reads the device once every 8 decode steps (have all rows stopped?) and once at the end (the longest
+    completion); the credit passes never. (FakeTensorMode's CUDA tensors would do, but a CPU build cannot
+    index them: its indexing bindings take a CUDA device guard before any mode runs.)"""
     config = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
     with torch.device("meta"):
         model = apply_lora(Qwen3(config), rank=4, alpha=8)
     with DeviceChecks(stub_reads=True, stub=17) as checks:
         with sampling_copies(model):
             sampled = generate(model, [[5, 9, 2], [4, 11]], 17, temperature=1.0, top_p=0.9, top_k=20,
-                               eos_token_id=[1],
-                               samples_per_prompt=4, return_logprobs=True)
+                               eos_token_id=[1], samples_per_prompt=4, return_logprobs=True)
             generate(model, [[5, 9, 2], [4, 11]], 17, temperature=0.0, top_p=1.0, eos_token_id=[1])
         # steps 8 and 16, the end
         assert all(t.device.type == "meta" for t in sampled) and len(checks.reads) == 2 * (2 + 1)
@@ -103,11 +93,9 @@ def test_generation_and_the_credit_passes_never_mix_devices_and_read_the_device_
 
 def test_a_grpo_step_reads_the_device_a_known_number_of_times(tiny_checkpoint, monkeypatch):
     """One whole grpo_step on real CPU tensors under DeviceChecks (and .cpu() and .tolist() counted): per
-    decode step
-    one read every 8 steps, per micro-batch none, per update one (its statistics and the grad norm together),
-    and per
-    step a copy of the completions to the host and two in the advantages. The optimiser's own (CPU step
-    counters) aside."""
+    decode step one read every 8 steps, per micro-batch none, per update one (its statistics and the grad
+    norm together), and per step a copy of the completions to the host and two in the advantages. The
+    optimiser's own (CPU step counters) aside."""
     model = lora_tiny_model(tiny_checkpoint[0])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -148,7 +136,6 @@ def test_a_grpo_step_reads_the_device_a_known_number_of_times(tiny_checkpoint, m
     config = StepConfig(credit="arca", beta=0.05, max_new_tokens=17, diagnose_all=True)
     with checks:
         one_grpo_step(model, optimizer, scheduler, [[5, 9, 2], [4, 11]], ["0", "0"], reward_first_token_even,
-                      config,
-                      torch.Generator().manual_seed(0))
+                      config, torch.Generator().manual_seed(0))
     counts = {phase: checks.reads.count(phase) for phase in ("decode", "micro-batch", "update", "step")}
     assert counts == {"decode": 2 + 1, "micro-batch": 0, "update": 1, "step": 1 + 2}, checks.reads

@@ -192,8 +192,7 @@ train.main(sys.argv[1:])
 def start_child(setup, out, plan, *args):
     script = FAULTS.format(repo=str(REPO), plan=plan)
     return subprocess.Popen([sys.executable, "-c", script, *run_args(setup, out, *args)],
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def run_child(setup, out, plan, *args):
@@ -289,9 +288,8 @@ def test_kill_at_every_point_of_the_checkpoint_swap(char_run_setup, tmp_path, mo
 
 def test_a_checkpoint_restores_its_rng_states_whatever_the_device(char_run_setup, tmp_path, monkeypatch):
     """load_state(path, device) keeps the RNG states as CPU byte tensors (torch.set_rng_state and a
-    generator's
-    set_state take nothing else); the optimiser's moments go to `device` (meta here, standing in for a
-    GPU)."""
+    generator's set_state take nothing else); the optimiser's moments go to `device` (meta here, standing
+    in for a GPU)."""
     monkeypatch.setattr(train, "score", parity_reward)
     out = tmp_path / "run"
     train.main(run_args(char_run_setup, out, "--steps", "2", "--save-every", "1"))

@@ -9,13 +9,7 @@ import torch
 import grpo
 from conftest import left_padded, save_tiny_checkpoint
 from model import Qwen3
-from sampling import (
-    generate,
-    sample_next_token,
-    sample_top_p_by_rejection,
-    sample_top_p_sorted,
-    top_k_filter,
-)
+from sampling import generate, sample_next_token, sample_top_p_by_rejection, sample_top_p_sorted, top_k_filter
 
 
 def test_kv_cache_decoding_equals_full_forward(tiny_checkpoint):
@@ -167,8 +161,7 @@ def test_top_k_then_top_p_keeps_the_hand_computed_set():
 def test_seeded_draws_stay_in_transformers_warpers_kept_set():
     from transformers.generation.logits_process import (
         TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
+        TopKLogitsWarper, TopPLogitsWarper,
     )
 
     g = torch.Generator().manual_seed(0)

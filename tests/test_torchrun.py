@@ -45,8 +45,7 @@ def torchrun(setup, out, tmp_path, *args, processes=2, fault=None):
     entry = tmp_path / f"entry_{abs(hash(str(out)))}.py"
     entry.write_text(TORCHRUN_ENTRY.format(repo=str(REPO), fault=fault))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               str(entry),
-               *run_args(setup, out, *args)]
+               str(entry), *run_args(setup, out, *args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=180,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
