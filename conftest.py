@@ -118,7 +118,7 @@ class StepConfig:
             group_size=4, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, credit_eos=True,
             diagnose_all=False, arca_precision="bf16", compile=False, advantage="grpo",
             prompts_per_micro_batch=1, updates_per_batch=1, credit="arca", credit_eps=1e-8, power=2.0,
-            clip_eps=0.2, beta=0.0, grad_clip=1.0,
+            clip_eps=0.2, beta=0.0, grad_clip=1.0, entropy_quantile=0.2, arca_recent_updates=5,
         ), **overrides)
 
 
@@ -153,6 +153,19 @@ def one_grpo_step(model, optimizer, scheduler, prompts, golds, score_fn, config,
     rollout, rewards = grpo.grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn,
                                       config, generator, log)
     return log.metrics(), rollout, rewards
+
+
+class RecordingLog(step_log.StepLog):
+    """A StepLog that also keeps what each micro-batch handed it: (rows, trained mask, credit inputs,
+    weights), in order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def micro_batch(self, rows, mask, inputs, weights, loss, kl):
+        self.seen.append((rows, mask, inputs, weights))
+        super().micro_batch(rows, mask, inputs, weights, loss, kl)
 
 
 def reward_first_token_even(texts, golds):

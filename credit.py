@@ -8,7 +8,7 @@ Each method gives a raw salience alpha_t >= 0 per token:
 
     uniform     alpha_t = 1                                  (the per-sequence mean of log-probs)
     surprisal   alpha_t = -log pi(y_t)                       (the current policy)
-    entropy     alpha_t = max(0, H_t - H_{t+1}), 0 on the last token
+    entropy     alpha_t = max(0, H_t - H_{t+1}), 0 when no token follows y_t
     divergence  alpha_t = |log pi(y_t) - log pi_ref(y_t)|    (pi_ref: adapter off)
     ARCA        alpha_t = ||h_adapted_t - h_base_t||_2       (last hidden state, after the
                                                               final norm, adapter on vs off)
@@ -16,9 +16,14 @@ Each method gives a raw salience alpha_t >= 0 per token:
 and `token_weights` turns them into w_t = (alpha_t + eps)^p / sum_k (alpha_k + eps)^p.
 `gini`, `effective_token_ratio` and `top_mass` measure how concentrated the
 weights are (README, The method (4)); `credit_html` shows where they land in one
-completion. Two controls make their weights another way (`credit_weights`):
-arca-shuffled, ARCA's weights on random tokens, and entropy-top20, 1/k on the
-highest-entropy fifth of a completion (README, The method (3)).
+completion. Four more methods, this project's controls and the field's entropy rule
+(`credit_weights`; README, The method (3)):
+
+    arca-shuffled   ARCA's weights on random tokens (the same values, permuted)
+    entropy-top20   1/k on the highest-entropy fifth of each completion
+    entropy-gate    1/T on the tokens at or above the batch's (1 - rho) entropy quantile (TRL's)
+    arca-recent     ARCA's formula on ||h_now - h_recent||: the adapter now against itself k
+                    updates ago, instead of against no adapter
 
 Every (B, T) tensor is aligned with the completion tokens: column t is about
 token y_t, and a model quantity in it (log-prob, entropy, hidden state) is read
@@ -46,8 +51,8 @@ import math
 
 import torch
 
-SCORED = ("uniform", "surprisal", "entropy", "divergence", "arca")  # a salience per token, then token_weights
-CONTROLS = ("arca-shuffled", "entropy-top20")  # weights made another way (credit_weights)
+SCORED = ("uniform", "surprisal", "entropy", "divergence", "arca")  # the paper's: a score, then token_weights
+CONTROLS = ("arca-shuffled", "entropy-top20", "entropy-gate", "arca-recent")  # credit_weights makes them
 METHODS = SCORED + CONTROLS
 
 
@@ -64,22 +69,26 @@ def surprisal_scores(token_logprobs):
     return -token_logprobs.detach().float()  # (B, T)
 
 
-def entropy_reduction_scores(entropies, mask):
-    """alpha_t = max(0, H_t - H_{t+1}); the last valid token of a row gets 0.
+def entropy_reduction_scores(entropies, mask, valid=None):
+    """alpha_t = max(0, H_t - H_{t+1}) on the trained tokens (`mask`) followed by a generated token
+    (`valid`: every token the sampler drew, EOS included; default `mask`), 0 elsewhere.
 
-    entropies[b, t] is the entropy of the distribution y_t was sampled from, so
-    H_t - H_{t+1} is the uncertainty that choosing y_t removed. Padding entropies
-    are never read, whatever they hold:
+    entropies[b, t] is the entropy of the distribution y_t was sampled from, so H_t - H_{t+1} is
+    the uncertainty that choosing y_t removed. Position t + 1 counts when a token was drawn there,
+    trained or not: with EOS left out of the loss (the paper's setting), the last trained token
+    still gets H_T - H_EOS, as in the reference code. EOS (when trained) and a truncated
+    completion's last token have no next token: 0. Padding entropies are never read:
 
-        entropies = [[2.0, 1.5, 1.7, 0.2, 0.0]]
-        mask      = [[1,   1,   1,   1,   0  ]]
-        ->          [[0.5, 0.0, 1.5, 0.0, 0.0]]   # 1.5 - 1.7 < 0; 0.2 is the last valid token
+        entropies = [[2.0, 1.5, 1.7, 0.9, 0.2]]
+        mask      = [[1,   1,   1,   1,   0  ]]    valid [[1, 1, 1, 1, 1]]: y_4 is an EOS, not trained
+        ->          [[0.5, 0.0, 0.8, 0.7, 0.0]]    (1.5 - 1.7 < 0; valid = mask would give y_3 0)
     """
     mask = mask.bool()  # (B, T)
+    valid = mask if valid is None else valid.bool()  # (B, T)
     h = entropies.detach().float()  # (B, T)
     h_next = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], dim=1)  # (B, T) H_{t+1}
-    next_valid = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)  # (B, T)
-    # README, The method (3): alpha_t = max(0, H_t - H_{t+1}), the last token gets 0
+    next_valid = torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], dim=1)  # (B, T)
+    # README, The method (3): alpha_t = max(0, H_t - H_{t+1}), 0 when no token follows
     return torch.where(mask & next_valid, (h - h_next).clamp(min=0.0), 0.0)  # (B, T)
 
 
@@ -105,9 +114,10 @@ def _require(method, **inputs):
         raise ValueError(f"credit method {method!r} needs {', '.join(missing)}, got None")
 
 
-def credit_scores(method, mask, *, token_logprobs=None, entropies=None,
-                  ref_token_logprobs=None, h_adapted=None, h_base=None):
-    """Raw scores (B, T) for `method`, one of METHODS; pass the inputs that method reads."""
+def credit_scores(method, mask, *, token_logprobs=None, entropies=None, ref_token_logprobs=None,
+                  h_adapted=None, h_base=None, valid=None, h_now=None, h_recent=None):
+    """Raw scores (B, T) for `method`, one of SCORED or arca-recent; pass the inputs that method reads.
+    valid: every generated token (entropy's next-token rule); h_now, h_recent: arca-recent's pair."""
     if method == "uniform":
         return uniform_scores(mask)
     if method == "surprisal":
@@ -115,13 +125,16 @@ def credit_scores(method, mask, *, token_logprobs=None, entropies=None,
         return surprisal_scores(token_logprobs)
     if method == "entropy":
         _require(method, entropies=entropies)
-        return entropy_reduction_scores(entropies, mask)
+        return entropy_reduction_scores(entropies, mask, valid)
     if method == "divergence":
         _require(method, token_logprobs=token_logprobs, ref_token_logprobs=ref_token_logprobs)
         return divergence_scores(token_logprobs, ref_token_logprobs)
     if method == "arca":
         _require(method, h_adapted=h_adapted, h_base=h_base)
         return arca_scores(h_adapted, h_base)
+    if method == "arca-recent":  # README, The method (3): this project's control, not the paper's
+        _require(method, h_now=h_now, h_recent=h_recent)
+        return arca_scores(h_now, h_recent)
     raise ValueError(f"unknown credit method {method!r}; expected one of {', '.join(SCORED)} "
                      f"(or, for weights, {', '.join(CONTROLS)})")
 
@@ -198,13 +211,33 @@ def top_fraction_weights(entropies, mask, fraction=0.2):
     return torch.where((rank < k) & mask, 1.0 / k.float(), 0.0)  # (B, T)
 
 
-def credit_weights(method, mask, eps=1e-8, power=1.0, shuffle_seeds=None, **signals):
+def entropy_gate_weights(entropies, mask, kept_fraction=0.2, threshold=None):
+    """TRL's high-entropy gate (GRPOConfig.top_entropy_quantile = kept_fraction): 1/T on each valid token
+    whose entropy is at or above `threshold`, 0 on the others, T counting every valid token of the row
+    (so a row's weights sum to its kept share). threshold defaults to the (1 - kept_fraction) quantile
+    of this batch's valid entropies; a training step passes one taken over every process's micro-batch.
+
+        entropies [[0.1, 0.9, 0.5, 0.7], [0.2, 0.8, 0.0, 0.0]], mask [[1, 1, 1, 1], [1, 1, 0, 0]], 0.5 ->
+        threshold 0.6 (the median of 0.1, 0.9, 0.5, 0.7, 0.2, 0.8): [[0, 1/4, 0, 1/4], [0, 1/2, 0, 0]]
+    """
+    mask = mask.bool()  # (B, T)
+    h = entropies.detach().float()  # (B, T)
+    if threshold is None:  # nanquantile over the valid entries: no read of how many there are
+        threshold = torch.nanquantile(torch.where(mask, h, float("nan")).flatten(), 1 - kept_fraction)
+    lengths = mask.sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1) T of each row
+    return torch.where(mask & (h >= threshold), 1.0 / lengths, 0.0)  # (B, T)
+
+
+def credit_weights(method, mask, eps=1e-8, power=1.0, shuffle_seeds=None, gate_fraction=0.2,
+                   gate_threshold=None, **signals):
     """The weights (B, T) of any of METHODS from the signals credit_scores takes:
 
         the five scored methods   token_weights(credit_scores(method, ...), eps, power)
         arca-shuffled             ARCA's weights, shuffled within each completion (shuffle_within_rows,
                                   one seed per row; default 0, 1, 2, ...): the same values on random tokens
         entropy-top20             top_fraction_weights(entropies, 0.2): 1/k on the top 20% by entropy
+        entropy-gate              entropy_gate_weights(entropies, gate_fraction, gate_threshold)
+        arca-recent               token_weights(arca_scores(h_now, h_recent), eps, power)
     """
     if method == "arca-shuffled":
         arca = token_weights(credit_scores("arca", mask, **signals), mask, eps=eps, power=power)  # (B, T)
@@ -213,6 +246,9 @@ def credit_weights(method, mask, eps=1e-8, power=1.0, shuffle_seeds=None, **sign
     if method == "entropy-top20":
         _require(method, entropies=signals.get("entropies"))
         return top_fraction_weights(signals["entropies"], mask, 0.2)
+    if method == "entropy-gate":
+        _require(method, entropies=signals.get("entropies"))
+        return entropy_gate_weights(signals["entropies"], mask, gate_fraction, gate_threshold)
     return token_weights(credit_scores(method, mask, **signals), mask, eps=eps, power=power)
 
 

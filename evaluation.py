@@ -18,12 +18,12 @@ from tqdm import tqdm
 
 from credit import credit_page, credit_section
 from data import prompt_seed
-from grpo import group_advantages, sampling_options
+from grpo import group_advantages
 from lora import sampling_copies
 from math_reward import gsm8k_reward, gsm8k_strict_match, math_reward, score_batch, strict_match
 from ranks import gather, process_rank, world_size
 from runs import write_atomically
-from sampling import generate
+from sampling import generate, sampling_options
 from step_log import all_method_weights
 
 

@@ -47,8 +47,9 @@ from torch.utils.checkpoint import checkpoint
 
 from credit import credit_weights
 from lora import disable_adapter, sampling_copies
-from ranks import all_reduce_gradients, completions_on_every_rank
-from sampling import generate, pack_prompts, token_logprobs
+from ranks import all_reduce_gradients, completions_on_every_rank, quantile_on_every_rank
+from sampling import (completion_seeds, generate, pack_prompts, prompt_generators, read_completions,
+                      sampling_options, token_logprobs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,16 +99,6 @@ class Rollout:
     seeds: list  # N seeds, one per completion: arca-shuffled's permutation of it
 
 
-@dataclass
-class Completions:
-    """A rollout's completions on the host, from one copy of the device's tokens (read_completions)."""
-
-    texts: list  # N strings, each up to and including its EOS
-    lengths: list  # N valid token counts
-    stopped: list  # N bools: ended on EOS
-    ids: list  # N token-id lists
-
-
 def eos_positions(tokens, mask, eos_token_id):
     """Which completions end with EOS, read at each row's last valid position (not by scanning ids).
 
@@ -134,28 +125,6 @@ def loss_mask(rollout, credit_eos):
     return rollout.mask & ~((columns == last) & rollout.ends_with_eos[:, None])  # (N, T)
 
 
-def completion_seeds(prompt_seeds, group_size):
-    """One seed per completion from its prompt's seed and its place k in the group: like the prompt
-    seeds, the same whatever the batch, the micro-batch or the rank. Without prompt seeds: None."""
-    if prompt_seeds is None:
-        return None
-    return [(seed * 1_000_003 + k) % 2**63 for seed in prompt_seeds for k in range(group_size)]
-
-
-def prompt_generators(seeds, group_size, device):
-    """One generator per completion row: a prompt's K rows share the generator of its seed, drawn in
-    row order, so a prompt's completions depend on its seed alone, not on its batch or its rank."""
-    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
-    return [g for g in generators for _ in range(group_size)]
-
-
-def sampling_options(config, tokenizer):
-    """The generate options a run fixes: the length limit, top-k, top-p, EOS, the real vocabulary and
-    the fast path (the temperature and the random numbers are each call's)."""
-    return dict(max_new_tokens=config.max_new_tokens, top_p=config.top_p, top_k=config.top_k,
-                eos_token_id=tokenizer.eos_token_id, vocab_size=tokenizer.vocab_size, compile=config.compile)
-
-
 def sample_rollouts(model, prompts, config, tokenizer, generator, prompt_seeds=None):
     """K = config.group_size completions per prompt, adapter on (unmerged, lora.sampling_copies), dropout off;
     random numbers from one seed per prompt when prompt_seeds is given, else from generator."""
@@ -172,17 +141,6 @@ def sample_rollouts(model, prompts, config, tokenizer, generator, prompt_seeds=N
     stopped = eos_positions(tokens, mask, tokenizer.eos_token_id)  # (N,)
     repeated = [prompt for prompt in prompts for _ in range(K)]
     return Rollout(repeated, prompt_index, tokens, mask, logprobs, stopped, seeds)
-
-
-def read_completions(rollout, tokenizer):
-    """Each completion as text (up to and including its EOS), its length, whether it stopped on EOS and
-    its token ids, as Python values from one copy to the host."""
-    lengths = rollout.mask.sum(dim=1, keepdim=True)  # (N, 1)
-    stopped = rollout.ends_with_eos[:, None].long()  # (N, 1)
-    on_host = torch.cat([rollout.tokens, lengths, stopped], dim=1).cpu()  # (N, T + 2): one copy
-    lengths, stopped = on_host[:, -2].tolist(), on_host[:, -1].bool().tolist()
-    ids = [row[:length].tolist() for row, length in zip(on_host[:, :-2], lengths)]
-    return Completions([tokenizer.decode(row) for row in ids], lengths, stopped, ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,11 +187,17 @@ def completion_logprobs(model, hidden, tokens, vocab_size=None, chunk_size=64):
     return torch.cat(logprobs, dim=1), torch.cat(entropies, dim=1)  # (B, T), (B, T)
 
 
-def completion_hidden(model, prompts, tokens, mask, compute_dtype=None):
-    """Last hidden states (B, T, H) at the positions that score the completion tokens (B, T)."""
+def completion_hidden(model, prompts, tokens, mask, compute_dtype=None, adapter=None):
+    """Last hidden states (B, T, H) at the positions that score the completion tokens (B, T); with
+    `adapter` ({parameter name: tensor}, lora.RecentAdapters') those LoRA weights stand in for the live
+    ones for this one call (torch.func.functional_call: no live parameter is touched)."""
     input_ids, attention_mask, P = pack_sequences(prompts, tokens, mask)
     # the last token predicts nothing: the forward runs to the one before it
-    hidden = model(input_ids[:, :-1], attention_mask[:, :-1], compute_dtype=compute_dtype)  # (B, P+T-1, H)
+    inputs, options = (input_ids[:, :-1], attention_mask[:, :-1]), {"compute_dtype": compute_dtype}
+    if adapter is None:
+        hidden = model(*inputs, **options)  # (B, P+T-1, H)
+    else:
+        hidden = torch.func.functional_call(model, adapter, inputs, options)  # (B, P+T-1, H)
     return hidden[:, P - 1 :]  # (B, T, H)
 
 
@@ -275,46 +239,59 @@ def k3_kl(logprobs, ref_logprobs, mask, num_completions):
 # ----------------------------------------------------------------------------------------------
 # The credit of a micro-batch (README, The method (3))
 
-
-def needs_reference(config):
-    """Whether a step runs the adapter-off pass: for the divergence signal, ARCA's h_base (also
-    arca-shuffled's) or the KL."""
-    return config.credit in ("divergence", "arca", "arca-shuffled") or config.beta > 0
+REFERENCE_METHODS = ("divergence", "arca", "arca-shuffled")  # read the adapter-off pass (so does the KL)
 
 
 @torch.no_grad()
-def exact_adapted_hidden(model, prompts, tokens, mask):
-    """ARCA's h_adapted (B, T, H) for --arca-precision exact: adapter on, dropout off, fp32 activations
-    (bf16 weights upcast one matmul at a time), so ||h_adapted - h_base|| is the adapter's change and
-    not bf16 rounding (README, ARCA's precision)."""
+def exact_adapted_hidden(model, prompts, tokens, mask, adapter=None):
+    """h (B, T, H) with the adapter on (the live one, or `adapter`'s weights), dropout off, fp32
+    activations (bf16 weights upcast one matmul at a time): ARCA's h_adapted for --arca-precision exact,
+    so that ||h_adapted - h_base|| is the adapter's change and not bf16 rounding (README, ARCA's
+    precision), and both of arca-recent's states."""
     was_training = model.training
     model.eval()
     try:
-        return completion_hidden(model, prompts, tokens, mask, torch.float32)
+        return completion_hidden(model, prompts, tokens, mask, torch.float32, adapter)
     finally:
         model.train(was_training)
 
 
-def credit_inputs(model, prompts, tokens, mask, logprobs, entropies, hidden, config, vocab_size=None,
-                  reference=False):
-    """The inputs of every credit method on this micro-batch (credit_scores' keyword arguments), detached.
+@torch.no_grad()
+def reference_pass(model, prompts, tokens, mask, config, vocab_size=None):
+    """The adapter-off pass: log pi_ref and h_base (B, T, H), shared by the divergence signal, ARCA and
+    the KL. With --arca-precision exact, ARCA's pair (h_adapted, h_base) comes instead from two passes
+    with fp32 activations, while log pi_ref stays the bf16 pass's: the KL and divergence compare like
+    with like."""
+    with disable_adapter(model):
+        ref_logprobs, _, h_base = completion_forward(model, prompts, tokens, mask, vocab_size)
+        if config.arca_precision != "exact":
+            return dict(ref_token_logprobs=ref_logprobs, h_base=h_base)
+        h_base = completion_hidden(model, prompts, tokens, mask, torch.float32)
+    h_adapted = exact_adapted_hidden(model, prompts, tokens, mask)
+    return dict(ref_token_logprobs=ref_logprobs, h_base=h_base, h_adapted=h_adapted)
 
-    From the training forward: log pi, the entropies and h_adapted. With the adapter-off pass (when
-    the method or the KL needs it, or `reference`): log pi_ref and h_base. With --arca-precision
-    exact, ARCA's pair (h_adapted, h_base) comes instead from two no-grad passes with fp32
-    activations, while log pi_ref stays the bf16 pass's: the KL and divergence compare like with like.
+
+def credit_inputs(model, prompts, tokens, mask, logprobs, entropies, hidden, config, vocab_size=None,
+                  valid=None):
+    """The inputs of every credit method on this micro-batch (credit_weights' keyword arguments), detached.
+
+    From the training forward: log pi, the entropies, h_adapted, and entropy-gate's threshold (the
+    (1 - rho) quantile of this micro-batch's entropies on every rank). valid (B, T): every generated
+    token (the entropy signal's next-token rule; default mask). The adapter-off pass when the method
+    or the KL needs it (reference_pass). For arca-recent, h_now and h_recent: the adapter now and
+    k updates ago (model.recent_adapters, lora.RecentAdapters), both exact and without dropout.
     """
+    threshold = quantile_on_every_rank(entropies.detach(), mask, 1 - config.entropy_quantile,
+                                       capacity=len(prompts) * config.max_new_tokens)
     inputs = dict(token_logprobs=logprobs.detach(), entropies=entropies.detach(), h_adapted=hidden.detach(),
-                  ref_token_logprobs=None, h_base=None)
-    if not (needs_reference(config) or reference):
-        return inputs
-    with torch.no_grad(), disable_adapter(model):
-        inputs["ref_token_logprobs"], _, inputs["h_base"] = completion_forward(model, prompts, tokens, mask,
-                                                                              vocab_size)
-        if config.arca_precision == "exact":
-            inputs["h_base"] = completion_hidden(model, prompts, tokens, mask, torch.float32)
-    if config.arca_precision == "exact":
-        inputs["h_adapted"] = exact_adapted_hidden(model, prompts, tokens, mask)
+                  valid=valid, ref_token_logprobs=None, h_base=None, h_now=None, h_recent=None,
+                  gate_threshold=threshold)
+    if config.credit in REFERENCE_METHODS or config.beta > 0:
+        inputs.update(reference_pass(model, prompts, tokens, mask, config, vocab_size))
+    if config.credit == "arca-recent":
+        older = model.recent_adapters.oldest()
+        inputs.update(h_now=exact_adapted_hidden(model, prompts, tokens, mask),
+                      h_recent=exact_adapted_hidden(model, prompts, tokens, mask, older))
     return inputs
 
 
@@ -323,19 +300,20 @@ def credit_inputs(model, prompts, tokens, mask, logprobs, entropies, hidden, con
 
 
 def train_micro_batch(model, prompts, tokens, mask, advantages, config, num_completions, vocab_size=None,
-                      old_logprobs=None, seeds=None):
+                      old_logprobs=None, seeds=None, valid=None):
     """Forward, credit weights, loss and backward of one micro-batch; the gradients accumulate in .grad.
 
     prompts: B token-id lists; tokens, mask (B, T); advantages (B,); num_completions: the step's N;
     old_logprobs (B, T): PPO's, for a second or later update on the same rollouts; seeds: one per
-    completion, for arca-shuffled's permutations.
+    completion, for arca-shuffled's permutations; valid (B, T): every generated token, EOS included.
     Returns (inputs, weights, loss, kl): the credit inputs (credit_inputs), the weights (B, T) that
     trained, and this micro-batch's share of the loss and of the KL, as detached device scalars.
     """
     mask = mask.bool()
     # log pi (B, T), entropies (B, T) and the adapted last hidden states (B, T, H), with grad
     logprobs, entropies, hidden = completion_forward(model, prompts, tokens, mask, vocab_size)
-    inputs = credit_inputs(model, prompts, tokens, mask, logprobs, entropies, hidden, config, vocab_size)
+    inputs = credit_inputs(model, prompts, tokens, mask, logprobs, entropies, hidden, config, vocab_size,
+                           valid)
     weights = credit_weights(config.credit, mask, config.credit_eps, config.power, seeds, **inputs)  # (B, T)
     loss = policy_loss(logprobs, advantages, weights, num_completions, old_logprobs, config.clip_eps)
     kl = torch.zeros((), device=logprobs.device)
@@ -381,30 +359,30 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
     rollout = sample_rollouts(model, prompts, config, tokenizer, generator, prompt_seeds)
     log.sampled(rollout)
     completions = read_completions(rollout, tokenizer)
-    scores, timeouts = score_fn(completions.texts, [gold for gold in golds for _ in range(config.group_size)])
+    golds = [gold for gold in golds for _ in range(config.group_size)]  # one per completion
+    scores, timeouts = score_fn(completions.texts, golds)
     rewards = torch.tensor(scores, dtype=torch.float32, device=rollout.tokens.device)  # (N,)
     advantages = group_advantages(rewards, rollout.prompt_index, config.advantage)  # (N,)
     log.scored(completions, scores, timeouts)
 
     model.train()
-    loss_tokens = loss_mask(rollout, config.credit_eos)  # (N, T) the tokens trained and diagnosed
+    loss_tokens = loss_mask(rollout, config.credit_eos)  # (N, T) trained and diagnosed
     N = completions_on_every_rank(len(rollout.prompts))  # the loss's normaliser
     trainable = [p for p in model.parameters() if p.requires_grad]
     old_logprobs = {}  # PPO's: each micro-batch's log-probs in the first update
     for _ in range(config.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         for rows, width in micro_batches(completions.lengths, config):
-            tokens, mask = rollout.tokens[rows, :width], loss_tokens[rows, :width]  # (B, T) padding trimmed
+            tokens, mask = rollout.tokens[rows, :width], loss_tokens[rows, :width]  # (B, T)
             inputs, weights, loss, kl = train_micro_batch(
-                model, rollout.prompts[rows], tokens, mask, advantages[rows], config, N, tokenizer.vocab_size,
-                old_logprobs.get(rows.start), rollout.seeds[rows])
+                model, rollout.prompts[rows], tokens, mask, advantages[rows], config, N,
+                tokenizer.vocab_size, old_logprobs.get(rows.start), rollout.seeds[rows],
+                valid=rollout.mask[rows, :width])
             old_logprobs.setdefault(rows.start, inputs["token_logprobs"])
             log.micro_batch(rows, mask, inputs, weights, loss, kl)
-        all_reduce_gradients(trainable)  # several processes: the gradients summed over the ranks
+        all_reduce_gradients(trainable)  # several processes: summed over the ranks
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        if log.update(grad_norm):  # finite: step; the schedule counts updates, a skipped one does not count
+        if log.update(grad_norm):  # finite: step (the schedule counts the updates made)
             optimizer.step()
             scheduler.step()
-        else:
-            optimizer.zero_grad(set_to_none=True)
     return rollout, rewards

@@ -14,7 +14,8 @@ initialisation and dropout masks, and a run must sample the same whether it meas
 
 The planned peak is the largest of three phases of a step, each the sum of what is allocated then:
 - rollout: weights, LoRA parameters, their last gradients (kept until the next update zeroes them)
-  and AdamW's two moments, the KV cache of the rollout batch, one step's logits;
+  and AdamW's two moments (and, for arca-recent, its k fp32 copies of the adapter), the KV cache of
+  the rollout batch, one step's logits;
 - evaluation: the same with an evaluation batch's KV cache;
 - training: weights, LoRA parameters, gradients and moments, the activations of one micro-batch
   (with checkpointing: each layer's input, plus one layer recomputed in backward), one chunk of the
@@ -152,8 +153,9 @@ def planned_peak(model_config, config, device, checkpointing, profiles=None):
     if config.compile:
         slots = -(-sequence // CACHE_BUCKET) * CACHE_BUCKET
         kept = kv_cache_bytes(model_config, batch_bucket(config.eval_batch_size), slots, e) + lora * e
+    recent = 4 * lora * config.arca_recent_updates if config.credit == "arca-recent" else 0  # fp32 copies
     common = {"weights": weight_count(model_config) * e, "kept decode buffers (--compile)": kept,
-              "LoRA, gradients and AdamW moments": 16 * lora}
+              "LoRA, gradients and AdamW moments": 16 * lora, "arca-recent's older adapters": recent}
     recomputed = full["layer_per_token"] * micro_batch * sequence + full["layer_constant"]
     phases = {
         "rollout": {**common, "KV cache": kv_cache_bytes(model_config, rollout_rows, sequence, e),

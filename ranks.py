@@ -41,6 +41,20 @@ def all_reduce_gradients(parameters):
         offset += g.numel()
 
 
+def quantile_on_every_rank(values, mask, q, capacity):
+    """The q quantile of values[mask] (B, T) pooled over the ranks, on the device, with no read of it:
+    each rank's values, NaN where the mask is off, padded with NaN to `capacity` entries (at least
+    B * T) and gathered in one collective; nanquantile skips the NaNs (all NaN: NaN)."""
+    local = torch.where(mask.bool(), values.float(), float("nan")).flatten()  # (B * T,)
+    if world_size() > 1:
+        padded = torch.full((capacity,), float("nan"), device=values.device)
+        padded[: local.numel()] = local
+        pooled = [torch.empty_like(padded) for _ in range(world_size())]
+        dist.all_gather(pooled, padded)
+        local = torch.cat(pooled)  # (W * capacity,)
+    return torch.nanquantile(local, q)
+
+
 def gather(value):
     """[value of rank 0, value of rank 1, ...] (one process: [value])."""
     if world_size() == 1:

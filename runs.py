@@ -96,6 +96,8 @@ def save_checkpoint(out, model, optimizer, scheduler, step, rng, config):
     state = {"step": step, "data_position": step * config.prompts_per_micro_batch * config.micro_batches,
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
              "config": asdict(config)}
+    if hasattr(model, "recent_adapters"):  # arca-recent's ring of older adapters
+        state["recent_adapters"] = model.recent_adapters.state()
 
     def write(staged):
         save_adapter(model, staged / "adapter", config.model)
@@ -224,6 +226,8 @@ def restore(checkpoint_dir, out, config, model, optimizer, scheduler, generator,
         raise SystemExit(f"--resume: {out} was trained on {saved_ranks} process(es), this is {ranks}; "
                          f"resume it with {how}")
     load_adapter(model, checkpoint_dir / "adapter")
+    if hasattr(model, "recent_adapters"):
+        model.recent_adapters.load(state["recent_adapters"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_states(state["rng"][rank], generator)

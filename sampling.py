@@ -13,6 +13,8 @@ decode step under torch.compile (CUDA graphs on a GPU): one call, two loops, and
 is the readable reference.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from model import rotary_cos_sin
@@ -234,6 +236,32 @@ def drawn_logprob(logits, token):
 
 
 # ----------------------------------------------------------------------------------------------
+# Random streams per prompt, and the options a training run fixes
+
+
+def completion_seeds(prompt_seeds, group_size):
+    """One seed per completion from its prompt's seed and its place k in the group: like the prompt
+    seeds, the same whatever the batch, the micro-batch or the rank. Without prompt seeds: None."""
+    if prompt_seeds is None:
+        return None
+    return [(seed * 1_000_003 + k) % 2**63 for seed in prompt_seeds for k in range(group_size)]
+
+
+def prompt_generators(seeds, group_size, device):
+    """One generator per completion row: a prompt's K rows share the generator of its seed, drawn in
+    row order, so a prompt's completions depend on its seed alone, not on its batch or its rank."""
+    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+    return [g for g in generators for _ in range(group_size)]
+
+
+def sampling_options(config, tokenizer):
+    """The generate options a run fixes: the length limit, top-k, top-p, EOS, the real vocabulary and
+    the fast path (the temperature and the random numbers are each call's)."""
+    return dict(max_new_tokens=config.max_new_tokens, top_p=config.top_p, top_k=config.top_k,
+                eos_token_id=tokenizer.eos_token_id, vocab_size=tokenizer.vocab_size, compile=config.compile)
+
+
+# ----------------------------------------------------------------------------------------------
 # Prompts in, completions out
 
 
@@ -266,6 +294,28 @@ def prefill(model, prompts, samples_per_prompt, cache):
         cache.values[layer][:, :, filled] = shared.values[layer].repeat_interleave(K, dim=0)
     cache.length = shared.length
     return hidden.repeat_interleave(K, dim=0)  # (B, hidden)
+
+
+@dataclass
+class Completions:
+    """Completions on the host, from one copy of the device's tokens (read_completions)."""
+
+    texts: list  # N strings, each up to and including its EOS
+    lengths: list  # N valid token counts
+    stopped: list  # N bools: ended on EOS
+    ids: list  # N token-id lists
+
+
+def read_completions(rollout, tokenizer):
+    """A rollout's completions (its tokens, mask (N, T) and ends_with_eos (N,), as grpo.Rollout holds
+    them) as text (up to and including the EOS), lengths, stops and token ids: Python values from one
+    copy to the host."""
+    lengths = rollout.mask.sum(dim=1, keepdim=True)  # (N, 1)
+    stopped = rollout.ends_with_eos[:, None].long()  # (N, 1)
+    on_host = torch.cat([rollout.tokens, lengths, stopped], dim=1).cpu()  # (N, T + 2): one copy
+    lengths, stopped = on_host[:, -2].tolist(), on_host[:, -1].bool().tolist()
+    ids = [row[:length].tolist() for row, length in zip(on_host[:, :-2], lengths)]
+    return Completions([tokenizer.decode(row) for row in ids], lengths, stopped, ids)
 
 
 @torch.no_grad()

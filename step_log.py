@@ -24,7 +24,7 @@ import time
 import torch
 
 from credit import METHODS, arca_scores, credit_weights, diagnostic_sums
-from grpo import completion_forward, completion_hidden, credit_inputs, exact_adapted_hidden
+from grpo import completion_forward, completion_hidden, exact_adapted_hidden, reference_pass
 from lora import disable_adapter
 from ranks import gather, process_rank
 
@@ -115,11 +115,8 @@ def micro_batch_statistics(model, prompts, tokens, mask, sampler_logprobs, input
     stats = {"loss": loss, "kl": kl, "trained_tokens": mask.sum(), "entropy_sum": entropy,
              "logprob_gap_sum": gap}
     if diagnose_all and inputs["h_base"] is None:
-        inputs = credit_inputs(model, prompts, tokens, mask, inputs["token_logprobs"], inputs["entropies"],
-                               inputs["h_adapted"], config, reference=True)
-    without_reference = ("uniform", "surprisal", "entropy", "entropy-top20")  # the training forward's alone
-    measured = METHODS if inputs["h_base"] is not None else without_reference
-    for method in measured:
+        inputs = {**inputs, **reference_pass(model, prompts, tokens, mask, config)}
+    for method in measurable(inputs):
         if method == config.credit:
             method_weights = weights
         else:
@@ -127,6 +124,8 @@ def micro_batch_statistics(model, prompts, tokens, mask, sampler_logprobs, input
         for key, value in zip(("gini", "effective_token_ratio", "top10_mass", "rows"),
                               diagnostic_sums(method_weights, mask)):
             stats[f"{key}/{method}"] = value  # gini/arca, rows/arca, ...
+        if method == "entropy-gate":  # the share of the trained tokens the gate keeps
+            stats["kept/entropy-gate"] = ((method_weights > 0) & mask).sum()
         if roles is not None:
             computed, parsed = roles[0] & mask, roles[1] & mask.any(dim=1)  # (B, T), (B,)
             stats[f"computed_mass/{method}"] = ((method_weights * computed).sum(dim=1) * parsed).sum()
@@ -145,6 +144,14 @@ def micro_batch_statistics(model, prompts, tokens, mask, sampler_logprobs, input
             stats["arca_exact_corr"], stats["arca_floor_ratio"] = arca_fidelity(
                 model, prompts, tokens, mask, inputs["h_adapted"], inputs["h_base"], exact)
     return stats
+
+
+def measurable(inputs):
+    """The methods these credit inputs give weights for: the training forward's alone (uniform,
+    surprisal, entropy, entropy-top20, entropy-gate), with the adapter-off pass divergence, ARCA and
+    arca-shuffled too, and arca-recent when it trains (its older adapter's pass ran)."""
+    needs = {"divergence": "h_base", "arca": "h_base", "arca-shuffled": "h_base", "arca-recent": "h_recent"}
+    return [method for method in METHODS if method not in needs or inputs.get(needs[method]) is not None]
 
 
 def add_statistics(totals, stats):
@@ -215,6 +222,7 @@ def step_metrics(reports, rewards, lengths, stopped, timeouts, lr, clock, device
         "kl": first["kl"],
         "logprob_gap": first["logprob_gap_sum"] / trained_tokens,
         "entropy": first["entropy_sum"] / trained_tokens,
+        "kept/entropy-gate": first["kept/entropy-gate"] / trained_tokens,
         "completion_len": sum(lengths) / len(lengths),
         "truncated": 1 - sum(stopped) / len(stopped),
         "weight_gini": first["weight_gini"] / rows,
@@ -302,7 +310,8 @@ def arca_fidelity(model, prompts, tokens, mask, h_adapted, h_base, exact):
 
 @torch.no_grad()
 def all_method_weights(model, prompts, tokens, mask, power, eps=1e-8, vocab_size=None):
-    """{method: weights (B, T)} for every credit method on the same completions (eval mode, no grad)."""
+    """{method: weights (B, T)} for every credit method on the same completions (eval mode, no grad;
+    arca-recent aside: its older adapter belongs to a training step)."""
     model.eval()
     mask = mask.bool()
     logprobs, entropies, h_adapted = completion_forward(model, prompts, tokens, mask, vocab_size)
@@ -310,4 +319,4 @@ def all_method_weights(model, prompts, tokens, mask, power, eps=1e-8, vocab_size
         ref_logprobs, _, h_base = completion_forward(model, prompts, tokens, mask, vocab_size)
     inputs = dict(token_logprobs=logprobs, entropies=entropies, ref_token_logprobs=ref_logprobs,
                   h_adapted=h_adapted, h_base=h_base)
-    return {method: credit_weights(method, mask, eps, power, **inputs) for method in METHODS}
+    return {method: credit_weights(method, mask, eps, power, **inputs) for method in measurable(inputs)}

@@ -24,15 +24,16 @@ from safetensors.torch import load_file, save_file
 
 import grpo
 import step_log
-from conftest import (REPO, SHARED_DATA, TARGETS, StepConfig, boxed, hf_model, input_ids, left_padded, logits,
-                      lora_gradient, lora_tiny_model, one_grpo_step, perturbed_lora_model, randomise_adapter,
-                      reward_first_token_even, save_tiny_checkpoint, tiny_hf_config, tiny_model)
+from conftest import (CharTokenizer, REPO, RecordingLog, SHARED_DATA, StepConfig, TARGETS, boxed, hf_model,
+                      input_ids, left_padded, logits, lora_gradient, lora_tiny_model, one_grpo_step,
+                      perturbed_lora_model, randomise_adapter, reward_first_token_even, save_tiny_checkpoint,
+                      tiny_hf_config, tiny_model)
 from credit import (arca_scores, credit_diagnostics, credit_html, credit_page, credit_scores, credit_section,
                     divergence_scores, effective_token_ratio, entropy_reduction_scores, gini,
                     surprisal_scores, token_weights, top_mass, uniform_scores)
 from grpo import group_advantages, k3_kl, pack_sequences, policy_loss
-from lora import (LoRALinear, apply_lora, disable_adapter, load_adapter, lora_layers, merge_adapter,
-                  sampling_copies, save_adapter, unmerge_adapter)
+from lora import (LoRALinear, RecentAdapters, apply_lora, disable_adapter, load_adapter, lora_layers,
+                  merge_adapter, sampling_copies, save_adapter, unmerge_adapter)
 from math_reward import extract_boxed, is_equiv, math_reward, normalize_answer, strict_match
 from model import Qwen3, Qwen3Config, apply_rotary, load_tokenizer, rotary_cos_sin
 from sampling import generate
@@ -792,6 +793,48 @@ def test_entropy_reduction_hand_values_last_valid_token_gets_zero():
     assert torch.equal(entropy_reduction_scores(entropies, mask), expected)
 
 
+def reference_entropy_reduction(entropies, loss_mask):
+    """The reference code's entropy-reduction score, restated: rodlaf/tokenweighting,
+    experiment/hf/token_weights.py, `_raw_scores`, mode "entropy_reduction" (the same lines in
+    `entropy_reduction_weights`). H_{t+1} is the padded tensor's next column whatever it holds; only
+    the last column is zeroed; the loss mask is applied afterwards (by `masked_normalize`)."""
+    next_entropies = torch.zeros_like(entropies)
+    next_entropies[:, :-1] = entropies[:, 1:]
+    drops = torch.clamp(entropies - next_entropies, min=0.0)
+    drops[:, -1] = 0.0
+    return drops * loss_mask
+
+
+def test_entropy_reduction_follows_the_reference_codes_next_token_rule():
+    """A padded batch: a completion that stopped on EOS with padding after it, a truncated one (no EOS, the
+    full width) and a short one. With EOS out of the loss (the paper's setting) the last trained token
+    gets max(0, H_T - H_EOS), as the reference gives it, and every score equals the reference's. With EOS
+    trained, every token but EOS equals the reference's; EOS itself gets 0, where the reference reads the
+    entropy of a padding position no token was drawn from."""
+    entropies = torch.tensor([
+        [2.0, 1.5, 1.7, 0.9, 0.2, 0.1],  # 4 tokens and EOS (0.2), then padding (0.1)
+        [1.0, 3.0, 0.5, 2.0, 0.25, 0.4],  # truncated: 6 tokens, no EOS
+        [0.8, 0.3, 5.0, 5.0, 5.0, 5.0],  # 1 token and EOS (0.3), then padding
+    ])
+    generated = lengths_mask([5, 6, 2], 6)  # (B, T) every token the sampler drew
+    ends_with_eos = torch.tensor([True, False, True])
+    rollout = grpo.Rollout([[1]] * 3, torch.tensor([0, 0, 0]), torch.zeros(3, 6, dtype=torch.long), generated,
+                           torch.zeros(3, 6), ends_with_eos, [0, 1, 2])
+    eos_out = grpo.loss_mask(rollout, credit_eos=False)
+    ours = entropy_reduction_scores(entropies, eos_out, valid=generated)
+    torch.testing.assert_close(ours, reference_entropy_reduction(entropies, eos_out.float()), atol=0, rtol=0)
+    assert ours[0, 3] == pytest.approx(0.7) and ours[2, 0] == pytest.approx(0.5)  # H_T - H_EOS, both rows
+    assert ours[1, 5] == 0  # the truncated completion's last token: no next token
+    eos_in = grpo.loss_mask(rollout, credit_eos=True)
+    ours = entropy_reduction_scores(entropies, eos_in, valid=generated)
+    reference = reference_entropy_reduction(entropies, eos_in.float())
+    trained_eos = torch.zeros_like(generated)
+    trained_eos[0, 4] = trained_eos[2, 1] = True
+    torch.testing.assert_close(ours[~trained_eos], reference[~trained_eos], atol=0, rtol=0)
+    assert (ours[trained_eos] == 0).all() and reference[0, 4] > 0  # the reference read padding there
+    assert torch.equal(entropy_reduction_scores(entropies, eos_in), ours)  # valid defaults to the mask
+
+
 def test_surprisal_and_divergence_hand_values():
     logp = torch.tensor([[-0.5, -2.0, 0.0]])
     ref = torch.tensor([[-1.0, -1.0, -3.0]])
@@ -1272,6 +1315,101 @@ def test_exact_arca_keeps_the_kl_and_divergence_on_the_bf16_pair(tiny_checkpoint
     k3_kl(logprobs, ref_logprobs, b["mask"], 2).backward()
     assert lora_gradient(model).abs().sum() > 1e-4
     torch.testing.assert_close(grads[1.0] - grads[0.0], lora_gradient(model), atol=1e-5, rtol=1e-3)
+
+
+def test_a_step_gives_the_token_before_eos_the_reference_codes_entropy_score(tiny_checkpoint):
+    """With EOS out of the loss, grpo_step hands the entropy signal every generated token, so the last
+    trained token of a completion that stopped scores max(0, H_T - H_EOS): the step's entropy weights are
+    the reference code's rule on the step's own entropies."""
+    model = lora_tiny_model(tiny_checkpoint[0])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    tokenizer = CharTokenizer()
+    tokenizer.eos_token_id = list(range(1, 13))  # an EOS in about 1 of 8 draws: some completions stop
+    config = StepConfig(credit="entropy", credit_eos=False, max_new_tokens=8, diagnose_all=True)
+    log = RecordingLog(model, tokenizer, config, lr=0.0)
+    rollout, _ = grpo.grpo_step(model, optimizer, scheduler, [[5, 9, 2], [4, 11]], ["0", "0"], tokenizer,
+                                reward_first_token_even, config, torch.Generator().manual_seed(0), log)
+    before_eos = 0
+    for rows, mask, inputs, weights in log.seen:
+        scores = reference_entropy_reduction(inputs["entropies"], mask.float())
+        torch.testing.assert_close(weights, token_weights(scores, mask, power=2.0), atol=1e-7, rtol=0)
+        lengths = mask.sum(dim=1)  # (B,) trained tokens
+        stopped = rollout.ends_with_eos[rows] & (lengths > 0)
+        for row in stopped.nonzero().flatten().tolist():
+            before_eos += bool(scores[row, lengths[row] - 1] > 0)
+    assert before_eos > 0  # a stopped completion whose last trained token scored H_T - H_EOS > 0
+
+
+def test_arca_recent_equals_arca_until_k_updates_exist(tiny_checkpoint):
+    """arca-recent with k larger than the steps taken: its older adapter is the one before the first update
+    (B = 0, the base model), so three steps weight every token as ARCA's three steps do and end on the same
+    adapter (fp32, dropout 0: the exact passes compute what the training forward computes)."""
+    adapters, weights = {}, {}
+    for credit in ("arca", "arca-recent"):
+        model = lora_tiny_model(tiny_checkpoint[0])
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        model.recent_adapters = RecentAdapters(model, optimizer, k=10)
+        config = StepConfig(credit=credit, arca_recent_updates=10)
+        generator, seen = torch.Generator().manual_seed(0), []
+        for _ in range(3):
+            log = RecordingLog(model, CharTokenizer(), config, lr=1e-2)
+            grpo.grpo_step(model, optimizer, scheduler, [[5, 9, 2], [4, 11]], ["0", "0"], CharTokenizer(),
+                           reward_first_token_even, config, generator, log)
+            seen += [w for _, _, _, w in log.seen]
+        adapters[credit] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        weights[credit] = seen
+    assert len(model.recent_adapters.ring) == 3
+    assert weights["arca"][-1].max() > 0.4  # not uniform: the comparison can fail
+    for arca, recent in zip(weights["arca"], weights["arca-recent"]):
+        torch.testing.assert_close(recent, arca, atol=1e-6, rtol=0)
+    for arca, recent in zip(adapters["arca"], adapters["arca-recent"]):
+        torch.testing.assert_close(recent, arca, atol=1e-6, rtol=0)
+
+
+def test_arca_recent_scores_what_the_last_update_changed_and_touches_no_live_parameter(tiny_checkpoint):
+    """k = 1 after one known update (a gradient on the last layer's down_proj B alone, one SGD step): the
+    score is ||h(adapter after) - h(adapter before)||, computed here by two models loaded with each
+    adapter, and not ARCA's ||h(after) - h(base)||. The older adapter's pass leaves the live parameters and
+    the training forward's gradient bit for bit as they are without it."""
+    b = STEP_BATCH
+    model = perturbed_lora_model(tiny_checkpoint[0])  # B random: an adapter that already matters
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model.recent_adapters = RecentAdapters(model, optimizer, k=1)
+    changed = "model.layers.1.mlp.down_proj.lora_B"
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.grad = 0.05 * torch.randn_like(p) if name == changed else torch.zeros_like(p)
+    optimizer.step()  # the pre-step hook keeps the adapter as it was
+    after = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    assert not torch.equal(after[changed], before[changed])
+
+    def hidden_with(adapter):  # the oracle: a fresh model holding that adapter
+        oracle = lora_tiny_model(tiny_checkpoint[0]).eval()
+        with torch.no_grad():
+            for name, p in oracle.named_parameters():
+                if name in adapter:
+                    p.copy_(adapter[name])
+            return grpo.completion_hidden(oracle, b["prompts"], b["tokens"], b["mask"], torch.float32)
+
+    config = StepConfig(credit="arca-recent", arca_recent_updates=1)
+    model.zero_grad(set_to_none=True)
+    inputs, weights, _, _ = grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"],
+                                                   b["advantages"], config, 2)
+    expected = arca_scores(hidden_with(after), hidden_with(before))
+    scores = arca_scores(inputs["h_now"], inputs["h_recent"])  # (B, T)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    with disable_adapter(model), torch.no_grad():
+        h_base = grpo.completion_hidden(model, b["prompts"], b["tokens"], b["mask"])
+    assert not torch.allclose(expected, arca_scores(hidden_with(after), h_base), atol=1e-3)  # ARCA's differs
+    assert all(torch.equal(p, after[name]) for name, p in model.named_parameters() if p.requires_grad)
+    extra_pass = lora_gradient(model)
+    model.zero_grad(set_to_none=True)  # the same loss with those weights, without any older adapter's pass
+    logprobs, _, _ = grpo.completion_forward(model, b["prompts"], b["tokens"], b["mask"])
+    grpo.policy_loss(logprobs, b["advantages"], weights, 2).backward()
+    assert torch.equal(extra_pass, lora_gradient(model))
 
 
 def test_grpo_step_updates_lora_only_and_skips_non_finite(tiny_checkpoint):

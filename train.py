@@ -35,7 +35,7 @@ from data import (CACHE_DIR, PROMPTS, data_sources, encode_prompts, load_data, p
                   step_prompts)
 from evaluation import record_eval, score, task_roles
 from grpo import grpo_step
-from lora import apply_lora
+from lora import RecentAdapters, apply_lora
 from memory import resolve_gradient_checkpointing
 from model import Qwen3, load_tokenizer
 from ranks import barrier, end_distributed, gather, on_first_rank, start_distributed
@@ -68,8 +68,13 @@ class TrainConfig:
                                    "(HuggingFaceH4/MATH-500, with --task math)")
     prompt_template: str | None = option(None, "prompt text; {problem} is replaced by the problem; default: "
                                                "the task's (the reference code's for math and gsm8k)")
-    credit: str = option("arca", "token credit: uniform, surprisal, entropy, divergence, arca, or a "
-                                 "control: arca-shuffled, entropy-top20")
+    credit: str = option("arca", "token credit: uniform, surprisal, entropy, divergence, arca (the "
+                                 "paper's five), entropy-gate (TRL's top_entropy_quantile), or a control of "
+                                 "this project: arca-shuffled, entropy-top20, arca-recent")
+    arca_recent_updates: int = option(5, "k of arca-recent: the adapter now against itself k updates ago "
+                                         "(a control of this project, not the paper's)")
+    entropy_quantile: float = option(0.2, "rho of entropy-gate: the share of the micro-batch's tokens "
+                                          "kept, those at or above its (1 - rho) entropy quantile")
     power: float = option(2.0, "sharpening power p of w = (alpha + eps)^p / sum")
     credit_eps: float = option(1e-8, "eps of the credit weights")
     arca_precision: str = option("bf16", "ARCA's two hidden states: bf16 (the paper's: the training forward "
@@ -236,7 +241,8 @@ def check_config(config, parser):
         "lora_alpha": above_0, "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "lr": above_0,
         "weight_decay": at_least_0, "grad_clip": above_0, "temperature": at_least_0,
         "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "beta": at_least_0, "clip_eps": above_0,
-        "reward_timeout": above_0,
+        "reward_timeout": above_0, "arca_recent_updates": at_least_1,
+        "entropy_quantile": (lambda v: 0 < v <= 1, "in (0, 1]"),
     }
     for name, (valid, described) in ranges.items():
         value = getattr(config, name)
@@ -382,6 +388,8 @@ def run(config, resume=False):
     eval_rows = select_eval_rows(eval_rows, config)
     eval_rows = encode_prompts(eval_rows, tokenizer, config, "evaluation", quiet=rank > 0)
     optimizer, scheduler = optimizer_and_schedule(model, config, device)
+    if config.credit == "arca-recent":  # the adapter before each of the last k updates (grpo.credit_inputs)
+        model.recent_adapters = RecentAdapters(model, optimizer, config.arca_recent_updates)
     generator = torch.Generator(device).manual_seed(config.seed)
     start_step, evals = 0, []
     if checkpoint_dir is not None:

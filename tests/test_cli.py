@@ -10,6 +10,7 @@ import torch.nn as nn
 import transformers
 
 import train
+from credit import METHODS
 from conftest import parity_reward, run_args
 
 
@@ -96,6 +97,9 @@ def test_help_shows_each_default(capsys):
     assert "(paper 'strict', demo 'symbolic')" in text
     assert "(default 1337)" in text
     assert "(paper 50, demo 0)" in text
+    credit = text.split("--credit CREDIT token credit:")[1].split("(default")[0]  # every method, listed
+    assert all(method in credit for method in METHODS), credit
+    assert "90% of the device's memory" in text  # a percent sign printed once, not %%
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")

@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import grpo
 import step_log
 from conftest import StepConfig, lora_tiny_model, one_grpo_step, reward_first_token_even
-from credit import credit_scores, diagnostic_sums, token_weights
-from lora import apply_lora, sampling_copies
+from credit import credit_weights, diagnostic_sums
+from lora import RecentAdapters, apply_lora, sampling_copies
 from model import Qwen3, Qwen3Config
 from sampling import generate
 
@@ -77,14 +77,19 @@ def test_generation_and_the_credit_passes_never_mix_devices_and_read_the_device_
         prompts = [[5, 9, 2]] * 4 + [[4, 11]] * 4
         with torch.no_grad():
             logprobs, entropies, hidden = grpo.completion_forward(model, prompts, tokens, mask)
-            for precision in ("bf16", "exact"):
-                signals = grpo.credit_inputs(model, prompts, tokens, mask, logprobs, entropies, hidden,
-                                              StepConfig(credit="arca", beta=0.1, arca_precision=precision))
-                for method in ("uniform", "surprisal", "entropy", "divergence", "arca"):
-                    weights = token_weights(credit_scores(method, mask, **signals), mask, power=2.0)
-                    assert weights.device.type == "meta" and diagnostic_sums(weights,
-                                                                             mask).device.type == "meta"
-                assert grpo.k3_kl(logprobs, signals["ref_token_logprobs"], mask, 8).device.type == "meta"
+            model.recent_adapters = RecentAdapters(model, torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+            model.recent_adapters.push()  # an older adapter for arca-recent's pass
+            for credit, precision in (("arca", "bf16"), ("arca", "exact"), ("arca-recent", "bf16")):
+                config = StepConfig(credit=credit, beta=0.1, arca_precision=precision)
+                inputs = grpo.credit_inputs(model, prompts, tokens, mask, logprobs, entropies, hidden, config,
+                                            valid=mask)
+                methods = step_log.measurable(inputs)
+                assert len(methods) == 9 - (credit == "arca"), methods  # arca-recent's pass ran only for it
+                for method in methods:
+                    weights = credit_weights(method, mask, power=2.0, shuffle_seeds=range(8), **inputs)
+                    assert weights.device.type == "meta"
+                    assert diagnostic_sums(weights, mask).device.type == "meta"
+                assert grpo.k3_kl(logprobs, inputs["ref_token_logprobs"], mask, 8).device.type == "meta"
             step_log.all_method_weights(model, prompts, tokens, mask, power=2.0)
         assert checks.reads == []  # the credit passes never wait for the device
     with pytest.raises(AssertionError, match="mixes devices"), DeviceChecks():  # the check can fail

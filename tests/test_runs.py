@@ -106,16 +106,20 @@ train.main(sys.argv[1:])
 """
 
 
-def test_resume_after_sigkill_gives_the_identical_adapter(char_run_setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("credit", ["arca", "arca-recent"])
+def test_resume_after_sigkill_gives_the_identical_adapter(char_run_setup, tmp_path, monkeypatch, credit):
+    """Killed after step 2's checkpoint, resumed: the adapter of the uninterrupted run, bit for bit; with
+    arca-recent (k 2) the checkpoint carries its ring of older adapters, which step 4 reads."""
     from safetensors.torch import load_file
 
     monkeypatch.setattr(train, "score", parity_reward)
 
-    common = ("--steps", "4", "--save-every", "2", "--eval-every", "4")
+    common = ("--steps", "4", "--save-every", "2", "--eval-every", "4", "--credit", credit,
+              "--arca-recent-updates", "2")
     train.main(run_args(char_run_setup, tmp_path / "straight", *common))
-    killed = subprocess.run([sys.executable, "-c", KILLER.format(repo=str(Path(__file__).resolve().parent)),
-                             *run_args(char_run_setup, tmp_path / "killed",
-                                       *common)], capture_output=True, text=True)
+    killed = subprocess.run([sys.executable, "-c", KILLER.format(repo=str(REPO)),
+                             *run_args(char_run_setup, tmp_path / "killed", *common)],
+                            capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (tmp_path / "killed" / "adapter").exists()
     train.main(run_args(char_run_setup, tmp_path / "killed", *common, "--resume"))
