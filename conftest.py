@@ -119,6 +119,7 @@ class StepConfig:
             diagnose_all=False, arca_precision="bf16", compile=False, advantage="grpo",
             prompts_per_micro_batch=1, updates_per_batch=1, credit="arca", credit_eps=1e-8, power=2.0,
             clip_eps=0.2, beta=0.0, grad_clip=1.0, entropy_quantile=0.2, arca_recent_updates=5,
+            loss_type="sequence", scale_rewards="group", mask_truncated=False,
         ), **overrides)
 
 

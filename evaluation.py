@@ -88,7 +88,7 @@ def generate_texts(model, tokenizer, prompts, config, temperature, row_generator
 @torch.no_grad()
 def evaluate(model, tokenizer, eval_rows, config, step, out):
     """Greedy accuracy and pass@k on the held-out rows under both rewards; writes credit.html for a few
-    completions.
+    completions. Returns (the figures, those completions as rows for a tracker's table).
 
     greedy_accuracy and pass@k are under the run's --reward; the _strict and _symbolic keys give
     both checkers whatever trains (strict compares with the paper, symbolic counts right answers).
@@ -127,16 +127,21 @@ def evaluate(model, tokenizer, eval_rows, config, step, out):
     result[f"pass@{k}"] = result[f"pass@{k}_{config.reward}"]
     result["reward_timeouts"] = sum(t for _, t in shares)
 
+    samples = []
     if config.html_completions and process_rank() == 0 and rows:
         sampled_scores = scores["sampled", config.reward]
-        write_credit_page(model, tokenizer, rows, sampled, sampled_scores, config, step, out)
-    return result
+        samples = write_credit_page(model, tokenizer, rows, sampled, sampled_scores, config, step, out)
+    return result, samples
+
+
+SAMPLE_COLUMNS = ["problem", "completion", "reward", "advantage", "ARCA's top tokens"]
 
 
 def write_credit_page(model, tokenizer, eval_rows, sampled, scores, config, step, out):
     """credit.html: the k sampled completions of the first evaluation problem whose rewards differ
     (else the first problem), right and wrong ones alternating, up to html_completions of them, each
-    with its reward and the GRPO advantage its group gives it, and all seven methods' weights."""
+    with its reward and the GRPO advantage its group gives it, and every method's weights. Returns
+    those completions as rows of SAMPLE_COLUMNS."""
     k, device = config.pass_k, model.lm_head.weight.device
     groups = torch.tensor(scores).view(-1, k)  # (problems, k)
     spread = (groups.amax(dim=1) > groups.amin(dim=1)).nonzero().flatten().tolist()
@@ -149,7 +154,7 @@ def write_credit_page(model, tokenizer, eval_rows, sampled, scores, config, step
     order = [i for pair in itertools.zip_longest(right, wrong) for i in pair if i is not None]
     shown = [i for i in order if sampled[problem * k + i][0]][: config.html_completions]
     if not shown:
-        return
+        return []
     completions = [sampled[problem * k + i][0] for i in shown]
     width = max(len(ids) for ids in completions)
     tokens = torch.zeros(len(shown), width, dtype=torch.long, device=device)  # (n, T)
@@ -159,22 +164,32 @@ def write_credit_page(model, tokenizer, eval_rows, sampled, scores, config, step
     prompt = eval_rows[problem]["prompt_ids"]
     weights = all_method_weights(model, [prompt] * len(shown), tokens, mask, config.power, config.credit_eps,
                                  tokenizer.vocab_size)
-    sections = []
+    sections, samples = [], []
     for row, (i, ids) in enumerate(zip(shown, completions)):
         facts = {"completion": f"{i + 1} of {k} sampled at temperature {config.temperature}",
                  "problem": eval_rows[problem]["problem"], "gold answer": eval_rows[problem]["answer"],
                  f"reward ({config.reward})": f"{rewards[i].item():g}",
                  f"advantage ({config.advantage})": f"{advantages[i].item():+.3f}"}
         row_weights = {method: w[row, : len(ids)] for method, w in weights.items()}
-        sections.append(credit_section([tokenizer.decode([t]) for t in ids], row_weights, facts))
+        pieces = [tokenizer.decode([t]) for t in ids]
+        sections.append(credit_section(pieces, row_weights, facts))
+        top = row_weights["arca"].topk(min(5, len(ids)))  # ARCA's five largest weights
+        top_tokens = ", ".join(f"{pieces[t]!r} {w:.3f}" for w, t in zip(*(x.tolist() for x in top)))
+        samples.append([eval_rows[problem]["problem"], tokenizer.decode(ids), rewards[i].item(),
+                        advantages[i].item(), top_tokens])
     title = f"token credit: {out}, step {step} (training method: {config.credit}, rank {config.rank})"
     page = credit_page(title, sections, max(len(ids) for ids in completions))
     write_atomically(Path(out) / "credit.html", page)
+    return samples
 
 
-def record_eval(model, tokenizer, eval_rows, config, step, out, evals, rank):
-    """evaluate() at this step (every rank takes part); rank 0 appends it to eval.json and prints it."""
-    result = evaluate(model, tokenizer, eval_rows, config, step, out)
+def record_eval(model, tokenizer, eval_rows, config, step, out, evals, rank, tracker=None):
+    """evaluate() at this step (every rank takes part); rank 0 appends it to eval.json, prints it and hands
+    it, with a few sampled completions, to the --report-to tracker."""
+    result, samples = evaluate(model, tokenizer, eval_rows, config, step, out)
+    if tracker is not None:
+        tracker.log({f"eval/{key}": value for key, value in result.items() if key != "step"}, step)
+        tracker.table("eval/samples", SAMPLE_COLUMNS, samples, step)
     if rank == 0:
         evals.append(result)
         write_atomically(out / "eval.json", json.dumps(evals, indent=1))

@@ -8,8 +8,11 @@ method, and takes one optimiser step on (README, The method (1)-(2); the paper's
 
 - N = P * K, the completions of the whole optimiser step (on every rank). Each micro-batch adds
   its share of the sum divided by this N, so gradient accumulation gives exactly the full-batch
-  gradient, and W processes make the one-process update.
-- A_i: GRPO's group-normalised advantage (sample std, n - 1, floored at eps); RLOO as an option.
+  gradient, and W processes make the one-process update. The paper's per-sequence normaliser;
+  --loss-type token (DAPO's, TRL's default) weights each completion by its trained tokens T_i and
+  divides by sum_i T_i, dr_grpo divides that sum by N * max_new_tokens (loss_normaliser).
+- A_i: GRPO's group-normalised advantage (sample std, n - 1, floored at eps; --scale-rewards none:
+  R_i - mean alone); RLOO as an option.
 - w_it: credit weights from credit.py, summing to 1 over each completion's trained tokens, detached.
   Uniform weights make the inner sum the per-sequence mean log-prob.
 - One update per batch (the paper's setting) is exactly on-policy, so the plain log-prob objective
@@ -17,7 +20,7 @@ method, and takes one optimiser step on (README, The method (1)-(2); the paper's
   replaces log pi. With one update per batch the loss value itself is about 0 (the advantages of a
   group sum to 0): its gradient, not its value, carries the signal.
 - k3 KL to the reference policy, the base model (adapter off): exp(r) - r - 1 with r = ref - logp,
-  a per-completion mean over tokens; beta = 0 by default, as in the paper.
+  a per-completion mean over tokens (normalised as the policy term is); beta = 0, as in the paper.
 
 Passes per micro-batch: one training forward, adapter on, with grad, gives the log-probs, entropies
 and the adapted last hidden states (taken detached for ARCA). One no-grad forward with the adapter
@@ -29,7 +32,8 @@ hidden states come from two more no-grad passes with fp32 activations and dropou
 is the adapter's and not bf16 rounding; the KL and the divergence signal keep the bf16 pair of the
 training forward and its adapter-off pass, which differ by the adapter alone (at B = 0 they are
 equal). With --no-credit-eos a completion's final EOS is out of the loss, the weights, the KL and
-the diagnostics (loss_mask), as in the reference code.
+the diagnostics (loss_mask), as in the reference code; with --mask-truncated, so is every token of a
+completion that hit the length limit.
 
 Reading order: advantages, rollouts, the forward over prompt + completion, the loss, the credit of a
 micro-batch, the micro-batch, the step. What a step reports (its statistics, phase times, the
@@ -47,22 +51,23 @@ from torch.utils.checkpoint import checkpoint
 
 from credit import credit_weights
 from lora import disable_adapter, sampling_copies
-from ranks import all_reduce_gradients, completions_on_every_rank, quantile_on_every_rank
-from sampling import (completion_seeds, generate, pack_prompts, prompt_generators, read_completions,
-                      sampling_options, token_logprobs)
+from ranks import all_reduce_gradients, completions_on_every_rank, quantile_on_every_rank, sum_on_every_rank
+from sampling import (completion_seeds, eos_positions, generate, pack_sequences, prompt_generators,
+                      read_completions, sampling_options, token_logprobs)
 
 
 # ----------------------------------------------------------------------------------------------
 # Advantages (README, The method (1))
 
 
-def group_advantages(rewards, prompt_index, estimator="grpo", eps=1e-4):
+def group_advantages(rewards, prompt_index, estimator="grpo", eps=1e-4, scale="group"):
     """One advantage per completion, from the rewards of the completions of the same prompt.
 
     rewards (N,) float, prompt_index (N,) long -> advantages (N,).
-    grpo: (R_i - mean_group) / max(std_group, eps), sample std.  rloo: R_i - mean of the others.
-    Example, one group of rewards [1, 0, 0, 1]: grpo [0.866, -0.866, -0.866, 0.866],
-    rloo [0.667, -0.667, -0.667, 0.667]; a group [1, 1, 1, 1] gives zeros for both.
+    grpo: (R_i - mean_group) / max(std_group, eps), sample std; with scale "none", R_i - mean_group
+    (TRL's scale_rewards none, Dr. GRPO's).  rloo: R_i - mean of the others.
+    Example, one group of rewards [1, 0, 0, 1]: grpo [0.866, -0.866, -0.866, 0.866], scale none
+    [0.5, -0.5, -0.5, 0.5], rloo [0.667, -0.667, -0.667, 0.667]; a group [1, 1, 1, 1] gives zeros.
     """
     num_groups = int(prompt_index.max()) + 1
     counts = torch.bincount(prompt_index, minlength=num_groups).to(rewards.dtype)  # (G,)
@@ -77,6 +82,8 @@ def group_advantages(rewards, prompt_index, estimator="grpo", eps=1e-4):
     if estimator != "grpo":
         raise ValueError(f"unknown advantage estimator {estimator!r}; expected 'grpo' or 'rloo'")
     mean = (sums / counts)[prompt_index]  # (N,)
+    if scale == "none":
+        return rewards - mean
     squares = torch.zeros_like(sums).index_add_(0, prompt_index, (rewards - mean) ** 2)  # (G,)
     std = (squares / (counts - 1)).sqrt()[prompt_index]  # (N,)
     return (rewards - mean) / std.clamp(min=eps)
@@ -99,30 +106,20 @@ class Rollout:
     seeds: list  # N seeds, one per completion: arca-shuffled's permutation of it
 
 
-def eos_positions(tokens, mask, eos_token_id):
-    """Which completions end with EOS, read at each row's last valid position (not by scanning ids).
-
-    tokens [[5, 0, 0], [7, 8, 9]], mask [[1, 1, 0], [1, 1, 1]], eos 0 -> [True, False]
-    """
-    eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    eos_ids = torch.tensor(eos_list, device=tokens.device)
-    lengths = mask.sum(dim=1)  # (N,)
-    last_index = (lengths - 1).clamp(min=0)  # (N,)
-    last = tokens.gather(1, last_index[:, None]).squeeze(1)  # (N,) each row's last valid token
-    return (lengths > 0) & torch.isin(last, eos_ids)  # (N,)
-
-
-def loss_mask(rollout, credit_eos):
+def loss_mask(rollout, credit_eos, mask_truncated=False):
     """The tokens that are trained, weighted, KL-penalised and diagnosed: every valid token, or with
-    credit_eos False every valid token but a final EOS (the reference code's mask, README's table).
+    credit_eos False every valid token but a final EOS (the reference code's mask, README's table);
+    with mask_truncated, none of a completion that hit the length limit without EOS.
 
     mask [[1, 1, 0], [1, 1, 1]], ends_with_eos [True, False], credit_eos False -> [[1, 0, 0], [1, 1, 1]]
+    (mask_truncated as well: [[1, 0, 0], [0, 0, 0]])
     """
+    mask = rollout.mask & rollout.ends_with_eos[:, None] if mask_truncated else rollout.mask  # (N, T)
     if credit_eos:
-        return rollout.mask
+        return mask
     last = rollout.mask.sum(dim=1, keepdim=True) - 1  # (N, 1) position of each row's last valid token
     columns = torch.arange(rollout.mask.shape[1], device=rollout.mask.device)  # (T,)
-    return rollout.mask & ~((columns == last) & rollout.ends_with_eos[:, None])  # (N, T)
+    return mask & ~((columns == last) & rollout.ends_with_eos[:, None])  # (N, T)
 
 
 def sample_rollouts(model, prompts, config, tokenizer, generator, prompt_seeds=None):
@@ -145,21 +142,6 @@ def sample_rollouts(model, prompts, config, tokenizer, generator, prompt_seeds=N
 
 # ----------------------------------------------------------------------------------------------
 # The forward over prompt + completion
-
-
-def pack_sequences(prompts, completions, completion_mask):
-    """Left-pad the prompts and append the completions: the layout of every training forward.
-
-    prompts [[5, 6], [7]], completions [[8, 1], [9, 1]], completion_mask [[1, 1], [1, 0]] ->
-        input_ids      [[5, 6, 8, 1], [0, 7, 9, 1]]
-        attention_mask [[1, 1, 1, 1], [0, 1, 1, 0]]
-    and prompt width P = 2: the hidden state at column P - 1 + t predicts completion token t.
-    The prompts are laid out as the sampler lays them out (sampling.pack_prompts, one copy to the device).
-    """
-    prompt_ids, prompt_mask = pack_prompts(prompts, completions.device)  # (B, P) each
-    input_ids = torch.cat([prompt_ids, completions], dim=1)  # (B, P + T)
-    attention_mask = torch.cat([prompt_mask, completion_mask.bool()], dim=1)  # (B, P + T)
-    return input_ids, attention_mask, prompt_ids.shape[1]
 
 
 def completion_logprobs(model, hidden, tokens, vocab_size=None, chunk_size=64):
@@ -212,11 +194,22 @@ def completion_forward(model, prompts, tokens, mask, vocab_size=None, compute_dt
 # The loss (README, The method (2))
 
 
+def loss_normaliser(loss_tokens, config):
+    """The loss's N, over the whole optimiser step on every rank: its completions (--loss-type sequence,
+    the paper's), its trained tokens sum_i T_i, at least 1 (token: DAPO's token mean), or its completions
+    times the length limit (dr_grpo: Dr. GRPO's constant). loss_tokens (N, T): this rank's."""
+    if config.loss_type == "token":
+        return sum_on_every_rank(loss_tokens.sum()).clamp(min=1)  # a device scalar: no read
+    completions = completions_on_every_rank(loss_tokens.shape[0])
+    return completions * config.max_new_tokens if config.loss_type == "dr_grpo" else completions
+
+
 def policy_loss(logprobs, advantages, weights, num_completions, old_logprobs=None, clip_eps=0.2):
     """This micro-batch's share of -(1/N) sum_i A_i sum_t w_it log pi(y_it).
 
-    logprobs (B, T) with grad, advantages (B,), weights (B, T) zero on padding, N = num_completions
-    in the whole optimiser step. With old_logprobs (B, T), PPO's clipped surrogate: per token
+    logprobs (B, T) with grad, advantages (B,), weights (B, T) zero on padding (times T_i under the
+    token and dr_grpo losses), N = num_completions, the whole optimiser step's normaliser
+    (loss_normaliser). With old_logprobs (B, T), PPO's clipped surrogate: per token
     min(r A, clip(r, 1 - eps, 1 + eps) A), r = exp(logp - old_logp), in place of A log pi.
     """
     A = advantages[:, None]  # (B, 1)
@@ -228,12 +221,14 @@ def policy_loss(logprobs, advantages, weights, num_completions, old_logprobs=Non
     return -(weights * per_token).sum() / num_completions
 
 
-def k3_kl(logprobs, ref_logprobs, mask, num_completions):
-    """This micro-batch's share of (1/N) sum_i mean_t [exp(r) - r - 1], r = ref_logp - logp (>= 0)."""
+def k3_kl(logprobs, ref_logprobs, mask, num_completions, scale=1.0):
+    """This micro-batch's share of (1/N) sum_i s_i mean_t [exp(r) - r - 1], r = ref_logp - logp (>= 0):
+    normalised as the policy term is (scale s (B, 1): T_i under the token and dr_grpo losses, so a sum
+    over tokens; 1 for the paper's per-completion mean)."""
     log_ratio = (ref_logprobs - logprobs) * mask  # (B, T)
     k3 = (log_ratio.exp() - log_ratio - 1) * mask  # (B, T)
-    per_completion = k3.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B,)
-    return per_completion.sum() / num_completions
+    per_completion = k3.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1)
+    return (per_completion * scale).sum() / num_completions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,11 +310,13 @@ def train_micro_batch(model, prompts, tokens, mask, advantages, config, num_comp
     inputs = credit_inputs(model, prompts, tokens, mask, logprobs, entropies, hidden, config, vocab_size,
                            valid)
     weights = credit_weights(config.credit, mask, config.credit_eps, config.power, seeds, **inputs)  # (B, T)
-    loss = policy_loss(logprobs, advantages, weights, num_completions, old_logprobs, config.clip_eps)
+    # README, The method (2): under the token and dr_grpo losses a completion's weights count T_i times
+    scale = mask.sum(dim=1, keepdim=True).float() if config.loss_type != "sequence" else 1.0  # (B, 1) or 1
+    loss = policy_loss(logprobs, advantages, weights * scale, num_completions, old_logprobs, config.clip_eps)
     kl = torch.zeros((), device=logprobs.device)
     if inputs["ref_token_logprobs"] is not None:  # beta 0: the KL is only logged, kept off the graph
         policy = logprobs if config.beta > 0 else logprobs.detach()
-        kl = k3_kl(policy, inputs["ref_token_logprobs"], mask, num_completions)
+        kl = k3_kl(policy, inputs["ref_token_logprobs"], mask, num_completions, scale)
     (loss + config.beta * kl).backward()
     return inputs, weights, loss.detach(), kl.detach()
 
@@ -362,12 +359,13 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
     golds = [gold for gold in golds for _ in range(config.group_size)]  # one per completion
     scores, timeouts = score_fn(completions.texts, golds)
     rewards = torch.tensor(scores, dtype=torch.float32, device=rollout.tokens.device)  # (N,)
-    advantages = group_advantages(rewards, rollout.prompt_index, config.advantage)  # (N,)
+    advantages = group_advantages(rewards, rollout.prompt_index, config.advantage,
+                                  scale=config.scale_rewards)  # (N,)
     log.scored(completions, scores, timeouts)
 
     model.train()
-    loss_tokens = loss_mask(rollout, config.credit_eos)  # (N, T) trained and diagnosed
-    N = completions_on_every_rank(len(rollout.prompts))  # the loss's normaliser
+    loss_tokens = loss_mask(rollout, config.credit_eos, config.mask_truncated)  # (N, T)
+    N = loss_normaliser(loss_tokens, config)  # the step's completions (the paper's), or tokens
     trainable = [p for p in model.parameters() if p.requires_grad]
     old_logprobs = {}  # PPO's: each micro-batch's log-probs in the first update
     for _ in range(config.updates_per_batch):

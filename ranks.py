@@ -41,6 +41,15 @@ def all_reduce_gradients(parameters):
         offset += g.numel()
 
 
+def sum_on_every_rank(value):
+    """A device tensor summed over the ranks (one collective; one process: itself)."""
+    if world_size() == 1:
+        return value
+    total = value.clone()
+    dist.all_reduce(total)
+    return total
+
+
 def quantile_on_every_rank(values, mask, q, capacity):
     """The q quantile of values[mask] (B, T) pooled over the ranks, on the device, with no read of it:
     each rank's values, NaN where the mask is off, padded with NaN to `capacity` entries (at least

@@ -279,6 +279,21 @@ def pack_prompts(prompts, device):
     return ids.to(device), mask.to(device)
 
 
+def pack_sequences(prompts, completions, completion_mask):
+    """Left-pad the prompts and append the completions: the layout of every training forward.
+
+    prompts [[5, 6], [7]], completions [[8, 1], [9, 1]], completion_mask [[1, 1], [1, 0]] ->
+        input_ids      [[5, 6, 8, 1], [0, 7, 9, 1]]
+        attention_mask [[1, 1, 1, 1], [0, 1, 1, 0]]
+    and prompt width P = 2: the hidden state at column P - 1 + t predicts completion token t.
+    The prompts are laid out as the sampler lays them out (pack_prompts, one copy to the device).
+    """
+    prompt_ids, prompt_mask = pack_prompts(prompts, completions.device)  # (B, P) each
+    input_ids = torch.cat([prompt_ids, completions], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([prompt_mask, completion_mask.bool()], dim=1)  # (B, P + T)
+    return input_ids, attention_mask, prompt_ids.shape[1]
+
+
 def prefill(model, prompts, samples_per_prompt, cache):
     """The prompts' keys and values into `cache` (B = prompts x K rows, row p * K + k is prompt p's), each
     distinct prompt computed once and copied to its K rows; returns the last hidden states (B, H)."""
@@ -294,6 +309,19 @@ def prefill(model, prompts, samples_per_prompt, cache):
         cache.values[layer][:, :, filled] = shared.values[layer].repeat_interleave(K, dim=0)
     cache.length = shared.length
     return hidden.repeat_interleave(K, dim=0)  # (B, hidden)
+
+
+def eos_positions(tokens, mask, eos_token_id):
+    """Which completions end with EOS, read at each row's last valid position (not by scanning ids).
+
+    tokens [[5, 0, 0], [7, 8, 9]], mask [[1, 1, 0], [1, 1, 1]], eos 0 -> [True, False]
+    """
+    eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos_ids = torch.tensor(eos_list, device=tokens.device)
+    lengths = mask.sum(dim=1)  # (N,)
+    last_index = (lengths - 1).clamp(min=0)  # (N,)
+    last = tokens.gather(1, last_index[:, None]).squeeze(1)  # (N,) each row's last valid token
+    return (lengths > 0) & torch.isin(last, eos_ids)  # (N,)
 
 
 @dataclass

@@ -1089,11 +1089,17 @@ def test_reference_pass_with_fresh_adapter_gives_uniform_arca_zero_kl(tiny_check
     assert k3_kl(logprobs, ref_logprobs, mask, 2).item() == 0.0  # fresh adapter: policy == reference
 
 
-def test_micro_batches_give_the_full_batch_gradient(tiny_checkpoint):
+@pytest.mark.parametrize("loss_type", ["sequence", "token", "dr_grpo"])
+def test_micro_batches_give_the_full_batch_gradient(tiny_checkpoint, loss_type):
+    """Under every loss type the normaliser is the whole step's (grpo.loss_normaliser), so one micro-batch
+    of 4 completions and four of 1 give the same gradient, with and without a KL term."""
     prompts = [[5, 9, 2], [4, 11], [6], [7, 7, 7]]
     tokens = torch.tensor([[7, 8, 9, 1], [3, 4, 1, 1], [5, 5, 5, 5], [9, 1, 1, 1]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]).bool()
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    config = StepConfig(loss_type=loss_type, beta=0.1)
+    N = grpo.loss_normaliser(mask, config)
+    assert float(N) == {"sequence": 4, "token": 13, "dr_grpo": 4 * 6}[loss_type]
     grads = []
     for per_micro_batch in (4, 1):
         model = lora_tiny_model(tiny_checkpoint[0])
@@ -1105,10 +1111,75 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_checkpoint):
         for start in range(0, 4, per_micro_batch):
             rows = slice(start, start + per_micro_batch)
             grpo.train_micro_batch(model, prompts[rows], tokens[rows], mask[rows], advantages[rows],
-                                   StepConfig(), 4)
+                                   config, N)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_the_loss_types_normalise_as_trl_and_dr_grpo_do(tiny_checkpoint):
+    """On the same completions: the token loss with uniform credit is DAPO's token mean, -(1/sum T) sum_it
+    A_i log pi_it; the dr_grpo loss is the token loss times (mean trained length / max_new_tokens); a
+    credit method's weights enter the token loss as T_i w_it (the same within-completion shares)."""
+    b = STEP_BATCH
+    losses = {}
+    for loss_type in ("sequence", "token", "dr_grpo"):
+        for credit in ("uniform", "arca"):
+            model = perturbed_lora_model(tiny_checkpoint[0])
+            config = StepConfig(credit=credit, loss_type=loss_type, max_new_tokens=6)
+            N = grpo.loss_normaliser(b["mask"], config)
+            _, weights, loss, _ = grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"],
+                                                         b["advantages"], config, N)
+            losses[loss_type, credit] = loss.item(), weights
+    with torch.no_grad():
+        logprobs, _, _ = grpo.completion_forward(perturbed_lora_model(tiny_checkpoint[0]), b["prompts"],
+                                                 b["tokens"], b["mask"])
+    lengths = b["mask"].sum(dim=1).float()  # (B,) T_i: 4 and 3
+    token_mean = -(b["advantages"][:, None] * logprobs * b["mask"]).sum() / lengths.sum()
+    assert losses["token", "uniform"][0] == pytest.approx(token_mean.item(), rel=1e-5)
+    per_sequence = -(b["advantages"] * (logprobs * b["mask"]).sum(dim=1) / lengths).sum() / 2
+    assert losses["sequence", "uniform"][0] == pytest.approx(per_sequence.item(), rel=1e-5)
+    for credit in ("uniform", "arca"):
+        ratio = lengths.mean().item() / 6
+        assert losses["dr_grpo", credit][0] == pytest.approx(losses["token", credit][0] * ratio, rel=1e-5)
+        weights = losses["token", credit][1]
+        by_hand = -(b["advantages"][:, None] * lengths[:, None] * weights * logprobs).sum() / lengths.sum()
+        assert losses["token", credit][0] == pytest.approx(by_hand.item(), rel=1e-5)
+    assert losses["token", "arca"][0] != pytest.approx(losses["sequence", "arca"][0] * 2 / 7, rel=1e-3)
+
+
+def test_scale_rewards_none_keeps_the_mean_and_drops_the_std():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    index = torch.arange(2).repeat_interleave(4)
+    torch.testing.assert_close(group_advantages(rewards, index, scale="none"),
+                               torch.tensor([0.5, -0.5, -0.5, 0.5, 0.75, -0.25, -0.25, -0.25]))
+    scaled, centred = group_advantages(rewards, index), group_advantages(rewards, index, scale="none")
+    assert not torch.allclose(scaled, centred)
+
+
+def test_mask_truncated_leaves_truncated_completions_out_of_the_loss(tiny_checkpoint):
+    """A completion that hit the length limit without EOS gets no weight (and no KL) with --mask-truncated:
+    the loss of a micro-batch with one changes, the loss of one without does not; the sequence loss still
+    counts it in N, the token loss drops its tokens from the normaliser."""
+    rollout = eos_rollout()  # row 0 stopped on EOS, row 1 truncated
+    with_eos = grpo.loss_mask(rollout, True, mask_truncated=True)
+    without_eos = grpo.loss_mask(rollout, False, mask_truncated=True)
+    assert with_eos.tolist() == [[True, True, True, False], [False] * 4]
+    assert without_eos.tolist() == [[True, True, False, False], [False] * 4]
+
+    def loss(rows, mask_truncated, loss_type="sequence"):
+        model = perturbed_lora_model(tiny_checkpoint[0])
+        config = StepConfig(credit="arca", beta=0.1, mask_truncated=mask_truncated, loss_type=loss_type)
+        mask = grpo.loss_mask(rollout, config.credit_eos, mask_truncated)[rows]
+        N = grpo.loss_normaliser(mask, config)
+        _, _, value, _ = grpo.train_micro_batch(model, [rollout.prompts[i] for i in range(2)][rows],
+                                                rollout.tokens[rows], mask, torch.tensor([1.0, -1.0])[rows],
+                                                config, N)
+        return value.item(), float(N)
+
+    assert loss(slice(0, 2), True) != pytest.approx(loss(slice(0, 2), False))  # a truncated one: it changes
+    assert loss(slice(0, 1), True) == loss(slice(0, 1), False)  # none truncated: the same loss
+    assert loss(slice(0, 2), True)[1] == 2 and loss(slice(0, 2), True, "token")[1] == 3  # N: 2; tokens: 3
 
 
 def test_micro_batch_without_completion_tokens_does_not_crash(tiny_checkpoint):

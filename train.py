@@ -42,6 +42,7 @@ from ranks import barrier, end_distributed, gather, on_first_rank, start_distrib
 from report import plot, report
 from runs import Checkpointer, StopRequest, append_line, finish, prepare_out, restore, write_atomically
 from step_log import StepLog
+from trackers import TRACKERS, Tracker
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,6 +87,15 @@ class TrainConfig:
     reward: str = option("strict", "training reward: strict (the reference code's string match) or symbolic "
                                    "(math_reward's equivalence)")
     advantage: str = option("grpo", "advantage estimator: grpo or rloo (README, The method (1))")
+    scale_rewards: str = option("group", "grpo's advantage: group ((R - mean) / std over each prompt's "
+                                         "completions) or none (R - mean; TRL's scale_rewards none)")
+    loss_type: str = option("sequence", "the loss's normaliser (README, The method (2)): sequence (the "
+                                        "paper's: each completion's weighted sum, over the step's "
+                                        "completions), token (over the step's trained tokens: DAPO's, TRL's "
+                                        "dapo) or dr_grpo (over completions x max-new-tokens)")
+    mask_truncated: bool = option(False, "give no loss weight to completions that hit max-new-tokens without "
+                                         "EOS (TRL's mask_truncated_completions); they still count in the "
+                                         "rewards and in truncated")
     rank: int = option(64, "LoRA rank r")
     lora_alpha: float | None = option(None, "LoRA alpha; default 2 r")
     lora_dropout: float = option(0.05, "LoRA dropout")
@@ -132,6 +142,8 @@ class TrainConfig:
                                   "graphs on a GPU), compiled once per batch and cache bucket")
     cpu_threads: int = option(0, "torch CPU threads, 0 = torch's default; the demo pins 1, so it prints the "
                                  "same numbers on every machine")
+    report_to: str = option("none", "also send the metrics to none, tensorboard (<out>/tensorboard), wandb "
+                                    "or trackio (each imported only when asked)")
     out: str | None = option(None, "output directory; default runs/<preset>-<credit>-r<rank>")
 
 
@@ -221,7 +233,9 @@ def check_config(config, parser):
     choices = {"credit": METHODS, "advantage": ("grpo", "rloo"), "task": ("math", "gsm8k", "demo"),
                "eval_set": ("test", "math500"), "lora_dtype": ("bfloat16", "float32"),
                "gradient_checkpointing": ("auto", "on", "off"), "reward": ("strict", "symbolic"),
-               "dtype": ("bfloat16", "float32"), "arca_precision": ("bf16", "exact")}
+               "dtype": ("bfloat16", "float32"), "arca_precision": ("bf16", "exact"),
+               "scale_rewards": ("group", "none"), "loss_type": ("sequence", "token", "dr_grpo"),
+               "report_to": TRACKERS}
     for name, allowed in choices.items():
         value = getattr(config, name)
         if value not in allowed:
@@ -379,6 +393,7 @@ def run(config, resume=False):
     out = Path(config.out)
     check_processes(config, ranks)
     checkpoint_dir = on_first_rank(lambda: prepare_out(out, resume), rank, ranks)
+    tracker = Tracker(config.report_to, rank)  # a missing package ends the run here, before anything runs
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     # the problems first (a bad dataset fails in seconds), then the model, then the prompts as token ids
@@ -397,6 +412,7 @@ def run(config, resume=False):
                                     ranks)
     elif rank == 0:
         write_run_info(out, config, model, device, ranks, train_rows, eval_rows)
+    tracker.start(out, asdict(config))
 
     checkpointer = Checkpointer(out, model, optimizer, scheduler, generator, config, rank, ranks, start_step,
                                 saved=start_step if checkpoint_dir is not None else None)
@@ -410,7 +426,7 @@ def run(config, resume=False):
     try:
         if is_eval_step(start_step, config) and start_step not in [e["step"] for e in evals]:
             # step 0's evaluation, or one a stop interrupted
-            record_eval(model, tokenizer, eval_rows, config, start_step, out, evals, rank)
+            record_eval(model, tokenizer, eval_rows, config, start_step, out, evals, rank, tracker)
         progress = Progress(config, start_step, rank)
         for step in progress:
             stop_signal = max(gather(stop.signal or 0))  # every rank stops at the same step
@@ -424,10 +440,11 @@ def run(config, resume=False):
             metrics = log.metrics()
             if rank == 0:
                 append_line(out / "metrics.jsonl", {"step": step + 1, **metrics})
+                tracker.log(metrics, step + 1)
             checkpointer.finished(step + 1, metrics["skipped_update"])
             progress.show(step + 1, metrics)
             if is_eval_step(step + 1, config):
-                record_eval(model, tokenizer, eval_rows, config, step + 1, out, evals, rank)
+                record_eval(model, tokenizer, eval_rows, config, step + 1, out, evals, rank, tracker)
             checkpointer.save_if_due()
     except (KeyboardInterrupt, Exception) as err:
         checkpointer.save_after_error(err)
@@ -437,6 +454,7 @@ def run(config, resume=False):
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+        tracker.close()
     finish(out, model, config, start_step, checkpointer, stop_signal, rank)
     return out
 
