@@ -905,6 +905,64 @@ def test_entropy_top20_puts_equal_weight_on_the_highest_entropy_fifth():
         credit_weights("entropy-top20", mask)
 
 
+def trl_high_entropy_mask(entropies, mask, threshold):
+    """TRL's GRPOTrainer.get_high_entropy_mask (huggingface/trl, trl/trainer/grpo_trainer.py) restated for
+    one process, where its pad-and-gather across processes returns the local entropies unchanged."""
+    local = entropies[mask.bool()].float()
+    if local.numel() == 0:
+        return torch.zeros_like(entropies, dtype=torch.bool)
+    entropy_threshold = torch.quantile(local, threshold)
+    masked_entropies = entropies * mask.float()
+    return (masked_entropies >= entropy_threshold) & mask.bool()
+
+
+def test_entropy_gate_keeps_the_batchs_top_quantile_hand_computed():
+    """rho 0.5 on six valid entropies: the threshold is their median 0.6 (linear interpolation, as
+    torch.quantile), each kept token weighs 1/T of its completion, a given threshold replaces the batch's."""
+    from credit import credit_weights
+
+    entropies = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.2, 0.8, 5.0, 5.0]])
+    mask = lengths_mask([4, 2], 4)  # padding's 5.0 neither counts in the quantile nor is kept
+    weights = credit_weights("entropy-gate", mask, entropies=entropies, gate_fraction=0.5)
+    torch.testing.assert_close(weights, torch.tensor([[0, 1 / 4, 0, 1 / 4], [0, 1 / 2, 0, 0]]))
+    given = credit_weights("entropy-gate", mask, entropies=entropies, gate_threshold=torch.tensor(0.85))
+    torch.testing.assert_close(given, torch.tensor([[0, 1 / 4, 0, 0], [0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="needs entropies"):
+        credit_weights("entropy-gate", mask)
+
+
+@pytest.mark.parametrize("kept_fraction", [0.2, 0.5, 1.0])
+def test_entropy_gate_is_trls_mask_over_the_per_sequence_normaliser(kept_fraction):
+    """TRL's loss with top_entropy_quantile = rho and loss_type grpo: per_token_loss * entropy_mask,
+    summed over each completion and divided by its valid-token count. The same weights, ties included
+    (entropies rounded to one decimal), an empty row too."""
+    from credit import credit_weights
+
+    generator = torch.Generator().manual_seed(0)
+    entropies = (torch.rand(6, 9, generator=generator) * 3).round(decimals=1)  # (B, T) with ties
+    mask = lengths_mask([9, 7, 3, 1, 0, 5], 9)
+    weights = credit_weights("entropy-gate", mask, entropies=entropies, gate_fraction=kept_fraction)
+    trl_mask = trl_high_entropy_mask(entropies, mask, 1 - kept_fraction)
+    expected = trl_mask / mask.sum(dim=1, keepdim=True).clamp(min=1)  # (B, T)
+    torch.testing.assert_close(weights, expected)
+    assert 0 < trl_mask.sum() < mask.sum() or kept_fraction == 1.0
+
+
+def test_a_step_gates_on_its_micro_batchs_training_entropies(tiny_checkpoint):
+    """In a step the gate takes the quantile of the micro-batch's own training-forward entropies
+    (--entropy-quantile rho), and kept/entropy-gate counts the tokens it keeps."""
+    b = STEP_BATCH
+    config = StepConfig(credit="entropy-gate", entropy_quantile=0.5)
+    model = perturbed_lora_model(tiny_checkpoint[0])
+    signals, weights, _, _ = grpo.train_micro_batch(model, b["prompts"], b["tokens"], b["mask"],
+                                                    b["advantages"], config, 2)
+    trl_mask = trl_high_entropy_mask(signals["entropies"], b["mask"], 0.5)
+    torch.testing.assert_close(weights, trl_mask / b["mask"].sum(dim=1, keepdim=True))
+    stats, _ = micro_batch_stats(perturbed_lora_model(tiny_checkpoint[0]), b["prompts"], b["tokens"],
+                                 b["mask"], b["advantages"], config, 2)
+    assert stats["kept/entropy-gate"] == trl_mask.sum().item() == 4  # 7 valid tokens, the top half
+
+
 def test_credit_diagnostics_leaves_out_rows_without_tokens():
     w = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0]])
     d = credit_diagnostics(w, lengths_mask([4, 0], 4))

@@ -77,6 +77,30 @@ def test_two_processes_make_the_one_process_run(one_and_two_processes):
     assert json.loads((two / "config.json").read_text())["processes"] == 2
 
 
+@pytest.mark.parametrize("options", [
+    ("--loss-type", "token", "--credit", "entropy-gate"),
+    ("--loss-type", "dr_grpo", "--credit", "arca-shuffled", "--scale-rewards", "none", "--mask-truncated",
+     "--max-new-tokens", "16"),  # longer, so that some completions end and train
+], ids=["token-loss-entropy-gate", "dr_grpo-loss-arca-shuffled-scale-none-mask-truncated"])
+def test_two_processes_make_the_one_process_run_under_each_loss(char_run_setup, tmp_path, options):
+    """The token and dr_grpo normalisers, entropy-gate's threshold and arca-shuffled's seeds are taken
+    over the whole step on every rank: 2 processes train the adapter 1 process does."""
+    runs = {processes: tmp_path / f"processes-{processes}" for processes in (1, 2)}
+    for processes, out in runs.items():
+        result = torchrun(char_run_setup, out, tmp_path, *TWO_RANKS, *options, processes=processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+    adapter_one, adapter_two = (load_file(d / "adapter" / "adapter_model.safetensors") for d in runs.values())
+    # the all-reduce sums in another order: 2e-5 apart after 3 steps of 16 tokens, on weights of about 0.2
+    assert all((adapter_one[k] - adapter_two[k]).abs().max() < 1e-4 for k in adapter_one)
+    assert any(adapter_one[k].abs().sum() > 0 for k in adapter_one if "lora_B" in k)  # it trained
+    metrics_one, metrics_two = metrics_of(runs[1]), metrics_of(runs[2])
+    for key in ("loss", "grad_norm"):  # Adam's first steps barely see a gradient's scale: compare it
+        assert [m[key] for m in metrics_two] == pytest.approx([m[key] for m in metrics_one], rel=1e-4), key
+    config = json.loads((runs[2] / "config.json").read_text())["config"]
+    assert (config["loss_type"], config["credit"]) == (options[1], options[3])
+    assert any(0 < m["truncated"] < 1 for m in metrics_two)  # --mask-truncated has something to mask
+
+
 def test_a_failing_rank_ends_every_process(char_run_setup, one_and_two_processes):
     _, _, tmp_path = one_and_two_processes
     started = time.perf_counter()
