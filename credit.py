@@ -10,8 +10,8 @@ Each method gives a raw salience alpha_t >= 0 per token:
     surprisal   alpha_t = -log pi(y_t)                       (the current policy)
     entropy     alpha_t = max(0, H_t - H_{t+1}), 0 when no token follows y_t
     divergence  alpha_t = |log pi(y_t) - log pi_ref(y_t)|    (pi_ref: adapter off)
-    ARCA        alpha_t = ||h_adapted_t - h_base_t||_2       (last hidden state, after the
-                                                              final norm, adapter on vs off)
+    ARCA        alpha_t = ||h_adapted_t - h_base_t||_2       (last hidden state after the final
+                                                             norm, adapter on vs off)
 
 and `token_weights` turns them into w_t = (alpha_t + eps)^p / sum_k (alpha_k + eps)^p.
 `gini`, `effective_token_ratio` and `top_mass` measure how concentrated the

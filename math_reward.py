@@ -339,8 +339,8 @@ def _add_leading_zeros(s):
 
 
 def _repeating_decimal(match):
-    """0.1\\overline{6} -> \\frac{15}{90}: (digits through one period - digits before it) / (10^k (10^r -
-    1))."""
+    """0.1\\overline{6} -> \\frac{15}{90}: (digits through one period - digits before it)
+    / (10^k (10^r - 1))."""
     sign, whole, fixed, period = match.groups()
     numerator = int(whole + fixed + period) - int(whole + fixed or "0")
     denominator = 10 ** len(fixed) * (10 ** len(period) - 1)
@@ -927,8 +927,8 @@ def is_equiv(pred, gold):
             return True
         # normalisation dropped a leading `y =`; as written, `3x - y = 2` may be that same line
         pred_written, gold_written = _normalize_latex(pred), _normalize_latex(gold)
-        if "=" in pred_written and "=" in gold_written and (pred_written,
-                                                            gold_written) != (pred_norm, gold_norm):
+        rewritten = (pred_written, gold_written) != (pred_norm, gold_norm)
+        if "=" in pred_written and "=" in gold_written and rewritten:
             return _answers_equal(_parse_answer(pred_written), _parse_answer(gold_written))
         return False
     except Exception:  # _Unparsable, or sympy failing on odd input: not equal

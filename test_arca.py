@@ -357,8 +357,8 @@ def test_sampling_copies_compute_the_update_in_the_base_dtype():
         exact = x.float() @ w.T + b + (x.float() @ layer.lora_A.T @ layer.lora_B.T) * 2.0  # (3, 5, 32), fp32
         assert (exact - (x.float() @ w.T + b)).abs().mean() > 0.3 * exact.abs().mean()  # the update matters
         with torch.no_grad(), sampling_copies(nn.Sequential(layer)):
-            assert layer.sampling_B.dtype == dtype and torch.equal(layer.sampling_B,
-                                                                   (layer.lora_B * 2.0).to(dtype))
+            assert layer.sampling_B.dtype == dtype
+            assert torch.equal(layer.sampling_B, (layer.lora_B * 2.0).to(dtype))
             assert "sampling_A" not in layer.state_dict()  # not saved with the model
             lean = layer(x)
         assert lean.dtype == dtype and lean.shape == exact.shape
@@ -876,8 +876,8 @@ def test_arca_shuffled_moves_arcas_own_weights_to_random_tokens():
         # the same numbers, bit for bit
         assert torch.equal(shuffled[row].sort().values, arca[row].sort().values)
     assert (shuffled[~mask] == 0).all() and not torch.equal(shuffled[0], arca[0])
-    assert torch.equal(gini(shuffled, mask), gini(arca, mask)) and torch.equal(top_mass(shuffled, mask),
-                                                                               top_mass(arca, mask))
+    assert torch.equal(gini(shuffled, mask), gini(arca, mask))
+    assert torch.equal(top_mass(shuffled, mask), top_mass(arca, mask))
     narrow = shuffle_within_rows(arca[1:2, :5], mask[1:2, :5], [12])  # the same row, trimmed to its length
     assert torch.equal(narrow[0], shuffled[1, :5])
     assert not torch.equal(shuffle_within_rows(arca[:1], mask[:1], [99]), shuffled[:1])
@@ -1089,10 +1089,10 @@ def test_clipped_loss_equals_plain_with_one_update():
 def test_k3_kl_hand_value():
     mask = torch.ones(1, 1, dtype=torch.bool)
     # r = ref - logp = -2 - (-1) = -1: exp(-1) + 1 - 1 = 0.3679 (the reversed ratio gives e - 2 = 0.7183)
-    assert k3_kl(torch.tensor([[-1.0]]), torch.tensor([[-2.0]]), mask,
-                 1).item() == pytest.approx(math.exp(-1), abs=1e-6)
-    two = torch.tensor([[-1.0, -3.0, 0.0]]), torch.tensor([[-2.0, -3.0,
-                                                            5.0]]), torch.tensor([[1, 1, 0]]).bool()
+    kl = k3_kl(torch.tensor([[-1.0]]), torch.tensor([[-2.0]]), mask, 1)
+    assert kl.item() == pytest.approx(math.exp(-1), abs=1e-6)
+    two = (torch.tensor([[-1.0, -3.0, 0.0]]), torch.tensor([[-2.0, -3.0, 5.0]]),
+           torch.tensor([[1, 1, 0]]).bool())
     # mean over 2 valid tokens, over N = 2
     assert k3_kl(*two, 2).item() == pytest.approx(math.exp(-1) / 2 / 2, abs=1e-6)
 
@@ -1134,8 +1134,8 @@ def micro_batch_stats(model, prompts, tokens, mask, advantages, config, num_comp
 def test_reference_pass_with_fresh_adapter_gives_uniform_arca_zero_kl(tiny_checkpoint):
     model = lora_tiny_model(tiny_checkpoint[0])
     prompts = [[5, 9, 2], [4, 11]]
-    tokens, mask = torch.tensor([[7, 8, 9, 1], [3, 4, 1, 1]]), torch.tensor([[1, 1, 1, 1],
-                                                                             [1, 1, 1, 0]]).bool()
+    tokens = torch.tensor([[7, 8, 9, 1], [3, 4, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool()
     weights = step_log.all_method_weights(model, prompts, tokens, mask, power=2.0)
     torch.testing.assert_close(weights["arca"], mask / mask.sum(1, keepdim=True))  # step 0: uniform
     assert not torch.allclose(weights["surprisal"], weights["arca"])
@@ -1308,8 +1308,8 @@ def test_eos_positions_are_read_at_the_last_valid_token():
     rollout = eos_rollout()
     assert rollout.ends_with_eos.tolist() == [True, False]
     # a completion whose EOS falls in the last slot stopped; it is not truncated
-    assert grpo.eos_positions(torch.tensor([[3, 4, 5, 1]]), torch.ones(1, 4, dtype=torch.bool),
-                              1).tolist() == [True]
+    stopped = grpo.eos_positions(torch.tensor([[3, 4, 5, 1]]), torch.ones(1, 4, dtype=torch.bool), 1)
+    assert stopped.tolist() == [True]
     assert grpo.eos_positions(torch.tensor([[3, 1, 1]]), torch.ones(1, 3, dtype=torch.bool),
                               []).tolist() == [False]
 
@@ -1349,12 +1349,10 @@ def test_every_signal_is_diagnosed_on_the_same_completions(tiny_checkpoint):
     model.train()
     for method, weights in oracle.items():
         expected = credit_diagnostics(weights, b["mask"])
-        assert stats[f"gini/{method}"] / stats["rows"] == pytest.approx(expected["weight_gini"],
-                                                                        abs=1e-5), method
-        effective = stats[f"effective_token_ratio/{method}"] / stats["rows"]
-        assert effective == pytest.approx(expected["effective_token_ratio"], abs=1e-5)
-        assert stats[f"top10_mass/{method}"] / stats["rows"] == pytest.approx(expected["top10_mass"],
-                                                                              abs=1e-5)
+        for name, diagnostic in (("gini", "weight_gini"), ("effective_token_ratio", "effective_token_ratio"),
+                                 ("top10_mass", "top10_mass")):
+            mean = stats[f"{name}/{method}"] / stats["rows"]
+            assert mean == pytest.approx(expected[diagnostic], abs=1e-5), (name, method)
     assert stats["gini/arca"] > 0.01 and stats["gini/uniform"] == 0.0  # the adapter shows in ARCA's weights
 
 

@@ -15,7 +15,6 @@ import sys
 TRACKERS = ("none", "tensorboard", "wandb", "trackio")
 
 
-
 class TensorBoard:
     """Scalars and texts in <out>/tensorboard, through torch.utils.tensorboard (the tensorboard package)."""
 

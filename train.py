@@ -392,8 +392,8 @@ def run(config, resume=False):
     rank, ranks, device = start_distributed()
     out = Path(config.out)
     check_processes(config, ranks)
-    checkpoint_dir = on_first_rank(lambda: prepare_out(out, resume), rank, ranks)
     tracker = Tracker(config.report_to, rank)  # a missing package ends the run here, before anything runs
+    checkpoint_dir = on_first_rank(lambda: prepare_out(out, resume), rank, ranks)
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     # the problems first (a bad dataset fails in seconds), then the model, then the prompts as token ids

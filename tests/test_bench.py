@@ -33,8 +33,8 @@ def test_bench_quick_prints_every_measurement():
     assert precision["arca_bf16_vs_exact_s0.01"] > precision["arca_bf16_vs_exact_s0.0001"]
     rollouts = [line for line in lines if line["what"] == "rollout"]
     assert sorted(line["batch"] for line in rollouts) == [1, 16, 64]
-    for line in rollouts + [line for line in lines if line["what"].startswith(("train_step",
-                                                                               "grpo_step_arca"))]:
+    steps = [line for line in lines if line["what"].startswith(("train_step", "grpo_step_arca"))]
+    for line in rollouts + steps:
         assert line["ours"] > 0 and line["reference"] > 0
         assert line["ratio"] == pytest.approx(line["ours"] / line["reference"])
     kernels = {line["what"].removeprefix("kernels_per_decode_step "): line for line in lines

@@ -15,13 +15,12 @@ from conftest import parity_reward, run_args
 
 
 @pytest.mark.parametrize("flag, value", [
-    ("--eval-every", "0"), ("--save-every", "0"), ("--top-p", "0"), ("--top-p",
-                                                                     "1.5"), ("--temperature", "-1"),
-    ("--reward-timeout", "0"), ("--lr", "-1e-5"), ("--lr", "nan"), ("--top-k",
-                                                                    "-1"), ("--lora-dropout",
-                                                                            "1"), ("--rank", "0"),
-    ("--group-size", "1"), ("--eval-problems", "0"), ("--grad-clip", "0"), ("--reward",
-                                                                            "exact"), ("--credit", "random"),
+    ("--eval-every", "0"), ("--save-every", "0"), ("--top-p", "0"), ("--top-p", "1.5"),
+    ("--temperature", "-1"), ("--reward-timeout", "0"), ("--lr", "-1e-5"), ("--lr", "nan"),
+    ("--top-k", "-1"), ("--lora-dropout", "1"), ("--rank", "0"), ("--group-size", "1"),
+    ("--eval-problems", "0"), ("--grad-clip", "0"), ("--reward", "exact"), ("--credit", "random"),
+    ("--loss-type", "dapo"), ("--scale-rewards", "batch"), ("--entropy-quantile", "0"),
+    ("--entropy-quantile", "1.5"), ("--report-to", "mlflow"), ("--arca-recent-updates", "0"),
 ])
 def test_invalid_options_name_the_flag_and_the_range(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -64,8 +63,8 @@ def test_warm_up_and_cosine_equal_transformers_schedule():
         return values
 
     for warmup, total in ((10, 30), (3, 30), (0, 30)):
-        ours = lrs(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt,
-                                                                 train.cosine_with_warmup(warmup, total)))
+        schedule = train.cosine_with_warmup(warmup, total)
+        ours = lrs(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         theirs = lrs(lambda opt: transformers.get_cosine_schedule_with_warmup(opt, warmup, total))
         assert ours == pytest.approx(theirs, abs=1e-12)
     assert ours[0] == 1.0

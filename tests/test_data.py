@@ -191,8 +191,8 @@ def test_a_hub_dataset_is_fetched_once_in_file_order_and_then_read_offline(tmp_p
     expected = [row for row in math_rows("train", 7500) if row["solution"] != "so \\boxed{}"]
     assert [r["answer"] for r in first["train"]] == [row["solution"][10:-1] for row in expected]
     assert len(first["train"]) == 7498
-    assert [r["problem"] for r in first["eval"][:3]] == ["test problem 0", "test problem 2919",
-                                                         "test problem 838"]
+    first_eval = [r["problem"] for r in first["eval"][:3]]
+    assert first_eval == ["test problem 0", "test problem 2919", "test problem 838"]
     cache = tmp_path / "arca" / "datasets" / "DigitalLearningGmbH--MATH-lighteval" / lighteval["revision"]
     cached = [json.loads(line) for line in (cache / "train.jsonl").read_text().splitlines()]
     assert len(cached) == 7500 and cached[0] == {"problem": "train problem 0", "solution": "so \\boxed{0}",
@@ -293,16 +293,15 @@ def test_gsm8k_golds_and_both_rewards_follow_the_reference(hub_cache):
     cases = {"Final answer: 1234": 1.0, "\\boxed{1,234}": 1.0, "1000 + 234 = 1234.00": 1.0, "12340": 0.0,
              "no number at all": 0.0}
     for completion, expected in cases.items():
-        assert gsm8k_strict_match(completion,
-                                  "1234") == expected and gsm8k_reward(completion,
-                                                                       "1234") == expected, completion
-    assert gsm8k_strict_match("Final answer: 7, then 9 more",
-                              "7") == 1.0 and gsm8k_answer("3 apples, then 5") == "5"
+        assert gsm8k_strict_match(completion, "1234") == expected, completion
+        assert gsm8k_reward(completion, "1234") == expected, completion
+    assert gsm8k_strict_match("Final answer: 7, then 9 more", "7") == 1.0
+    assert gsm8k_answer("3 apples, then 5") == "5"
     assert gsm8k_answer("\\boxed{12} so the answer is 5") == "12"  # a box wins over the final-answer pattern
     # "so N" is a final-answer pattern of the reference's, as written
     assert gsm8k_answer("so 2 + 2 = 4 and 1234") == "2"
-    assert gsm8k_strict_match("so 3/4", "0.75") == 1.0 and gsm8k_strict_match("\\boxed{\\frac{3}{4}}",
-                                                                              "0.75") == 0.0
+    assert gsm8k_strict_match("so 3/4", "0.75") == 1.0
+    assert gsm8k_strict_match("\\boxed{\\frac{3}{4}}", "0.75") == 0.0
     assert gsm8k_reward("Final answer: $18.50", "18.5") == 1.0
     started = time.monotonic()
     # linear on hostile text

@@ -216,8 +216,8 @@ def run_outputs(out):
 def assert_same_run(a, b):
     adapter_a, steps_a, values_a, evals_a = run_outputs(a)
     adapter_b, steps_b, values_b, evals_b = run_outputs(b)
-    assert adapter_a.keys() == adapter_b.keys() and all(torch.equal(adapter_a[k],
-                                                                    adapter_b[k]) for k in adapter_a)
+    assert adapter_a.keys() == adapter_b.keys()
+    assert all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
     assert steps_a == steps_b and values_a == values_b  # each step once, with the same rollouts
     assert evals_a == evals_b
 
@@ -304,8 +304,8 @@ def test_a_checkpoint_restores_its_rng_states_whatever_the_device(char_run_setup
     assert rng["sampler"].device.type == "cpu"
     generator = torch.Generator()
     runs.set_rng_states(rng, generator)
-    assert torch.equal(torch.get_rng_state(), rng["torch"]) and torch.equal(generator.get_state(),
-                                                                            rng["sampler"])
+    assert torch.equal(torch.get_rng_state(), rng["torch"])
+    assert torch.equal(generator.get_state(), rng["sampler"])
     moments = [value for moment in state["optimizer"]["state"].values() for name, value in moment.items()
                if name != "step"]
     assert moments and all(value.device.type == "meta" for value in moments)

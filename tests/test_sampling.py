@@ -103,9 +103,8 @@ def test_shared_prefill_equals_repeating_the_prompt(tiny_checkpoint):
     torch.testing.assert_close(logprobs, logprobs_repeated, atol=1e-5, rtol=0)
     assert len({tuple(row) for row in tokens[:K].tolist()}) > 1  # a prompt's K samples differ
     greedy = generate(model, prompts, 8, temperature=0, top_p=1.0, eos_token_id=[], samples_per_prompt=2)[0]
-    assert torch.equal(greedy[0::2], greedy[1::2]) and torch.equal(greedy[0::2],
-                                                                   generate(model, prompts, 8, temperature=0,
-                                                                            top_p=1.0, eos_token_id=[])[0])
+    one_each = generate(model, prompts, 8, temperature=0, top_p=1.0, eos_token_id=[])[0]
+    assert torch.equal(greedy[0::2], greedy[1::2]) and torch.equal(greedy[0::2], one_each)
 
 
 def test_top_p_keeps_exactly_the_nucleus():
@@ -154,8 +153,8 @@ def test_top_k_then_top_p_keeps_the_hand_computed_set():
     for top_k, top_p, kept in cases:
         drawn = set(sample_next_token(logits, 1.0, top_p, g, top_k=top_k).tolist())
         assert drawn == kept, (top_k, top_p, drawn)
-    assert top_k_filter(torch.tensor([[1.0, 3.0, 2.0, 0.5]]),
-                        2).tolist() == [[float("-inf"), 3.0, 2.0, float("-inf")]]
+    kept = top_k_filter(torch.tensor([[1.0, 3.0, 2.0, 0.5]]), 2)
+    assert kept.tolist() == [[float("-inf"), 3.0, 2.0, float("-inf")]]
 
 
 def test_seeded_draws_stay_in_transformers_warpers_kept_set():
