@@ -70,7 +70,9 @@ def group_advantages(rewards, prompt_index, estimator="grpo", eps=1e-4, scale="g
     [0.5, -0.5, -0.5, 0.5], rloo [0.667, -0.667, -0.667, 0.667]; a group [1, 1, 1, 1] gives zeros.
     """
     num_groups = int(prompt_index.max()) + 1
-    counts = torch.bincount(prompt_index, minlength=num_groups).to(rewards.dtype)  # (G,)
+    # (G,) completions per group; index_add_, as bincount reads its input's maximum back on a GPU
+    counts = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device)
+    counts = counts.index_add_(0, prompt_index, torch.ones_like(rewards))  # (G,)
     if (counts < 2).any():
         raise ValueError("every prompt needs at least 2 completions for a group baseline, "
                          f"got group sizes {counts.tolist()}")

@@ -46,11 +46,8 @@ NO_GRAD_LAYER_SHARE = 2.0  # a no-grad layer's transients, in multiples of what 
 
 
 def saved_activation_bytes(model_config, config, device, layers, checkpointing, rows, prompt, completion):
-    """Bytes the training forward keeps for backward, parameters excluded, on a Qwen3 of model_config's
-    geometry with `layers` layers and the run's LoRA, for `rows` sequences of prompt + completion tokens.
-    The attention bias, one (B, 1, G x T, S) tensor shared by the layers, grows as T x S, not with the
-    token count: it is left out here and planned on its own."""
-    import grpo
+    """Bytes the training forward keeps for backward (forward_saved_bytes) on a Qwen3 of model_config's
+    geometry with `layers` layers and the run's LoRA, for `rows` sequences of prompt + completion tokens."""
     from lora import apply_lora
     from model import Qwen3
 
@@ -65,6 +62,16 @@ def saved_activation_bytes(model_config, config, device, layers, checkpointing, 
     apply_lora(model, config.rank, config.lora_alpha, config.lora_dropout, compute_dtype=lora_dtype)
     model.train()
     model.gradient_checkpointing = checkpointing
+    return forward_saved_bytes(model, rows, prompt, completion)
+
+
+def forward_saved_bytes(model, rows, prompt, completion):
+    """Bytes `model`'s training forward keeps for backward, parameters excluded, for `rows` sequences of
+    prompt + completion tokens. The attention bias, one (B, 1, G x T, S) tensor shared by the layers,
+    grows as T x S, not with the token count: it is left out here and planned on its own."""
+    import grpo
+
+    device = model.lm_head.weight.device
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}  # storage address -> bytes: a tensor saved by several ops counts once
     keys = prompt + completion - 1  # the attention's key axis S: the last token predicts nothing

@@ -1468,6 +1468,42 @@ def test_a_step_gives_the_token_before_eos_the_reference_codes_entropy_score(tin
     assert before_eos > 0  # a stopped completion whose last trained token scored H_T - H_EOS > 0
 
 
+def test_arca_shuffled_weights_do_not_depend_on_the_micro_batch_split_and_change_each_step(tiny_checkpoint):
+    """A completion's shuffle comes from its prompt's seed (train.step_batch's, as a run draws them): the
+    step's 4 prompts in 1, 2 or 4 micro-batches give every completion the same weights, each ARCA's
+    weights permuted by the completion's own seed, and the next step's seeds are all new."""
+    import torch.nn.functional as F
+
+    from credit import credit_weights, shuffle_within_rows
+    from train import step_batch
+
+    model = perturbed_lora_model(tiny_checkpoint[0])  # an adapter that matters: ARCA is not uniform
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    rows = [{"prompt_ids": ids, "answer": "0"} for ids in ([5, 9, 2], [4, 11], [6, 3], [7, 7, 7])]
+    weights, seeds = {}, {}
+    for per_micro_batch in (4, 2, 1):
+        config = StepConfig(credit="arca-shuffled", prompts_per_micro_batch=per_micro_batch,
+                            micro_batches=4 // per_micro_batch, seed=0)
+        for step in (0, 1):
+            prompts, golds, prompt_seeds = step_batch(rows, step, config, rank=0, ranks=1)
+            log = RecordingLog(model, CharTokenizer(), config, lr=0.0)
+            rollout, _ = grpo.grpo_step(model, optimizer, scheduler, prompts, golds, CharTokenizer(),
+                                        reward_first_token_even, config, None, log, prompt_seeds=prompt_seeds)
+            for rows_of, mask, inputs, shuffled in log.seen:
+                arca = credit_weights("arca", mask, config.credit_eps, config.power, **inputs)  # (B, T)
+                torch.testing.assert_close(shuffled, shuffle_within_rows(arca, mask, rollout.seeds[rows_of]))
+            # (N, max_new_tokens): each micro-batch's columns, padded back to the step's width
+            weights[per_micro_batch, step] = torch.cat([F.pad(w, (0, config.max_new_tokens - w.shape[1]))
+                                                        for *_, w in log.seen])
+            seeds[per_micro_batch, step] = rollout.seeds
+    assert gini(weights[4, 0], weights[4, 0] > 0).mean() > 0.05  # not uniform: a permutation shows
+    for per_micro_batch in (2, 1):
+        for step in (0, 1):
+            torch.testing.assert_close(weights[per_micro_batch, step], weights[4, step], atol=1e-6, rtol=0)
+    assert set(seeds[4, 0]).isdisjoint(seeds[4, 1]) and len(set(seeds[4, 0])) == 16
+
+
 def test_arca_recent_equals_arca_until_k_updates_exist(tiny_checkpoint):
     """arca-recent with k larger than the steps taken: its older adapter is the one before the first update
     (B = 0, the base model), so three steps weight every token as ARCA's three steps do and end on the same

@@ -39,7 +39,58 @@ def test_first_eval_rows_in_file_order_or_a_seeded_sample(tmp_path):
     answers = [int(r["answer"]) for r in sample]
     assert len(answers) == 5 and answers == sorted(answers) and answers != [0, 1, 2, 3, 4]
     # fixed, whatever the run's seed
-    assert data.select_eval_rows(rows, dataclasses.replace(paper, eval_sample=True)) == sample
+    assert data.select_eval_rows(rows, dataclasses.replace(paper, eval_sample=True, seed=2)) == sample
+
+
+def evaluated_problems(monkeypatch):
+    """The problems of each evaluation a run makes, as evaluation.evaluate receives them (then runs)."""
+    import evaluation
+
+    seen, real = [], evaluation.evaluate
+
+    def recording(model, tokenizer, eval_rows, *args, **kwargs):
+        seen.append([row["problem"] for row in eval_rows])
+        return real(model, tokenizer, eval_rows, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", recording)
+    return seen
+
+
+def additions_file(path, count, long_rows=()):
+    """count addition problems "i+i=" as JSON lines; the rows in long_rows 400 characters long."""
+    problems = ["1+" * 200 + "=" if i in long_rows else f"{i}+{i}=" for i in range(count)]
+    path.write_text("".join(json.dumps({"problem": p, "answer": "0"}) + "\n" for p in problems))
+    return path
+
+
+def test_a_run_evaluates_the_first_rows_of_the_file_less_the_too_long_ones(char_run_setup, tmp_path,
+                                                                          monkeypatch, capsys):
+    """--eval-problems 4 with the 2nd row over --max-prompt-tokens: the run evaluates rows 1, 3 and 4 (that
+    one dropped and counted), not row 5 in its place: the rows are chosen before the length filter."""
+    from conftest import parity_reward, run_args
+
+    monkeypatch.setattr(train, "score", parity_reward)
+    seen = evaluated_problems(monkeypatch)
+    eval_file = additions_file(tmp_path / "eval.jsonl", 10, long_rows={1})
+    options = ("--eval-data", str(eval_file), "--eval-problems", "4", "--no-eval-sample",
+               "--max-prompt-tokens", "200", "--steps", "1", "--eval-every", "1")
+    train.main(run_args(char_run_setup, tmp_path / "run", *options))
+    assert seen == [["0+0=", "2+2=", "3+3="]] * 2  # steps 0 and 1
+    assert "evaluation: dropped 1 of 4 prompts longer than --max-prompt-tokens 200" in capsys.readouterr().out
+
+
+def test_eval_sample_evaluates_the_same_problems_for_every_seed(char_run_setup, tmp_path, monkeypatch):
+    from conftest import parity_reward, run_args
+
+    monkeypatch.setattr(train, "score", parity_reward)
+    seen = evaluated_problems(monkeypatch)
+    eval_file = additions_file(tmp_path / "eval.jsonl", 40)
+    for seed in (1, 2):
+        train.main(run_args(char_run_setup, tmp_path / f"seed-{seed}", "--eval-data", str(eval_file),
+                            "--eval-problems", "4", "--eval-sample", "--seed", str(seed), "--steps", "1",
+                            "--eval-every", "1"))
+    assert len(seen) == 4 and all(problems == seen[0] for problems in seen)
+    assert seen[0] != ["0+0=", "1+1=", "2+2=", "3+3="]  # a sample, not the first rows
 
 
 def test_read_problems_reports_bad_lines_and_skips_empty_answers(tmp_path):
@@ -202,6 +253,28 @@ def test_a_hub_dataset_is_fetched_once_in_file_order_and_then_read_offline(tmp_p
     # a second run reads the cache: no hub at all (its address now refuses connections), the same rows
     assert load_in_a_child({**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}) == first
     assert hub.file_requests() == fetched
+
+
+def test_the_dataset_cache_is_kept_per_revision(hub_cache, monkeypatch):
+    """A cache filled at the pinned revision is not read for --data-revision B: B's own rows are fetched
+    (here from the hub cache) and cached apart; with the network cut, a revision nowhere yet stops with
+    the offline message that names it."""
+    import huggingface_hub.constants
+
+    lighteval, test_file = data.MATH_LIGHTEVAL, data.MATH_LIGHTEVAL["files"]["test"]
+    other, missing = "b" * 40, "c" * 40
+    rows_b = math_rows("test", 5000)
+    rows_b[0]["problem"] = "revision b's first problem"
+    lay_out_hub_cache(hub_cache, lighteval, {test_file: parquet_bytes(math_rows("test", 5000))})
+    lay_out_hub_cache(hub_cache, lighteval, {test_file: parquet_bytes(rows_b)}, other)
+    first_problem = lambda path: json.loads(path.read_text().splitlines()[0])["problem"]
+    pinned = data.cached_split("math", "test")
+    assert first_problem(pinned) == "test problem 0"
+    assert first_problem(data.cached_split("math", "test", other)) == "revision b's first problem"
+    assert first_problem(data.cached_split("math", "test")) == "test problem 0" and pinned.exists()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match=f"revision {missing}.*HF_HUB_OFFLINE is set"):
+        data.cached_split("math", "test", missing)
 
 
 def test_a_bad_hub_file_names_the_file_and_what_was_expected(hub_cache, tmp_path):

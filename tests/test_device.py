@@ -10,11 +10,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import grpo
 import step_log
-from conftest import StepConfig, lora_tiny_model, one_grpo_step, reward_first_token_even
+from conftest import CharTokenizer, StepConfig, lora_tiny_model, one_grpo_step, reward_first_token_even
 from credit import credit_weights, diagnostic_sums
 from lora import RecentAdapters, apply_lora, sampling_copies
 from model import Qwen3, Qwen3Config
-from sampling import generate
+from sampling import Completions, generate
 
 HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
               torch.ops.aten.nonzero.default)
@@ -28,29 +28,36 @@ class DeviceChecks(TorchDispatchMode):
     """Fails on an op whose tensors are on different devices (a 0-d CPU tensor excepted, as CUDA takes it) and
     records each host read (.item(), bool(), int(): aten._local_scalar_dense or is_nonzero; nonzero; a copy
     to the CPU) under the label in self.phase. A read of a tensor made from host copies alone (self.host)
-    is not one. With stub_reads (tensors without values), a read returns False for a bool, else `stub`."""
+    is not one. With stub_reads (tensors without values), a read returns False for a bool, else `stub`.
+
+    self.host maps each host copy's storage address to the tensor, which it keeps alive: a freed copy's
+    address could be reused by a device tensor, whose read would then go uncounted."""
 
     def __init__(self, stub_reads=False, stub=0):
         super().__init__()
-        self.stub_reads, self.stub, self.phase, self.reads, self.host = stub_reads, stub, "step", [], set()
+        self.stub_reads, self.stub, self.phase, self.reads, self.host = stub_reads, stub, "step", [], {}
+
+    def on_host(self, tensor):
+        self.host[tensor.untyped_storage().data_ptr()] = tensor
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = tensor_arguments(args, kwargs)
         devices = {t.device for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
-        copy_to_host = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and (
-            kwargs.get("device",
-                       tensors[0].device).type == "cpu") and any(t.device.type != "cpu" for t in tensors)
+        copying = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+        to_cpu = kwargs.get("device", tensors[0].device).type == "cpu" if tensors else False
+        copy_to_host = copying and to_cpu and any(t.device.type != "cpu" for t in tensors)
         if len(devices) > 1 and not copy_to_host and func is not torch.ops.aten.copy_.default:
             raise AssertionError(f"{func} mixes devices {sorted(map(str, devices))}")
-        on_host = bool(tensors) and all(t.untyped_storage().data_ptr() in self.host for t in tensors)
-        if (func in HOST_READS and not on_host) or copy_to_host:
+        from_host = bool(tensors) and all(t.untyped_storage().data_ptr() in self.host for t in tensors)
+        if (func in HOST_READS and not from_host) or copy_to_host:
             self.reads.append(self.phase)
             if self.stub_reads and func is not torch.ops.aten.nonzero.default:
                 return False if tensors[0].dtype == torch.bool else self.stub
         result = func(*args, **kwargs)
-        if on_host:  # a tensor made from host tensors alone is on the host too
-            self.host.update(t.untyped_storage().data_ptr() for t in tensor_arguments(result, {}))
+        if from_host:  # a tensor made from host tensors alone is on the host too
+            for tensor in tensor_arguments(result, {}):
+                self.on_host(tensor)
         return result
 
 
@@ -96,6 +103,64 @@ def test_generation_and_the_credit_passes_never_mix_devices_and_read_the_device_
         torch.ones(3, device="meta") + torch.ones(3)
 
 
+class MetaStepLog:
+    """What grpo_step hands its log, kept; every update is finite (a meta tensor has no value to test)."""
+
+    def __init__(self):
+        self.tensors = []
+
+    def sampled(self, rollout):
+        self.tensors += [rollout.tokens, rollout.mask, rollout.ends_with_eos, rollout.prompt_index]
+
+    def scored(self, completions, scores, timeouts):
+        pass
+
+    def micro_batch(self, rows, mask, inputs, weights, loss, kl):
+        self.tensors += [mask, weights, loss, kl]
+
+    def update(self, grad_norm):
+        self.tensors.append(grad_norm)
+        return True
+
+
+@pytest.mark.parametrize("credit", ["arca", "arca-shuffled", "entropy-gate"])
+def test_a_whole_grpo_step_on_the_meta_device_never_mixes_devices(credit, monkeypatch):
+    """grpo_step end to end on a meta-device model: sample_rollouts (and its eos_positions), the rewards
+    tensor, group_advantages, loss_mask, the loss's normaliser, each micro-batch's forward, credit, loss
+    and backward, the clipping and the update. A tensor made on the CPU by mistake meets a meta one and
+    fails. The completions' copy to the host is the one thing replaced (a meta tensor has no values):
+    the tokens it would have read."""
+    model_config = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                               tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = apply_lora(Qwen3(model_config), rank=4, alpha=8)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    lengths = [6, 3, 6, 1, 2, 6, 6, 4]  # what the host copy would say
+
+    def read_completions(rollout, tokenizer):
+        return Completions(["1"] * 8, lengths, [n < 6 for n in lengths], [[7] * n for n in lengths])
+
+    monkeypatch.setattr(grpo, "read_completions", read_completions)
+    config = StepConfig(credit=credit, beta=0.1, max_new_tokens=6, loss_type="token", mask_truncated=True,
+                        credit_eos=False)
+    log = MetaStepLog()
+    with DeviceChecks(stub_reads=True, stub=1):  # int(prompt_index.max()) reads 1: two prompts
+        rollout, rewards = one_step_on_meta(model, optimizer, scheduler, config, log)
+    tensors = [rollout.tokens, rewards, *log.tensors] + [p.grad for p in trainable]
+    assert all(t.device.type == "meta" for t in tensors)
+    assert len(log.tensors) == 4 + 2 * 4 + 1  # two micro-batches and one update went through
+
+
+def one_step_on_meta(model, optimizer, scheduler, config, log):
+    tokenizer = CharTokenizer()
+    tokenizer.eos_token_id = [1, 2]  # a list of EOS ids, as Qwen3's tokenizer gives
+    return grpo.grpo_step(model, optimizer, scheduler, [[5, 9, 2], [4, 11]], ["0", "0"], tokenizer,
+                          lambda texts, golds: ([1.0, 0.0] * 4, 0), config, None, log)  # no meta generator
+
+
 def test_a_grpo_step_reads_the_device_a_known_number_of_times(tiny_checkpoint, monkeypatch):
     """One whole grpo_step on real CPU tensors under DeviceChecks (and .cpu() and .tolist() counted): per
     decode step one read every 8 steps, per micro-batch none, per update one (its statistics and the grad
@@ -127,7 +192,7 @@ def test_a_grpo_step_reads_the_device_a_known_number_of_times(tiny_checkpoint, m
     def cpu(tensor, *args, **kwargs):  # a copy to the host: a read; what is made from it stays on the host
         checks.reads.append(checks.phase)
         copy = real_cpu(tensor, *args, **kwargs)
-        checks.host.add(copy.untyped_storage().data_ptr())
+        checks.on_host(copy)
         return copy
 
     def tolist(tensor):

@@ -6,6 +6,7 @@ import torch
 
 import memory
 import train
+from conftest import run_args
 from lora import apply_lora
 from model import Qwen3, Qwen3Config
 
@@ -43,6 +44,21 @@ def test_the_memory_plan_predicts_what_the_training_forward_keeps():
     assert memory.weight_count(model_config) == frozen
     without = memory.planned_peak(model_config, config, cpu, False, dict(profiles))
     assert without["weights"] == pytest.approx(2 * memory.weight_count(model_config) / 2**30)
+
+
+def test_gradient_checkpointing_on_makes_the_run_models_forward_keep_what_the_plan_says(char_run_setup):
+    """--gradient-checkpointing on and off, through train.load_model (the model a run trains): the bytes
+    its training forward keeps are what memory.activation_profile, the plan's measure, predicts for each."""
+    cpu, measured, predicted = torch.device("cpu"), {}, {}
+    for setting in ("on", "off"):
+        args = run_args(char_run_setup, "unused", "--gradient-checkpointing", setting)
+        config, _, _ = train.parse_args(args)
+        model, _ = train.load_model(config, cpu, rank=0, ranks=1)
+        measured[setting] = memory.forward_saved_bytes(model.train(), rows=2, prompt=24, completion=16)
+        profile = memory.activation_profile(model.config, config, cpu, checkpointing=setting == "on")
+        predicted[setting] = profile["constant"] + profile["per_token"] * 2 * (24 + 16 - 1)
+    assert measured == pytest.approx(predicted, rel=0.05)
+    assert measured["off"] > 3 * measured["on"]  # the flag changes what is kept
 
 
 def test_auto_checkpointing_keeps_a_margin_and_leaves_the_random_numbers_alone(monkeypatch):

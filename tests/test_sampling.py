@@ -9,7 +9,8 @@ import torch
 import grpo
 from conftest import left_padded, save_tiny_checkpoint
 from model import Qwen3
-from sampling import generate, sample_next_token, sample_top_p_by_rejection, sample_top_p_sorted, top_k_filter
+from sampling import (generate, sample_next_token, sample_top_k_top_p, sample_top_p_by_rejection,
+                      sample_top_p_sorted, top_k_filter)
 
 
 def test_kv_cache_decoding_equals_full_forward(tiny_checkpoint):
@@ -178,6 +179,31 @@ def test_seeded_draws_stay_in_transformers_warpers_kept_set():
             assert kept.gather(1, drawn[:, None]).all(), (temperature, top_k, top_p)
         if top_k:
             assert (kept.sum(dim=1) <= top_k).all()  # the test can fail: far fewer than 300 kept
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_top_k_keeps_every_token_tied_with_the_kth_logit(compiled):
+    """logits [3, 1, 2, 2], top-k 2: ids 2 and 3 tie at the 2nd value and both stay drawable, as
+    transformers' TopKLogitsWarper keeps every logit at or above the k-th (bf16 logits tie often). For the
+    same uniforms sample_top_k_top_p (the GPU's and the compiled step's sampler) draws what the sorted
+    sampler draws from top_k_filter's probabilities, each kept token about as often as its probability."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    n = 6000
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0]]).expand(n, 4).contiguous()  # (n, V)
+    uniforms = torch.rand(n, generator=torch.Generator().manual_seed(0))  # (n,)
+    sampler = torch.compile(sample_top_k_top_p, fullgraph=True) if compiled else sample_top_k_top_p
+    for top_p in (1.0, 0.9):
+        drawn = sampler(logits, 2, torch.tensor(top_p), uniforms=uniforms)  # (n,)
+        filtered = top_k_filter(logits, 2).softmax(dim=-1)  # (n, V)
+        assert torch.equal(drawn, sample_top_p_sorted(filtered, top_p, uniforms=uniforms)), top_p
+        warped = TopKLogitsWarper(2)(None, logits[:1].clone())
+        if top_p < 1:
+            warped = TopPLogitsWarper(top_p)(None, warped)
+        kept = torch.isfinite(warped[0]).nonzero().flatten().tolist()
+        assert kept == [0, 2, 3] and sorted(set(drawn.tolist())) == kept, top_p
+        frequency = torch.bincount(drawn, minlength=4).float() / n
+        torch.testing.assert_close(frequency, filtered[0], atol=0.02, rtol=0)
 
 
 def test_sampler_never_loops_forever():
