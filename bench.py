@@ -4,7 +4,8 @@
     python bench.py --quick             # CPU, tiny shape, one thread, about 80 s on 2 cores (a test runs it)
     python bench.py --shape 1.7b --only rollout,train
     python bench.py --threads 1 --compile --only rollout,kernels     # the README's CPU rows
-    python bench.py --shape 1.7b --gpu-check                         # the goals table of a GPU run
+    python bench.py --gpu-check --plan          # its rows, their settings and planned seconds (any machine)
+    python bench.py --gpu-check --out runs/gpu-check --inductor-cache runs/inductor   # the GPU's first run
 
 A Qwen3 of the named shape gets random weights, is saved as safetensors under Hugging Face names,
 and is loaded by `Qwen3.from_pretrained` and by transformers' `Qwen3ForCausalLM` from the same
@@ -51,12 +52,18 @@ device synchronised around every timer):
    activations per sequence token at the 1.7B geometry with and without gradient checkpointing, and
    the paper step's planned peak (memory.py), in the paper's configuration (bf16) on any device.
 
---gpu-check runs, in priority order and while under GPU_CHECK_SECONDS: rollouts at batch 64
-(eager, compiled, transformers, bandwidth bound), the paper preset's GRPO step (ARCA and uniform,
-with and without gradient checkpointing), the train step, rollouts at batch 1 and 16, LoRA
-rollouts at batch 64, memory; then a table of the goals (rollout >= 5x transformers and >= 50% of
-the bound at batch 64, the paper step <= 3 s and <= 24 GB with checkpointing, <= 0.5 MB of
-activations per token with checkpointing, a planned peak <= 20 GB) and whether each is met.
+--gpu-check measures the paper run as the paper preset configures it (train.py's LoRA, its
+arithmetic's dtype, top-k, top-p, temperature and sizes, at the 1.7B geometry), in rows run in
+this order, each only if its planned seconds fit in what is left of --time-limit (480): memory
+(the activation profiles and the planned peak), the paper step eager (the preset's default; its
+seconds and its own peak memory, nothing else resident), the paper step compiled, rollouts at
+the evaluation batch (64: eager, compiled, transformers, the bandwidth bound), LoRA rollouts at
+batch 64; with --gpu-check-all also rollouts at batch 1 and 16, the training step against
+transformers + PEFT, and the repeatability of two steps under --deterministic. Each finished row
+is one line of <--out>/gpu-check.jsonl at once; the goals table (rollout >= 5x transformers and
+>= 50% of the bound at batch 64, the eager paper step <= 3 s and <= 24 GB with checkpointing,
+<= 0.5 MB of activations per token with checkpointing, a planned peak <= 20 GB) is read from it.
+`--gpu-check --plan` prints the rows and their estimates (GPU_CHECK_SECONDS's constants) as JSON.
 
 Output: one JSON line per measurement {what, shape, batch, device, ours, reference, ratio, unit,
 note} (ratio = ours / reference), then a Markdown table of the same.
@@ -71,6 +78,8 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -78,12 +87,13 @@ from safetensors.torch import save_file
 
 from credit import arca_scores
 from model import Qwen3, Qwen3Config
+from runs import append_line
 from sampling import generate, token_logprobs
 
 SHAPES = {  # Hugging Face config.json fields
     "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                 num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, bos_token_id=4095, eos_token_id=4095),
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+                 bos_token_id=4095, eos_token_id=4095),
     "0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768),
     "1.7b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
@@ -236,6 +246,34 @@ def load_reference(directory, device, dtype):
     return transformers.Qwen3ForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
 
 
+def paper_config():
+    """The paper preset's config as train.py resolves it (LoRA alpha = 2 x rank, ...)."""
+    import train
+
+    return train.parse_args(["--preset", "paper"])[0]
+
+
+def apply_paper_lora(model, dtype):
+    """LoRA as the paper preset applies it (its rank, alpha and dropout on the seven projections), its
+    arithmetic in the preset's --lora-dtype on a model of the preset's dtype; on an fp32 model (the
+    CPU rows) in fp32, the model's own."""
+    from lora import apply_lora
+
+    paper = paper_config()
+    compute = getattr(torch, paper.lora_dtype) if dtype == getattr(torch, paper.dtype) else dtype
+    return apply_lora(model, paper.rank, paper.lora_alpha, dropout=paper.lora_dropout, compute_dtype=compute)
+
+
+def paper_peft_model(reference):
+    """transformers + PEFT with the same LoRA (PEFT's own arithmetic: fp32 adapter weights)."""
+    import peft
+
+    paper = paper_config()
+    lora = peft.LoraConfig(r=paper.rank, lora_alpha=paper.lora_alpha, lora_dropout=paper.lora_dropout,
+                           target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    return peft.get_peft_model(reference, lora)
+
+
 def random_prompts(batch, length, vocab_size, seed):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, length), generator=generator)  # (B, P)
@@ -256,31 +294,32 @@ def decode_bytes(config, batch, prompt, new, dtype):
     return (weights + cache) * torch.finfo(dtype).bits // 8
 
 
-# every rollout measured here: no EOS, fixed length
-SAMPLING = dict(temperature=1.0, top_p=0.95, eos_token_id=[])
+# the CPU rows' sampling (--gpu-check samples as the paper preset does: gpu_check_rows); rollouts run to
+# their length, EOS ignored
+SAMPLING = dict(temperature=1.0, top_p=0.95, top_k=0)
 
 
-def our_generate(model, prompts, n, generator, lean=False, compile=False):
+def our_generate(model, prompts, n, generator, lean=False, compile=False, sampling=SAMPLING):
     """Our rollout of n new tokens for prompts (token-id lists); lean: inside lora.sampling_copies
     (GRPO's rollout path for a LoRA model)."""
     from lora import sampling_copies
 
     with sampling_copies(model) if lean else contextlib.nullcontext():
-        return generate(model, prompts, n, generator=generator, compile=compile, **SAMPLING)
+        return generate(model, prompts, n, generator=generator, compile=compile, eos_token_id=[], **sampling)
 
 
-def their_generate(reference, prompts, n, eos_token_id):
-    """transformers' generate of exactly n new tokens at the same settings (top-k off), prompts (B, P) on the
-    device."""
+def their_generate(reference, prompts, n, eos_token_id, sampling=SAMPLING):
+    """transformers' generate of exactly n new tokens at the same settings, prompts (B, P) on the device."""
     return reference.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                              temperature=1.0,
-                              top_p=0.95, top_k=0, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos_token_id,
-                              pad_token_id=eos_token_id)
+                              max_new_tokens=n, min_new_tokens=n, eos_token_id=eos_token_id,
+                              pad_token_id=eos_token_id, **sampling)
 
 
-def bench_rollout(model, reference, config, device, dtype, size, records, shape, compile=False):
+def bench_rollout(model, reference, config, device, dtype, size, records, shape, compile=False,
+                  sampling=SAMPLING):
     """New tokens/s of ours (eager, and compiled with --compile) against transformers' generate, at
-    each batch of size["batches"]; on a GPU also as a fraction of the bandwidth bound."""
+    each batch of size["batches"], both sampling with `sampling`; on a GPU also as a fraction of the
+    bandwidth bound."""
     vocab, new = config.vocab_size, size["new"]
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     for batch in size["batches"]:
@@ -289,33 +328,33 @@ def bench_rollout(model, reference, config, device, dtype, size, records, shape,
         generator = torch.Generator(device).manual_seed(0)
 
         def ours(n=new, compile=False):
-            our_generate(model, prompt_list, n, generator, compile=compile)
+            our_generate(model, prompt_list, n, generator, compile=compile, sampling=sampling)
 
         def theirs(n=new):
-            their_generate(reference, prompts_device, n, config.eos_token_id)
+            their_generate(reference, prompts_device, n, config.eos_token_id, sampling)
 
-        contestants, warmups = {"ours": ours, "theirs": theirs}, {"ours": lambda: ours(16),
-                                                                  "theirs": lambda: theirs(16)}
+        contestants = {"ours": ours, "theirs": theirs}
+        warmups = {"ours": lambda: ours(16), "theirs": lambda: theirs(16)}
         if compile:  # warmed up at full length: the compilation is for the cache bucket of this length
             contestants["compiled"] = warmups["compiled"] = lambda: ours(compile=True)
         seconds = median_seconds(contestants, device, size["repeats"], warmups)
         rate = {name: batch * new / s for name, s in seconds.items()}
+        settings = (f"prompt {size['prompt']}, {new} new, T {sampling['temperature']:g}, top-p "
+                    f"{sampling['top_p']:g}, top-k {sampling['top_k']}")
         records.append(record("rollout", shape, batch, device, rate["ours"], rate["theirs"], "new tokens/s",
-                              f"prompt {size['prompt']}, {new} new, T 1.0, top-p 0.95, vs transformers "
-                              "generate"))
+                              f"{settings}, vs transformers generate"))
         if compile:
             records.append(record("rollout_compiled", shape, batch, device, rate["compiled"], rate["theirs"],
                                   "new tokens/s",
-                                  "generate(compile=True), vs transformers generate; eager: "
-                                  f"{rate['ours']:.0f}"))
+                                  f"generate(compile=True), vs transformers generate; eager: "
+                                  f"{rate['ours']:.0f}; {settings}"))
         if bandwidth:
             bound = batch * bandwidth / decode_bytes(config, batch, size["prompt"], new, dtype)  # tokens/s
             best = max(rate["ours"], rate.get("compiled", 0))
+            note = (f"ours {'compiled' if compile else 'eager'}; bound {bound:.0f} tokens/s at "
+                    f"{bandwidth / 1e9:.0f} GB/s copy bandwidth")
             records.append(record("rollout_bandwidth_fraction", shape, batch, device, best / bound,
-                                  rate["theirs"] / bound,
-                                  "fraction of bound", f"ours {'compiled' if compile else 'eager'}; bound "
-                                                       f"{bound:.0f} tokens/s "
-                                  f"at {bandwidth / 1e9:.0f} GB/s copy bandwidth"))
+                                  rate["theirs"] / bound, "fraction of bound", note))
 
 
 def bench_compiled(model, config, device, size, records, shape):
@@ -371,8 +410,9 @@ def bench_prefill(model, config, device, size, records, shape):
     K times."""
     distinct = random_prompts(max(size["batches"]) // 4, size["prompt"], config.vocab_size, seed=7).tolist()
     seconds = median_seconds({
-        "shared": lambda: generate(model, distinct, 1, samples_per_prompt=4, **SAMPLING),
-        "repeated": lambda: generate(model, [p for p in distinct for _ in range(4)], 1, **SAMPLING),
+        "shared": lambda: generate(model, distinct, 1, samples_per_prompt=4, eos_token_id=[], **SAMPLING),
+        "repeated": lambda: generate(model, [p for p in distinct for _ in range(4)], 1, eos_token_id=[],
+                                     **SAMPLING),
     }, device, size["repeats"])
     records.append(record("prefill_k4_shared_over_repeated", shape, 4 * len(distinct), device,
                           seconds["shared"], seconds["repeated"],
@@ -380,23 +420,18 @@ def bench_prefill(model, config, device, size, records, shape):
                                            "new token"))
 
 
-def bench_rollout_lora(directory, device, dtype, size, records, shape, compile=False):
-    """Rollouts as GRPO samples them: LoRA r 64 on the seven projections, unmerged, against
-    transformers + PEFT's generate (unmerged too); ours with lora.sampling_copies (the rollout path)
-    and without it (the training path's LoRA arithmetic)."""
-    import peft
+def bench_rollout_lora(directory, device, dtype, size, records, shape, compile=False, sampling=SAMPLING):
+    """Rollouts as GRPO samples them: the paper's LoRA (apply_paper_lora) on the seven projections,
+    unmerged, against transformers + PEFT's generate (unmerged too); ours with lora.sampling_copies
+    (the rollout path) and without it (the training path's LoRA arithmetic)."""
+    from lora import lora_layers
 
-    from lora import apply_lora, lora_layers
-
-    model = apply_lora(Qwen3.from_pretrained(directory, device=device, dtype=dtype), 64, 128.0,
-                       dropout=0.05).eval()
+    model = apply_paper_lora(Qwen3.from_pretrained(directory, device=device, dtype=dtype), dtype).eval()
     with torch.no_grad():
         # a trained adapter's B is not 0; the speed does not depend on it
         for layer in lora_layers(model).values():
             layer.lora_B.normal_(std=1e-3)
-    lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=LORA_TARGETS,
-                           task_type="CAUSAL_LM")
-    reference = peft.get_peft_model(load_reference(directory, device, dtype), lora).eval()
+    reference = paper_peft_model(load_reference(directory, device, dtype)).eval()
     vocab, new = model.config.vocab_size, size["new"]
     for batch in size["batches"]:
         prompts = random_prompts(batch, size["prompt"], vocab, seed=batch)
@@ -404,10 +439,10 @@ def bench_rollout_lora(directory, device, dtype, size, records, shape, compile=F
         generator = torch.Generator(device).manual_seed(0)
 
         def ours(n=new, lean=True, compile=False):
-            our_generate(model, prompt_list, n, generator, lean, compile)
+            our_generate(model, prompt_list, n, generator, lean, compile, sampling)
 
         def theirs(n=new):
-            their_generate(reference, prompts_device, n, model.config.eos_token_id)
+            their_generate(reference, prompts_device, n, model.config.eos_token_id, sampling)
 
         contestants = {"lean": ours, "plain": lambda: ours(lean=False), "theirs": theirs}
         warmups = {"lean": lambda: ours(16), "plain": lambda: ours(16, lean=False),
@@ -416,10 +451,14 @@ def bench_rollout_lora(directory, device, dtype, size, records, shape, compile=F
             contestants["compiled"] = lambda: ours(compile=True)
         rate = {name: batch * new / s for name, s in median_seconds(contestants, device, size["repeats"],
                                                                     warmups).items()}
+        lora = lora_layers(model)
+        layer = next(iter(lora.values()))
+        arithmetic = str(layer.compute_dtype).removeprefix("torch.")
+        settings = f"LoRA r {layer.rank} unmerged, its arithmetic in {arithmetic}, top-k {sampling['top_k']}"
         records.append(record("rollout_lora", shape, batch, device, rate["lean"], rate["theirs"],
                               "new tokens/s",
-                              "LoRA r 64 unmerged, lora.sampling_copies, vs transformers + PEFT generate; "
-                              f"without sampling_copies {rate['plain']:.0f}"))
+                              f"{settings}, lora.sampling_copies, vs transformers + PEFT generate; without "
+                              f"sampling_copies {rate['plain']:.0f}"))
         if compile:
             records.append(record("rollout_lora_compiled", shape, batch, device, rate["compiled"],
                                   rate["theirs"], "new tokens/s",
@@ -433,13 +472,15 @@ def bench_rollout_lora(directory, device, dtype, size, records, shape, compile=F
 
 # aten operators that make a view, allocate, return their input or pick a dtype on the host: no kernel
 NOT_A_KERNEL = {
-    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::as_strided_",
-    "aten::t", "aten::transpose", "aten::permute", "aten::expand", "aten::expand_as", "aten::unsqueeze", "aten::squeeze",
-    "aten::slice", "aten::select", "aten::narrow", "aten::split", "aten::split_with_sizes", "aten::chunk", "aten::unbind",
-    "aten::alias", "aten::detach", "aten::detach_", "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg",
-    "aten::to", "aten::contiguous", "aten::flatten", "aten::view_as", "aten::numpy_T", "aten::result_type", "aten::promote_types",
-    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resize_", "aten::is_nonzero", "aten::item",
-    "aten::_local_scalar_dense", "aten::type_as", "aten::linear", "aten::matmul", "aten::dropout", "aten::scalar_tensor"}
+    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided",
+    "aten::as_strided_", "aten::t", "aten::transpose", "aten::permute", "aten::expand", "aten::expand_as",
+    "aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::select", "aten::narrow", "aten::split",
+    "aten::split_with_sizes", "aten::chunk", "aten::unbind", "aten::alias", "aten::detach", "aten::detach_",
+    "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg", "aten::to", "aten::contiguous",
+    "aten::flatten", "aten::view_as", "aten::numpy_T", "aten::result_type", "aten::promote_types",
+    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resize_", "aten::is_nonzero",
+    "aten::item", "aten::_local_scalar_dense", "aten::type_as", "aten::linear", "aten::matmul",
+    "aten::dropout", "aten::scalar_tensor"}
 HOST_LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
                      "cudaGraphLaunch",
                      "cudaMemcpyAsync", "cudaMemsetAsync"}
@@ -467,7 +508,8 @@ def kernels_launched(fn, device):
                 sum(e.name in HOST_LAUNCH_CALLS for e in events))
 
     def computes(event):
-        return (event.name.startswith("aten::") and event.name not in NOT_A_KERNEL) or "cpp_fused" in event.name
+        aten = event.name.startswith("aten::") and event.name not in NOT_A_KERNEL
+        return aten or "cpp_fused" in event.name
 
     def calls_a_kernel(event):
         return any(computes(child) or calls_a_kernel(child) for child in event.cpu_children)
@@ -486,16 +528,39 @@ def per_decode_step(generate_tokens, device, short=8, long=24):
     return (k_long - k_short) / (long - short), (l_long - l_short) / (long - short)
 
 
+def kernel_counts(model, reference, prompt_list, prompts_device, device, n_layers, compile):
+    """{(variant, n_layers): (kernels, launches) per decode step} of ours eager and compiled, base
+    and with the paper's LoRA, and of transformers' generate and transformers + PEFT's."""
+    dtype, counts = model.lm_head.weight.dtype, {}
+
+    def ours(n, compile=False, lean=False):
+        our_generate(model, prompt_list, n, torch.Generator(device).manual_seed(0), lean, compile)
+
+    def theirs(n):
+        their_generate(reference, prompts_device, n, model.config.eos_token_id)
+
+    counts["eager", n_layers] = per_decode_step(ours, device)
+    counts["transformers", n_layers] = per_decode_step(theirs, device)
+    if compile:
+        counts["compiled", n_layers] = per_decode_step(lambda n: ours(n, compile=True), device)
+    apply_paper_lora(model, dtype).eval()
+    reference = paper_peft_model(reference).eval()
+    counts["eager LoRA", n_layers] = per_decode_step(ours, device)
+    counts["eager LoRA sampling_copies", n_layers] = per_decode_step(lambda n: ours(n, lean=True), device)
+    counts["transformers + PEFT", n_layers] = per_decode_step(theirs, device)
+    if compile:
+        compiled_lora = per_decode_step(lambda n: ours(n, compile=True, lean=True), device)
+        counts["compiled LoRA sampling_copies", n_layers] = compiled_lora
+    return counts
+
+
 def bench_kernels(device, dtype, size, records, shape, tmp, compile=False):
     """Kernels per decode step at `shape`'s geometry with 1 and 2 decoder layers, extrapolated to
     the shape's layer count (rest + layers x per layer): ours eager and compiled, base and with
-    LoRA r 64 (the training path's arithmetic and lora.sampling_copies), against transformers'
+    the paper's LoRA (the training path's arithmetic and lora.sampling_copies), against transformers'
     generate and transformers + PEFT's, all on the same weights."""
-    import peft
     import torch._dynamo
     import torch._inductor.config
-
-    from lora import apply_lora
 
     batch, prompt_length, layers = 4, 16, SHAPES[shape]["num_hidden_layers"]
     kernel_profile = torch._inductor.config.cpp.enable_kernel_profile
@@ -508,27 +573,8 @@ def bench_kernels(device, dtype, size, records, shape, tmp, compile=False):
         model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
         reference = load_reference(directory, device, dtype)
         prompts = random_prompts(batch, prompt_length, model.config.vocab_size, seed=10)
-        prompt_list, prompts_device = prompts.tolist(), prompts.to(device)
-
-        def ours(n, compile=False, lean=False):
-            our_generate(model, prompt_list, n, torch.Generator(device).manual_seed(0), lean, compile)
-
-        def theirs(n):
-            their_generate(reference, prompts_device, n, model.config.eos_token_id)
-
-        counts["eager", n_layers] = per_decode_step(ours, device)
-        counts["transformers", n_layers] = per_decode_step(theirs, device)
-        if compile:
-            counts["compiled", n_layers] = per_decode_step(lambda n: ours(n, compile=True), device)
-        apply_lora(model, 64, 128.0, dropout=0.05).eval()
-        lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=LORA_TARGETS,
-                               task_type="CAUSAL_LM")
-        reference = peft.get_peft_model(reference, lora).eval()
-        counts["eager LoRA", n_layers] = per_decode_step(ours, device)
-        counts["eager LoRA sampling_copies", n_layers] = per_decode_step(lambda n: ours(n, lean=True), device)
-        counts["transformers + PEFT", n_layers] = per_decode_step(theirs, device)
-        if compile:
-            counts["compiled LoRA sampling_copies", n_layers] = per_decode_step(lambda n: ours(n, compile=True, lean=True), device)
+        counts.update(kernel_counts(model, reference, prompts.tolist(), prompts.to(device), device, n_layers,
+                                    compile))
         del model, reference
     torch._inductor.config.cpp.enable_kernel_profile = kernel_profile
     torch._dynamo.reset()
@@ -539,7 +585,8 @@ def bench_kernels(device, dtype, size, records, shape, tmp, compile=False):
         return one - per_layer + layers * per_layer, per_layer
 
     against = {"eager": "transformers", "compiled": "transformers", "eager LoRA": "transformers + PEFT",
-               "eager LoRA sampling_copies": "transformers + PEFT", "compiled LoRA sampling_copies": "transformers + PEFT"}
+               "eager LoRA sampling_copies": "transformers + PEFT",
+               "compiled LoRA sampling_copies": "transformers + PEFT"}
     for variant, reference_variant in against.items():
         if (variant, 1) not in counts:
             continue
@@ -549,7 +596,8 @@ def bench_kernels(device, dtype, size, records, shape, tmp, compile=False):
                 f"{their_layer:.1f} per layer; "
                 f"{layers} layers extrapolated from 1 and 2; batch {batch}, T 1.0, top-p 0.95")
         if device.type == "cuda":
-            note += f"; host launch calls {extrapolated(variant, 1)[0]:.0f} vs {extrapolated(reference_variant, 1)[0]:.0f}"
+            launches = extrapolated(variant, 1)[0], extrapolated(reference_variant, 1)[0]
+            note += f"; host launch calls {launches[0]:.0f} vs {launches[1]:.0f}"
         records.append(record(f"kernels_per_decode_step ({variant})", shape, batch, device, ours_total,
                               their_total, "kernels", note))
 
@@ -568,15 +616,16 @@ def train_flops(config, tokens, seq_len, lora_params):
     return tokens * (4 * frozen + 6 * lora_params + attention)
 
 
-def bench_train(directory, device, dtype, size, records, shape):
-    import peft
+TRAIN_CALLS = 8  # forward + backward calls bench_train makes: per side a warm-up, the repeats, a peak
 
+
+def bench_train(directory, device, dtype, size, records, shape):
+    """Tokens/s and peak memory of one forward + backward with the paper's LoRA, ours against
+    transformers + PEFT's; on a GPU our MFU."""
     from grpo import completion_logprobs
-    from lora import apply_lora
 
     B, T = size["train_batch"], size["train_len"]
-    ours_model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
-    apply_lora(ours_model, 64, 128.0, dropout=0.05)
+    ours_model = apply_paper_lora(Qwen3.from_pretrained(directory, device=device, dtype=dtype), dtype)
     ours_model.train()
     config = ours_model.config
     ids = random_prompts(B, T + 1, config.vocab_size, seed=1).to(device)  # (B, T + 1)
@@ -593,10 +642,7 @@ def bench_train(directory, device, dtype, size, records, shape):
         for p in ours_model.parameters():
             p.grad = None
 
-    reference = load_reference(directory, device, dtype)
-    lora = peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, target_modules=LORA_TARGETS,
-                           task_type="CAUSAL_LM")
-    reference = peft.get_peft_model(reference, lora)
+    reference = paper_peft_model(load_reference(directory, device, dtype))
     reference.train()
 
     def theirs():
@@ -612,9 +658,12 @@ def bench_train(directory, device, dtype, size, records, shape):
     rate = {name: B * T / s for name, s in seconds.items()}
     note = f"{B} x {T} tokens (left-padded up to 1/4), LoRA r 64 on 7 projections, loss = mean token log-prob"
     records.append(record("train_step", shape, B, device, rate["ours"], rate["theirs"], "tokens/s", note))
-    (ours_peak, ours_total), (their_peak, their_total) = peak_memory(ours,
-                                                                     device), peak_memory(theirs, device)
-    note = f"allocator peak; in all {ours_total:.2f} vs {their_total:.2f} GiB" if device.type == "cuda" else "CPU allocator peak, from torch's profiler"
+    ours_peak, ours_total = peak_memory(ours, device)
+    their_peak, their_total = peak_memory(theirs, device)
+    if device.type == "cuda":
+        note = f"allocator peak; in all {ours_total:.2f} vs {their_total:.2f} GiB"
+    else:
+        note = "CPU allocator peak, from torch's profiler"
     records.append(record("train_peak_memory", shape, B, device, ours_peak, their_peak, "GiB over weights",
                           note))
     if device.type == "cuda":
@@ -647,31 +696,28 @@ def fixed_rewards(texts, golds):
     return [float(i % 2 == 0) for i in range(len(texts))], 0
 
 
-def grpo_runner(directory, device, dtype, g, compile=False):
+def grpo_runner(directory, device, dtype, g, compile=False, seed=0):
     """(model, base config, step) for timing GRPO steps of size g on random prompts with fixed rewards:
-    the paper preset's settings (LoRA r 64, alpha 128, dropout 0.05, top-k 50, top-p 0.95, AdamW)
-    with g's sizes, --diagnose-all off; step(config) -> (seconds, update seconds, metrics) of one
-    step, the update being the step minus rollout and reward."""
+    the paper preset's settings (its LoRA, top-k, top-p, temperature, AdamW) with g's sizes,
+    --diagnose-all off; step(config) -> (seconds, update seconds, metrics) of one step, the update
+    being the step minus rollout and reward. `seed` draws LoRA's A and the sampler's numbers."""
     import dataclasses
 
     import grpo
-    from lora import apply_lora
     from step_log import StepLog
-    from train import PAPER
-
-    model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
-    apply_lora(model, PAPER.rank, 2.0 * PAPER.rank, dropout=PAPER.lora_dropout)  # the paper's alpha = 2 r
+    paper = paper_config()
+    torch.manual_seed(seed)
+    model = apply_paper_lora(Qwen3.from_pretrained(directory, device=device, dtype=dtype), dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=PAPER.lr, weight_decay=PAPER.weight_decay,
+    optimizer = torch.optim.AdamW(trainable, lr=paper.lr, weight_decay=paper.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     prompts = random_prompts(g["prompts"], g["prompt"], model.config.vocab_size, seed=2).tolist()
     golds = [""] * len(prompts)
-    base = dataclasses.replace(PAPER, lora_alpha=2.0 * PAPER.rank, group_size=g["group"],
-                               prompts_per_micro_batch=g["per_micro"],
-                               micro_batches=g["prompts"] // g["per_micro"], max_new_tokens=g["new"], diagnose_all=False,
-                               compile=compile)
-    generator = torch.Generator(device).manual_seed(0)
+    base = dataclasses.replace(paper, group_size=g["group"], prompts_per_micro_batch=g["per_micro"],
+                               micro_batches=g["prompts"] // g["per_micro"], max_new_tokens=g["new"],
+                               diagnose_all=False, compile=compile)
+    generator = torch.Generator(device).manual_seed(seed)
 
     def step(config):
         result = {}
@@ -695,7 +741,8 @@ def bench_grpo(directory, device, dtype, size, records, shape):
 
     g = size["grpo"]
     model, base, step = grpo_runner(directory, device, dtype, g)
-    variants = {(credit, beta): dataclasses.replace(base, credit=credit, beta=beta) for beta in (0.0, 0.04) for credit in ("uniform", "arca")}
+    variants = {(credit, beta): dataclasses.replace(base, credit=credit, beta=beta)
+                for beta in (0.0, 0.04) for credit in ("uniform", "arca")}
     variants["uniform", "diagnose_all"] = dataclasses.replace(base, credit="uniform", diagnose_all=True)
     variants["arca", "exact"] = dataclasses.replace(base, credit="arca", arca_precision="exact")
     step(variants["arca", 0.04])  # warm-up
@@ -706,7 +753,8 @@ def bench_grpo(directory, device, dtype, size, records, shape):
             full[key].append(seconds)
             update[key].append(update_seconds)
     N = g["prompts"] * g["group"]
-    setting = f"{g['prompts']} prompts x K {g['group']}, {g['per_micro']} prompts per micro-batch, prompt {g['prompt']}, {g['new']} new"
+    setting = (f"{g['prompts']} prompts x K {g['group']}, {g['per_micro']} prompts per micro-batch, prompt "
+               f"{g['prompt']}, {g['new']} new")
     for beta in (0.0, 0.04):
         arca, uniform = statistics.median(full["arca", beta]), statistics.median(full["uniform", beta])
         records.append(record(f"grpo_step_arca_over_uniform_beta{beta:g}", shape, N, device, arca, uniform,
@@ -714,7 +762,8 @@ def bench_grpo(directory, device, dtype, size, records, shape):
         arca, uniform = statistics.median(update["arca", beta]), statistics.median(update["uniform", beta])
         records.append(record(f"grpo_update_arca_over_uniform_beta{beta:g}", shape, N, device, arca, uniform,
                               "s per update", setting + "; step minus rollout and reward"))
-    diagnosed, plain = statistics.median(update["uniform", "diagnose_all"]), statistics.median(update["uniform", 0.0])
+    diagnosed = statistics.median(update["uniform", "diagnose_all"])
+    plain = statistics.median(update["uniform", 0.0])
     records.append(record("grpo_update_diagnose_all_over_off", shape, N, device, diagnosed, plain,
                           "s per update",
                           setting + "; credit uniform, --diagnose-all (all seven signals, one adapter-off "
@@ -741,25 +790,32 @@ def bench_grpo(directory, device, dtype, size, records, shape):
                                      "included)" if total else "")))
 
 
-def bench_paper_step(directory, device, dtype, size, records, shape, compile=False):
-    """One GRPO step as the paper preset runs it (--diagnose-all on; on a GPU its sizes: 8 prompts
-    of 256 tokens x K 4 = 32 completions of 512 tokens, 4 micro-batches), ARCA and uniform credit,
-    then ARCA with gradient checkpointing: seconds and peak memory in all (weights included)."""
+PAPER_STEP_CALLS = 6  # GRPO steps bench_paper_step takes eager (with --compile: 3)
+
+
+def bench_paper_step(directory, device, dtype, g, records, shape, compile=False):
+    """One GRPO step as the paper preset runs it (--diagnose-all on; its sizes g: on a GPU 8 prompts
+    x K 4 = 32 completions of up to 512 tokens in 4 micro-batches), ARCA and uniform credit, after a
+    warm-up step. Eager (the preset's default), then with gradient checkpointing: its seconds and the
+    step's peak memory in all (weights, adapter and optimiser state included, nothing else resident:
+    comparable with memory.planned_peak). With compile, the rollouts compiled: seconds only."""
     import dataclasses
 
-    g = size["grpo"]
     model, base, step = grpo_runner(directory, device, dtype, g, compile)
-    arca, uniform = (dataclasses.replace(base, credit=credit,
-                                         diagnose_all=True) for credit in ("arca", "uniform"))
+    arca, uniform = (dataclasses.replace(base, credit=credit, diagnose_all=True)
+                     for credit in ("arca", "uniform"))
     step(arca)  # warm-up (and the compilation, with --compile)
     setting = (f"{g['prompts']} prompts x K {g['group']} = {g['prompts'] * g['group']} completions of "
-               f"{g['new']} tokens, "
-               f"prompt {g['prompt']}, {g['prompts'] // g['per_micro']} micro-batches, rollouts {'compiled' if compile else 'eager'}")
-    N = g["prompts"] * g["group"]
+               f"{g['new']} tokens, prompt {g['prompt']}, {g['prompts'] // g['per_micro']} micro-batches, "
+               f"top-k {base.top_k}, LoRA arithmetic {base.lora_dtype}")
+    N, what = g["prompts"] * g["group"], "paper_step" + ("_compiled" if compile else "")
     (arca_seconds, _, metrics), (uniform_seconds, _, _) = step(arca), step(uniform)
-    records.append(record("paper_step", shape, N, device, arca_seconds, uniform_seconds,
+    records.append(record(what, shape, N, device, arca_seconds, uniform_seconds,
                           "s per step (ARCA / uniform)",
-                          f"{setting}; rollout {metrics['rollout_s']:.2f} s"))
+                          f"{setting}; rollouts {'compiled' if compile else 'eager'} "
+                          f"{metrics['rollout_s']:.2f} s"))
+    if compile:
+        return
     memory = {}
     for checkpointed in (False, True):
         model.gradient_checkpointing = checkpointed
@@ -819,12 +875,15 @@ def bench_precision(device, size, records, shape, tmp):
         bf16_scores = arca_scores(h_adapted, h_base)[mask]
         exact_scores = arca_scores(exact_adapted, exact_base)[mask]
         correlation = pearson(bf16_scores, exact_scores)
-        ratio = f"{bf16_scores.mean().item() / exact_scores.mean().item():.3g}" if exact_scores.sum() > 0 else "-"
+        ratio = "-"
+        if exact_scores.sum() > 0:
+            ratio = f"{bf16_scores.mean().item() / exact_scores.mean().item():.3g}"
         records.append(record(f"arca_bf16_vs_exact_s{scale:g}", name, p["batch"], device, correlation, None,
                               "Pearson per token",
                               f"rms(B) = {scale:g}; mean bf16 score / exact {ratio}; exact mean "
                               f"{exact_scores.mean().item():.3g}, "
-                              f"bf16 mean {bf16_scores.mean().item():.3g}; {p['batch']} x {p['new']} tokens, LoRA r16 on 7 projections"))
+                              f"bf16 mean {bf16_scores.mean().item():.3g}; {p['batch']} x {p['new']} tokens, "
+                              "LoRA r16 on 7 projections"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -847,7 +906,8 @@ def bench_agreement(model, reference, config, device, size, records, shape):
         prompts_device = prompts.to(device)
         out = reference.generate(input_ids=prompts_device, attention_mask=torch.ones_like(prompts_device),
                                  do_sample=True,
-                                 temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=a["new"], min_new_tokens=a["new"],
+                                 temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=a["new"],
+                                 min_new_tokens=a["new"],
                                  eos_token_id=config.eos_token_id, pad_token_id=config.eos_token_id,
                                  output_logits=True, return_dict_in_generate=True)
         completion = out.sequences[:, prompts.shape[1] :]  # (B, N)
@@ -877,7 +937,8 @@ def bench_memory(device, records, shape):
     import memory
     import train
 
-    model_config = Qwen3Config(**{k: v for k, v in dict(COMMON, **SHAPES[shape]).items() if k in Qwen3Config.__dataclass_fields__})
+    fields = dict(COMMON, **SHAPES[shape])
+    model_config = Qwen3Config(**{k: v for k, v in fields.items() if k in Qwen3Config.__dataclass_fields__})
     config, _, _ = train.parse_args(["--preset", "paper"])
     profiles = {setting: memory.activation_profile(model_config, config, device,
                                                    setting) for setting in (False, True)}
@@ -886,7 +947,8 @@ def bench_memory(device, records, shape):
                               device, profile["per_token"] / 2**20, None, "MB per token",
                               f"{model_config.num_hidden_layers} layers, of which one layer "
                               f"{profile['layer_per_token'] / 2**10:.1f} KB; "
-                              f"plus {profile['constant'] / 2**20:.0f} MB whatever the length (LoRA weight casts)"))
+                              f"plus {profile['constant'] / 2**20:.0f} MB whatever the length (LoRA weight "
+                              "casts)"))
     fp32_lora = memory.activation_profile(model_config, dataclasses.replace(config, lora_dtype="float32"),
                                           device, False)
     records.append(record("activations_per_token_fp32_lora", shape, 1, device, fp32_lora["per_token"] / 2**20,
@@ -895,22 +957,183 @@ def bench_memory(device, records, shape):
                           "input kept), no checkpointing"))
     for setting in (False, True):
         plan = memory.planned_peak(model_config, config, device, setting, dict(profiles))
-        parts = ", ".join(f"{name} {value:.2f}" for name, value in plan.items() if name not in ("peak", "phase") and value)
+        parts = ", ".join(f"{name} {value:.2f}" for name, value in plan.items()
+                          if name not in ("peak", "phase") and value)
         records.append(record("paper_step_planned_peak" + ("_checkpointed" if setting else ""), shape, None,
                               device, plan["peak"], None, "GB", f"{plan['phase']} phase: {parts}"))
 
 
 # ----------------------------------------------------------------------------------------------
-# --gpu-check: the goals, measured in one command
+# 7. Repeatability: two GRPO steps, twice, with --deterministic's settings and without
 
 
-# a measurement starts only before this much time has passed (H100/H200: done within 8 minutes)
-GPU_CHECK_SECONDS = 7 * 60
+def bench_repeat(directory, device, dtype, g, records, shape):
+    """Two GRPO steps of the paper preset from the same seeds, twice, under torch's deterministic
+    algorithms (train.py's --deterministic) and without: the largest difference between the two
+    adapters (0: the run repeats itself, as a bit-identical resume needs). The cuBLAS workspace
+    setting must precede the process's first matmul: main sets it for --gpu-check-all."""
+    import dataclasses
+
+    differences = {}
+    for deterministic in (True, False):
+        adapters = []
+        for _ in range(2):
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                model, base, step = grpo_runner(directory, device, dtype, g, seed=0)
+                config = dataclasses.replace(base, credit="arca", deterministic=deterministic)
+                step(config)
+                step(config)
+            finally:
+                torch.use_deterministic_algorithms(False)
+            adapters.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
+            del model, step
+        differences[deterministic] = max((a - b).abs().max().item() for a, b in zip(*adapters))
+    records.append(record("repeat_adapter_difference", shape, g["prompts"] * g["group"], device,
+                          differences[True], differences[False], "max |difference| (with / without)",
+                          "two paper steps twice from the same seeds: --deterministic against without"))
+
+
+# ----------------------------------------------------------------------------------------------
+# --gpu-check: the paper run's goals in the first minutes of a GPU
+
+
+GPU_CHECK_SECONDS = 480  # a row starts only if its estimate fits in what is left (a lent GPU: 10 min a call)
+# The plan's estimates: no GPU has run this code yet, so these are upper guesses for an H100 at the
+# 1.7B geometry in bf16, each stated once
+SETUP_S = 30  # the random 1.7B checkpoint drawn, written and read back
+LOAD_S = 10  # one 1.7B model loaded (ours or transformers')
+COLD_COMPILE_S = 60  # one 28-layer decode graph compiled, the inductor cache cold
+EAGER_DECODE_STEP_S = 0.009  # one eager decode step at 32 to 64 rows (twice that with LoRA unmerged)
+TRANSFORMERS_DECODE_STEP_S = 0.010  # one step of transformers' generate (twice that through PEFT)
+EAGER_PAPER_STEP_S = 6.0  # one eager GRPO step of the paper preset
+MEMORY_ROW_S = 20  # bench_memory: activation profiles of 1 and 2 real layers, and the plan
+TRAIN_CALL_S = 2.0  # one forward + backward of a micro-batch of 1,024-token sequences, ours or PEFT's
+WARMUP_TOKENS = 16  # bench_rollout's eager warm-up generation
+
+
+@dataclass
+class Row:
+    """One --gpu-check measurement: what it runs, at which settings, and its planned seconds."""
+
+    name: str
+    measure: object  # measure(records): appends the row's records
+    estimate_s: float
+    compile: bool = False
+    graphs: int = 0  # decode graphs it compiles
+    lora_dtype: str | None = None  # the LoRA arithmetic's dtype (None: no LoRA)
+    top_k: int | None = None  # sampling's top-k (None: no sampling)
+    extra: bool = False  # only with --gpu-check-all
+
+
+def rollout_estimate(new, eager_step, their_step, compile):
+    """bench_rollout's seconds for one batch: each contestant's warm-up and one timed call."""
+    seconds = (WARMUP_TOKENS + new) * (eager_step + their_step)
+    return seconds + (COLD_COMPILE_S + 2 * new * EAGER_DECODE_STEP_S if compile else 0)
+
+
+def gpu_check_rows(directory, device, dtype, shape, preset=None):
+    """--gpu-check's rows in run order: first the goal rows that take seconds (the memory plan and the
+    eager paper step: nothing else is resident when they measure), then the paper step compiled, then
+    the rollouts at the evaluation batch; the extra rows (batch 1 and 16 rollouts, the training step
+    against transformers + PEFT, repeatability) only with --gpu-check-all. Sizes and sampling are
+    the preset's (default the paper preset; LoRA always the paper's: apply_paper_lora), a generation's
+    prompts half of its --max-prompt-tokens."""
+    preset = preset or paper_config()
+    sampling = dict(temperature=preset.temperature, top_p=preset.top_p, top_k=preset.top_k)
+    lora = preset.lora_dtype
+    prompt, new, batch = preset.max_prompt_tokens // 2, preset.max_new_tokens, preset.eval_batch_size
+    g = dict(prompts=preset.prompts_per_micro_batch * preset.micro_batches, group=preset.group_size,
+             per_micro=preset.prompts_per_micro_batch, new=new, prompt=prompt)
+    rollout = dict(prompt=prompt, new=new, repeats=1)
+    # one micro-batch of the longest sequences
+    train_size = dict(train_batch=preset.prompts_per_micro_batch * preset.group_size,
+                      train_len=preset.max_prompt_tokens + preset.max_new_tokens, repeats=1)
+
+    def rollouts(batches, compile):
+        def measure(records):
+            model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
+            reference = load_reference(directory, device, dtype)
+            bench_rollout(model, reference, model.config, device, dtype, dict(rollout, batches=batches),
+                          records, shape, compile, sampling)
+        return measure
+
+    def lora_rollout(records):
+        bench_rollout_lora(directory, device, dtype, dict(rollout, batches=(batch,)), records, shape, True,
+                           sampling)
+
+    eager_rollout = rollout_estimate(new, EAGER_DECODE_STEP_S, TRANSFORMERS_DECODE_STEP_S, True)
+    # two eager LoRA contestants (with and without sampling copies), each twice an eager step; PEFT's twice
+    lora_estimate = rollout_estimate(new, 2 * 2 * EAGER_DECODE_STEP_S, 2 * TRANSFORMERS_DECODE_STEP_S, True)
+    return [
+        Row("memory", lambda records: bench_memory(device, records, "1.7b"), MEMORY_ROW_S, lora_dtype=lora),
+        Row("paper step eager", lambda records: bench_paper_step(directory, device, dtype, g, records, shape),
+            LOAD_S + PAPER_STEP_CALLS * EAGER_PAPER_STEP_S, lora_dtype=lora, top_k=sampling["top_k"]),
+        Row("paper step compiled",
+            lambda records: bench_paper_step(directory, device, dtype, g, records, shape, compile=True),
+            LOAD_S + COLD_COMPILE_S + PAPER_STEP_CALLS // 2 * EAGER_PAPER_STEP_S, True, 1, lora,
+            sampling["top_k"]),
+        Row(f"rollout at batch {batch}", rollouts((batch,), True), 2 * LOAD_S + eager_rollout, True, 1,
+            top_k=sampling["top_k"]),
+        Row(f"LoRA rollout at batch {batch}", lora_rollout, 2 * LOAD_S + lora_estimate, True, 1, lora,
+            sampling["top_k"]),
+        Row("rollout at batch 1, 16", rollouts((1, 16), True), 2 * LOAD_S + 2 * eager_rollout, True, 2,
+            top_k=sampling["top_k"], extra=True),
+        Row("train step", lambda records: bench_train(directory, device, dtype, train_size, records, shape),
+            2 * LOAD_S + TRAIN_CALLS * TRAIN_CALL_S, lora_dtype=lora, extra=True),
+        Row("repeatability", lambda records: bench_repeat(directory, device, dtype, g, records, shape),
+            4 * (LOAD_S + 2 * EAGER_PAPER_STEP_S), lora_dtype=lora, top_k=sampling["top_k"], extra=True),
+    ]
+
+
+def gpu_check_plan(rows):
+    """The JSON object --gpu-check --plan prints: the rows in run order and the planned seconds."""
+    listed = [{"name": row.name, "lora_dtype": row.lora_dtype, "top_k": row.top_k, "compile": row.compile,
+               "graphs": row.graphs, "estimate_s": round(row.estimate_s, 1)} for row in rows]
+    return {"rows": listed, "total_s": round(SETUP_S + sum(row.estimate_s for row in rows), 1)}
+
+
+def free_device(device):
+    """Between rows: compiled graphs (and their CUDA graph pools) dropped, the cache emptied, so a row
+    measures its own memory with nothing of another's resident."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_rows(rows, out_file, limit_s=GPU_CHECK_SECONDS, clock=time.monotonic, between=lambda: None):
+    """Each row in order if its estimate fits in what is left of limit_s, else it is skipped (out of
+    time) and the next one is tried: a row that starts runs to its end, however long. After each row
+    one JSON line is appended to out_file ({"check", "row", "records", "seconds"}, with "error" if it
+    failed or "skipped"; "check" the check's start time, so earlier checks' lines stay and are told
+    apart), so a check stopped at any point keeps every finished row. One failing row (a missing
+    feature, out of memory) is its own line and message; the next row runs."""
+    started, check = clock(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for row in rows:
+        entry, elapsed = {"check": check, "row": row.name, "records": [], "seconds": 0.0}, clock() - started
+        if elapsed + row.estimate_s > limit_s:
+            entry["skipped"] = f"out of time: {elapsed:.0f} s gone, {row.estimate_s:.0f} s planned"
+        else:
+            begun = clock()
+            try:
+                row.measure(entry["records"])
+            except Exception as error:  # one row's failure must not cost the rest of a short GPU session
+                entry["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+                print(f"bench.py --gpu-check: {row.name} failed: {entry['error']}", file=sys.stderr,
+                      flush=True)
+            entry["seconds"] = clock() - begun
+            between()
+        append_line(out_file, entry)
+
+
 GOALS = (  # (goal, record, batch or None, field, target, direction)
     ("rollout at batch 64: compiled / transformers generate", "rollout_compiled", 64, "ratio", 5.0, ">="),
     ("rollout at batch 64: fraction of the bandwidth bound", "rollout_bandwidth_fraction", 64, "ours", 0.5,
      ">="),
-    ("paper GRPO step (32 completions of up to 512 tokens), s", "paper_step", None, "ours", 3.0, "<="),
+    ("paper GRPO step, eager (32 completions of up to 512 tokens), s", "paper_step", None, "ours", 3.0, "<="),
     ("paper GRPO step with gradient checkpointing, peak GB", "paper_step_checkpointed_peak_memory", None,
      "ours", 24.0, "<="),
     ("activations with gradient checkpointing, MB per token", "activations_per_token_checkpointed", 1, "ours",
@@ -920,50 +1143,17 @@ GOALS = (  # (goal, record, batch or None, field, target, direction)
 )
 
 
-def gpu_check(directory, device, dtype, size, shape, compile=True):
-    """The goals of a GPU run in priority order, each only while time is left: rollouts at batch 64
-    (eager, compiled, transformers; the bandwidth bound), the paper step, the train step against
-    transformers + PEFT, rollouts at the other batches, LoRA rollouts at batch 64. A measurement that
-    fails is reported and the next one runs. Returns (records, what was not measured and why, seconds)."""
-    started = time.monotonic()
-    size = dict(size, repeats=1)
-    largest, others = max(size["batches"]), tuple(b for b in size["batches"] if b != max(size["batches"]))
-    model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
-    reference = load_reference(directory, device, dtype)
-    records, skipped = [], []
-    plan = [
-        (f"rollout at batch {largest}",
-         lambda: bench_rollout(model, reference, model.config, device, dtype, dict(size, batches=(largest,)),
-                                                              records, shape, compile)),
-        ("paper step", lambda: bench_paper_step(directory, device, dtype, size, records, shape, compile)),
-        ("train step", lambda: bench_train(directory, device, dtype, size, records, shape)),
-        (f"rollout at batch {', '.join(map(str, others))}",
-         lambda: bench_rollout(model, reference, model.config, device, dtype, dict(size, batches=others),
-                                                             records, shape, compile)),
-        (f"LoRA rollout at batch {largest}",
-         lambda: bench_rollout_lora(directory, device, dtype, dict(size, batches=(largest,)),
-                                                                        records, shape, compile)),
-        ("memory", lambda: bench_memory(device, records, shape)),
-    ]
-    for name, measure in plan:
-        if time.monotonic() - started > GPU_CHECK_SECONDS:
-            skipped.append(f"{name} (out of time)")
-            continue
-        try:
-            measure()
-        # one failure must not cost the rest of a short GPU session; named in the table
-        except Exception as error:
-            print(f"bench.py --gpu-check: {name} failed: {type(error).__name__}: {error}", file=sys.stderr,
-                  flush=True)
-            skipped.append(f"{name} (failed: {type(error).__name__}: {str(error)[:200]})")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return records, skipped, time.monotonic() - started
-
-
-def goals_table(records, skipped, seconds, device):
-    rows = [f"Goals ({device_name(device)}, {seconds:.0f} "
-            f"s{'; not measured: ' + '; '.join(skipped) if skipped else ''}):", "",
+def goals_table(out_file, device):
+    """The goals against the last check's rows in out_file (gpu-check.jsonl), and what was not measured
+    and why."""
+    entries = [json.loads(line) for line in Path(out_file).read_text().splitlines()]
+    entries = [entry for entry in entries if entry["check"] == entries[-1]["check"]]
+    records = [r for entry in entries for r in entry["records"]]
+    missing = [f"{e['row']} ({e.get('error') or e['skipped']})" for e in entries
+               if "error" in e or "skipped" in e]
+    seconds = sum(entry["seconds"] for entry in entries)
+    rows = [f"Goals ({device_name(device)}, {seconds:.0f} s of rows"
+            f"{'; not measured: ' + '; '.join(missing) if missing else ''}):", "",
             "| goal | target | measured | met |", "|---|---|---|---|"]
     for goal, what, batch, field, target, direction in GOALS:
         found = [r for r in records if r["what"] == what and (batch is None or r["batch"] == batch)]
@@ -974,6 +1164,23 @@ def goals_table(records, skipped, seconds, device):
         met = value >= target if direction == ">=" else value <= target
         rows.append(f"| {goal} | {direction} {target:g} | {value:.3g} | {'yes' if met else 'no'} |")
     return "\n".join(rows)
+
+
+def gpu_check(args, device, dtype):
+    """--gpu-check: the rows (the paper preset's settings at the 1.7B geometry), each appended to
+    <out>/gpu-check.jsonl as it ends, then the goals table read from that file. Returns the records."""
+    if args.inductor_cache:  # compiled code kept for a rerun: a warm cache skips most of each compile
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(args.inductor_cache).resolve())
+    out_file = Path(args.out) / "gpu-check.jsonl"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = write_checkpoint(args.shape, args.checkpoint_dir or tmp, device)
+        rows = [row for row in gpu_check_rows(directory, device, dtype, args.shape)
+                if args.gpu_check_all or not row.extra]
+        run_rows(rows, out_file, args.time_limit, between=lambda: free_device(device))
+    print()
+    print(goals_table(out_file, device))
+    return [r for line in out_file.read_text().splitlines() for r in json.loads(line)["records"]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1009,37 +1216,56 @@ def markdown_table(records):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                        help="model geometry; default 1.7b on a GPU, tiny on the CPU (the memory kind: 1.7b "
-                             "on both)")
+                        help="model geometry; default 1.7b on a GPU and for --gpu-check, tiny on the CPU "
+                             "(the memory kind: 1.7b on both)")
     parser.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                        help="default bfloat16 on a GPU, float32 on the CPU")
+                        help="default bfloat16 on a GPU and for --gpu-check (the paper preset's), float32 on "
+                             "the CPU")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and few repeats: about 80 s on a 2-core CPU")
     parser.add_argument("--only", default=",".join(KINDS),
                         help=f"comma-separated subset of {','.join(KINDS + EXTRA_KINDS)} "
-                                                                   f"(default: all but {','.join(EXTRA_KINDS)})")
+                             f"(default: all but {','.join(EXTRA_KINDS)})")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch; default torch's choice, 1 with --quick (on a busy "
-                             "machine, "
-                             "OpenMP threads wait for each other and every small op slows down many times)")
+                             "machine, OpenMP threads wait for each other and every small op slows down many "
+                             "times)")
     parser.add_argument("--compile", action="store_true", help="also measure generate(compile=True): the "
                                                                "static decode step under torch.compile")
     parser.add_argument("--gpu-check", action="store_true",
-                        help="the goals of a GPU run in one command (rollouts eager and compiled, the paper "
-                             "step, the train "
-                             "step, LoRA rollouts), then the goals table; replaces --only")
+                        help="the paper run's goals in one command, as the paper preset runs (the memory "
+                             "plan, the paper step eager and compiled, rollouts at the evaluation batch), "
+                             "then the goals table; replaces --only")
+    parser.add_argument("--gpu-check-all", action="store_true",
+                        help="with --gpu-check: also rollouts at batch 1 and 16, the training step against "
+                             "transformers + PEFT, and the repeatability of two steps under --deterministic")
+    parser.add_argument("--plan", action="store_true",
+                        help="with --gpu-check: print its rows, their settings and planned seconds as JSON "
+                             "and exit (no GPU needed, nothing written)")
+    parser.add_argument("--out", default="runs/gpu-check",
+                        help="with --gpu-check: the folder of gpu-check.jsonl, one line per finished row "
+                             "(default runs/gpu-check)")
+    parser.add_argument("--inductor-cache", default=None, metavar="DIR",
+                        help="with --gpu-check: keep torch.compile's generated code in DIR, so a rerun "
+                             "compiles from a warm cache")
+    parser.add_argument("--time-limit", type=float, default=GPU_CHECK_SECONDS,
+                        help="with --gpu-check: a row starts only if its planned seconds fit in what is left "
+                             f"(default {GPU_CHECK_SECONDS})")
     parser.add_argument("--kernel-shape", choices=sorted(SHAPES), default=None,
                         help="geometry of the kernel counts (1 and 2 of its layers, extrapolated to all); "
                              "default 1.7b, tiny with --quick")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="where to write the random checkpoint (default: a temporary directory)")
     args = parser.parse_args(argv)
+    if (args.plan or args.gpu_check_all) and not args.gpu_check:
+        parser.error("--plan and --gpu-check-all go with --gpu-check")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.memory_shape = args.shape or "1.7b"  # the memory kind is about the paper's geometry on any device
-    args.shape = args.shape or ("1.7b" if args.device.type == "cuda" else "tiny")
+    gpu = args.device.type == "cuda" or args.gpu_check
+    args.shape = args.shape or ("1.7b" if gpu else "tiny")
     args.kernel_shape = args.kernel_shape or ("tiny" if args.quick else "1.7b")
-    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     args.only = [] if args.gpu_check else [kind.strip() for kind in args.only.split(",") if kind.strip()]
     unknown = sorted(set(args.only) - set(KINDS + EXTRA_KINDS))
     if unknown:
@@ -1050,16 +1276,23 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device, dtype, shape = args.device, args.dtype, args.shape
+    if args.gpu_check and args.plan:  # the 1.7B geometry and the preset's sizes, whatever the machine
+        rows = [row for row in gpu_check_rows(None, device, dtype, "1.7b")
+                if args.gpu_check_all or not row.extra]
+        plan = gpu_check_plan(rows)
+        print(json.dumps(plan, indent=1))
+        return plan
+    if args.gpu_check_all:  # bench_repeat's deterministic matmuls: set before the process's first one
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if args.threads or (args.quick and device.type == "cpu"):
         torch.set_num_threads(args.threads or 1)
     size = sizes(device, args.quick)
     torch.manual_seed(0)
-    records, goals = [], None
+    records = []
+    if args.gpu_check:
+        records = gpu_check(args, device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        directory = write_checkpoint(shape, args.checkpoint_dir or tmp, device)
-        if args.gpu_check:
-            records, skipped, seconds = gpu_check(directory, device, dtype, size, shape)
-            goals = goals_table(records, skipped, seconds, device)
+        directory = write_checkpoint(shape, args.checkpoint_dir or tmp, device) if args.only else None
         if "rollout" in args.only or "agreement" in args.only:
             model = Qwen3.from_pretrained(directory, device=device, dtype=dtype)
             reference = load_reference(directory, device, dtype)
@@ -1089,9 +1322,6 @@ def main(argv=None):
           f"{str(dtype).removeprefix('torch.')}")
     print()
     print(markdown_table(records))
-    if goals:
-        print()
-        print(goals)
     return records
 
 

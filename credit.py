@@ -296,7 +296,8 @@ def top_mass(weights, mask, fraction=0.1):
     n = mask.sum(dim=1, keepdim=True)  # (B, 1)
     # float64 less 1e-9, so that 0.07 * 100 = 7.000000000000001 still keeps 7 tokens
     k = torch.ceil(n.double() * fraction - 1e-9).long().clamp(min=1)  # (B, 1)
-    top = v.cumsum(dim=1).gather(1, k - 1).squeeze(1)  # (B,)
+    places = torch.arange(v.shape[1], device=v.device)  # (T,)
+    top = torch.where(places < k, v, 0.0).sum(dim=1)  # (B,) a sum, not a cumsum: deterministic on a GPU
     total = v.sum(dim=1)  # (B,)
     return torch.where(total > 0, top / total, 0.0)  # (B,) 0 on a row without weight
 

@@ -34,7 +34,7 @@ from dataclasses import replace
 
 import torch
 
-from compiled_decode import CACHE_BUCKET, batch_bucket
+from compiled_decode import SPARE_SLOTS, batch_bucket, cache_length
 
 LOGPROB_CHUNK = 64  # grpo.completion_logprobs' chunk of positions
 # a chunk's bf16 logits (2 bytes), their fp32 copy (4) and softmax (4), and fp32 and bf16 gradients (4 + 2)
@@ -140,6 +140,13 @@ def weight_count(model_config):
     return embedding + c.num_hidden_layers * (attention + mlp + norms) + final_norm + head
 
 
+def largest_decode_call(config, ranks=1):
+    """(rows, tokens) of a run's largest generate call on one process: an evaluation batch or a step's
+    rollouts, each prompt at most max_prompt_tokens long (longer ones are dropped) plus max_new_tokens."""
+    rollout_rows = config.prompts_per_micro_batch * config.micro_batches // ranks * config.group_size
+    return max(config.eval_batch_size, rollout_rows), config.max_prompt_tokens + config.max_new_tokens
+
+
 def planned_peak(model_config, config, device, checkpointing, profiles=None):
     """{component: GB} of the largest phase of a step, and "peak" and the phase's name (see the module
     docstring).
@@ -156,10 +163,11 @@ def planned_peak(model_config, config, device, checkpointing, profiles=None):
     rollout_rows = config.prompts_per_micro_batch * config.micro_batches * config.group_size
     groups = model_config.num_attention_heads // model_config.num_key_value_heads
     vocabulary = model_config.vocab_size
-    kept = 0  # --compile: the decode buffers (the largest bucket: an evaluation batch), LoRA sampling copies
+    kept = 0  # --compile: the decode buffers (of the largest call, reserved once), LoRA sampling copies
     if config.compile:
-        slots = -(-sequence // CACHE_BUCKET) * CACHE_BUCKET
-        kept = kv_cache_bytes(model_config, batch_bucket(config.eval_batch_size), slots, e) + lora * e
+        rows, tokens = largest_decode_call(config)
+        slots = cache_length(tokens) + SPARE_SLOTS
+        kept = kv_cache_bytes(model_config, batch_bucket(rows), slots, e) + lora * e
     recent = 4 * lora * config.arca_recent_updates if config.credit == "arca-recent" else 0  # fp32 copies
     common = {"weights": weight_count(model_config) * e, "kept decode buffers (--compile)": kept,
               "LoRA, gradients and AdamW moments": 16 * lora, "arca-recent's older adapters": recent}

@@ -68,6 +68,26 @@ class KVCache:
 
 
 UNIFORMS_PER_DRAW = 4  # pre-drawn uniforms per row and token: 3 rejection rounds, then the sorting sampler
+SCAN_BLOCK = 512  # cumulative_sum's block under --deterministic
+
+
+def cumulative_sum(x):
+    """x.cumsum(dim=-1) for x (..., V). Under torch.use_deterministic_algorithms (train.py's
+    --deterministic), where a GPU's float cumsum is refused (its order of sums may vary from run to
+    run), the same sums in an order the shapes alone fix: each block of SCAN_BLOCK entries times an
+    upper-triangular matrix of ones (its running sums), plus the totals of the blocks before it (the
+    same product over the block totals). Rounding differs from cumsum's in the last bits, so the
+    flag changes which token a boundary uniform draws, never the distribution."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return x.cumsum(dim=-1)
+    V = x.shape[-1]
+    blocks = torch.nn.functional.pad(x, (0, -V % SCAN_BLOCK)).unflatten(-1, (-1, SCAN_BLOCK))  # (..., n, b)
+    ones = torch.ones(SCAN_BLOCK, SCAN_BLOCK, device=x.device, dtype=x.dtype)
+    within = blocks @ ones.triu()  # (..., n, b) running sums inside each block: [i, j] = 1 for i <= j
+    n = blocks.shape[-2]
+    earlier = torch.ones(n, n, device=x.device, dtype=x.dtype).triu(diagonal=1)  # [i, j] = 1 for i < j
+    before = within[..., -1] @ earlier  # (..., n) the sum of every earlier block
+    return (within + before[..., None]).flatten(-2)[..., :V]  # (..., V)
 
 
 def draw_from_cumulative(cumulative, total, generator=None, uniforms=None):
@@ -92,7 +112,7 @@ def sample_top_p_sorted(probs, top_p, generator=None, uniforms=None):
     that crosses p. The sort is stable: tokens of equal probability stay in id order.
     """
     probs, ids = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
-    cumulative = probs.cumsum(dim=-1)  # (B, V) nondecreasing
+    cumulative = cumulative_sum(probs)  # (B, V) nondecreasing
     kept = (cumulative < top_p).sum(dim=-1, keepdim=True) + 1  # (B, 1) tokens kept
     kept = kept.clamp(max=probs.shape[-1])  # (B, 1)
     choice = draw_from_cumulative(cumulative, cumulative.gather(-1, kept - 1), generator, uniforms)  # (B, 1)
@@ -117,7 +137,7 @@ def sample_top_k_top_p(logits, top_k, top_p, generator=None, uniforms=None):
     ids = ids.gather(-1, order)  # (B, k)
     head = torch.where(values > kth, probs.gather(-1, ids), 0.0)  # (B, k) the candidates above the k-th value
     tied = torch.where(logits == kth, probs, 0.0)  # (B, V) the k-th value's tokens, in id order
-    cumulative = torch.cat([head, tied], dim=-1).cumsum(dim=-1)  # (B, k + V): sorted, with zeros between
+    cumulative = cumulative_sum(torch.cat([head, tied], dim=-1))  # (B, k + V): sorted, zeros between
     kept = ((cumulative < top_p).sum(dim=-1, keepdim=True) + 1).clamp(max=cumulative.shape[-1])  # (B, 1)
     choice = draw_from_cumulative(cumulative, cumulative.gather(-1, kept - 1), generator, uniforms)  # (B, 1)
     choice = choice.clamp(max=kept - 1)  # (B, 1)
@@ -148,7 +168,7 @@ def sample_top_p_by_rejection(probs, top_p, generator=None, max_rounds=64, unifo
     for round_index in range(max_rounds):
         if not len(rows):
             return tokens
-        cumulative = torch.where(probs > floor, probs, 0.0).cumsum(dim=-1)  # (R, V)
+        cumulative = cumulative_sum(torch.where(probs > floor, probs, 0.0))  # (R, V)
         u = None if uniforms is None else uniforms[rows, round_index]  # (R,)
         draw = draw_from_cumulative(cumulative, cumulative[:, -1:], generator, u)  # (R, 1)
         draw = draw.clamp(max=probs.shape[-1] - 1)  # (R, 1)
@@ -193,7 +213,7 @@ def sample_next_token(logits, temperature, top_p, generator=None, top_k=0, unifo
     logits = logits / temperature
     u = None if uniforms is None else uniforms[:, 0]
     if top_p >= 1:
-        cumulative = top_k_filter(logits, top_k).softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+        cumulative = cumulative_sum(top_k_filter(logits, top_k).softmax(dim=-1))  # (B, V)
         draw = draw_from_cumulative(cumulative, cumulative[:, -1:], generator, u)  # (B, 1)
         return draw.clamp(max=logits.shape[-1] - 1).squeeze(-1)  # (B,)
     if logits.device.type == "cpu":

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -30,13 +31,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from compiled_decode import reserve_decode_buffers
 from credit import METHODS
 from data import (CACHE_DIR, PROMPTS, data_sources, encode_prompts, load_data, prompt_seed, select_eval_rows,
                   step_prompts)
 from evaluation import record_eval, score, task_roles
 from grpo import grpo_step
 from lora import RecentAdapters, apply_lora
-from memory import resolve_gradient_checkpointing
+from memory import largest_decode_call, resolve_gradient_checkpointing
 from model import Qwen3, load_tokenizer
 from ranks import barrier, end_distributed, gather, on_first_rank, start_distributed
 from report import plot, report
@@ -140,6 +142,8 @@ class TrainConfig:
                                                  "of the device's memory)")
     compile: bool = option(False, "sample through a static-shape decode step under torch.compile (CUDA "
                                   "graphs on a GPU), compiled once per batch and cache bucket")
+    deterministic: bool = option(False, "torch's deterministic algorithms and cuBLAS workspace, so that a "
+                                        "GPU run repeats itself (a CPU run always does); slower")
     cpu_threads: int = option(0, "torch CPU threads, 0 = torch's default; the demo pins 1, so it prints the "
                                  "same numbers on every machine")
     report_to: str = option("none", "also send the metrics to none, tensorboard (<out>/tensorboard), wandb "
@@ -293,7 +297,8 @@ def is_eval_step(step, config):
 def load_model(config, device, rank, ranks):
     """The model with its LoRA adapter, and the tokenizer. The demo's checkpoint is built on first use.
     The same LoRA A on every rank (seeded before apply_lora), then each rank its own dropout masks.
-    --gradient-checkpointing auto is resolved here (memory.py) and the config keeps the answer."""
+    --gradient-checkpointing auto is resolved here (memory.py) and the config keeps the answer. With
+    --compile the decode buffers of the run's largest generate call are reserved here, once."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     if config.task == "demo" and config.model == DEMO.model:
@@ -308,6 +313,8 @@ def load_model(config, device, rank, ranks):
     # auto becomes on or off here, and config.json records which
     config.gradient_checkpointing = resolve_gradient_checkpointing(model.config, config, device)
     model.gradient_checkpointing = config.gradient_checkpointing == "on"
+    if config.compile:  # the largest generate call's decode buffers, allocated once
+        reserve_decode_buffers(model, *largest_decode_call(config, ranks))
     return model, load_tokenizer(config.model)
 
 
@@ -374,14 +381,24 @@ class Progress:
 # The run
 
 
+def make_deterministic():
+    """--deterministic: the cuBLAS workspace that deterministic matmuls need (set before the first one)
+    and torch's deterministic algorithms, strict: an operation without a deterministic form on the
+    device raises instead of running (the samplers' running sums take sampling.cumulative_sum's fixed
+    order; the attention backward its deterministic path). README, Reproducibility."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def run(config, resume=False):
     """Train (or resume) one run in config.out; returns the directory.
 
     Durability (runs.py): a step counts as done once its metrics line is on disk. SIGINT/SIGTERM let
     the step in progress finish, save its checkpoint and exit 130/143. An error (or a second signal)
     saves the last finished step's checkpoint when the adapter has not moved since, so a resume
-    from any of these is bit-identical to an uninterrupted run; the run also stops, with a
-    checkpoint, after MAX_SKIPPED_IN_A_ROW non-finite steps in a row.
+    from any of these is bit-identical to an uninterrupted run (on a CPU; on a GPU with
+    --deterministic: make_deterministic); the run also stops, with a checkpoint, after
+    MAX_SKIPPED_IN_A_ROW non-finite steps in a row.
 
     Under torchrun (WORLD_SIZE > 1) each rank takes an equal, contiguous share of every step's
     prompts and of the evaluation problems; grpo_step sums the gradients; rank 0 alone writes
@@ -389,6 +406,8 @@ def run(config, resume=False):
     and N processes sample the same completions up to the float differences of batching. An error
     on one rank ends that process, and torchrun then ends the others; the last checkpoint stands.
     """
+    if config.deterministic:
+        make_deterministic()
     rank, ranks, device = start_distributed()
     out = Path(config.out)
     check_processes(config, ranks)

@@ -83,6 +83,99 @@ def test_compiled_decode_step_matches_eager_and_compiles_once(tiny_checkpoint, m
     torch._dynamo.reset()
 
 
+def test_the_compiled_step_attends_only_to_the_slots_its_sequence_has_reached(tiny_checkpoint, monkeypatch):
+    """At step s of a prompt batch of width P, attention reads ceil((P + s + 1) / ATTEND_BUCKET) x
+    ATTEND_BUCKET keys, not the whole cache: recorded at every layer of the step function the compiled
+    path calls (run eagerly here, so that Python sees each call). Compiled, every attended length is one
+    graph, and the tokens are eager's."""
+    from torch._dynamo.utils import counters
+
+    import compiled_decode
+
+    monkeypatch.setattr(compiled_decode, "CACHE_BUCKET", 64)
+    monkeypatch.setattr(compiled_decode, "ATTEND_BUCKET", 16)
+    model = Qwen3.from_pretrained(tiny_checkpoint[0], dtype=torch.float32)
+    prompts, greedy = [[5, 9, 2, 7], [4, 11], [3]], dict(temperature=0, top_p=1.0, eos_token_id=[])
+    eager_tokens, _ = generate(model, prompts, 50, **greedy)
+    keys_read, in_step, real_attention = [], [], torch.nn.functional.scaled_dot_product_attention
+
+    def step_function(*args, **kwargs):  # the decode step, eager, one list of key lengths per call
+        keys_read.append([])
+        in_step.append(True)
+        try:
+            return compiled_decode.decode_step(*args, **kwargs)
+        finally:
+            in_step.pop()
+
+    def attention(q, k, v, **kwargs):
+        if in_step:  # not the prefill
+            keys_read[-1].append(k.shape[2])
+        return real_attention(q, k, v, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(compiled_decode, "compiled_decode_step", lambda device: step_function)
+        patched.setattr(torch.nn.functional, "scaled_dot_product_attention", attention)
+        tokens, _ = generate(model, prompts, 50, compile=True, **greedy)
+    layers = model.config.num_hidden_layers
+    assert keys_read == [[-(-(4 + step + 1) // 16) * 16] * layers for step in range(50)]
+    assert keys_read[0] == [16] * layers and keys_read[-1] == [64] * layers  # of a 64-slot cache
+    assert torch.equal(tokens, eager_tokens)
+    monkeypatch.setattr(compiled_decode, "_compiled_decode_step", None)
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    assert torch.equal(generate(model, prompts, 50, compile=True, **greedy)[0], eager_tokens)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # attended lengths 16, 32, 48 and 64
+    torch._dynamo.reset()
+
+
+def test_a_run_reserves_its_largest_decode_buffers_once_and_an_eager_run_none(char_run_setup):
+    """train.load_model with --compile reserves the decode buffers of the run's largest call: evaluation
+    ordered calls, a small batch first and then longer prompts, never move them (no graph is recorded
+    again). Without --compile nothing is allocated for the compiled step."""
+    import compiled_decode
+    import train
+    from conftest import run_args
+
+    cpu = torch.device("cpu")
+    options = ("--max-prompt-tokens", "40", "--max-new-tokens", "20", "--eval-batch-size", "16")
+    eager, _ = train.load_model(train.parse_args(run_args(char_run_setup, "unused", *options))[0], cpu, 0, 1)
+    config, _, _ = train.parse_args(run_args(char_run_setup, "unused", *options, "--compile"))
+    model, _ = train.load_model(config, cpu, 0, 1)
+    assert getattr(eager, "decode_buffers", None) is None
+    buffers = model.decode_buffers
+    addresses = [buffers.keys[0].data_ptr(), buffers.bias.data_ptr()]
+    rows, length = (16, compiled_decode.cache_length(40 + 20))
+    assert buffers.capacity == rows * model.config.num_key_value_heads * (length + 16) * model.config.head_dim
+    step = lambda *args, **kwargs: compiled_decode.decode_step(*args, **kwargs)[:4]  # eager: quick
+    compiled_decode._compiled_decode_step, real = step, compiled_decode._compiled_decode_step
+    try:
+        for count, width in ((2, 3), (16, 3), (16, 40), (5, 40)):  # a batch of 2, then longer prompts
+            prompts = [[5] * width] * count
+            generate(model, prompts, 20, temperature=0, top_p=1.0, eos_token_id=[], compile=True)
+            assert model.decode_buffers is buffers
+            assert [buffers.keys[0].data_ptr(), buffers.bias.data_ptr()] == addresses
+    finally:
+        compiled_decode._compiled_decode_step = real
+    assert getattr(eager, "decode_buffers", None) is None
+
+
+def test_the_recompile_limit_is_set_under_the_names_this_torch_has(monkeypatch):
+    """torch 2.6 (the floor) calls it cache_size_limit and fail_on_cache_limit_hit, 2.7 and later
+    recompile_limit and fail_on_recompile_limit_hit; either way the compiled step's patch applies."""
+    import types
+
+    import compiled_decode
+
+    options = compiled_decode.recompile_limit_options()
+    assert options == {"recompile_limit": compiled_decode.MAX_GRAPHS, "fail_on_recompile_limit_hit": True}
+    with torch._dynamo.config.patch(**options):
+        assert torch._dynamo.config.recompile_limit == compiled_decode.MAX_GRAPHS
+    old_names = types.SimpleNamespace(cache_size_limit=8, fail_on_cache_limit_hit=False)
+    monkeypatch.setattr(torch._dynamo, "config", old_names)
+    assert compiled_decode.recompile_limit_options() == {"cache_size_limit": compiled_decode.MAX_GRAPHS,
+                                                         "fail_on_cache_limit_hit": True}
+
+
 def test_a_paper_run_compiles_a_known_number_of_graphs(tiny_checkpoint, monkeypatch):
     """The calls of a paper run (rollouts of 8 prompts x K 4, evaluation batches of 64 and their tails, greedy
     and sampled), with temperature, top-p, max_new_tokens and the batch size changing: one graph per
@@ -100,6 +193,8 @@ def test_a_paper_run_compiles_a_known_number_of_graphs(tiny_checkpoint, monkeypa
                         lambda fn, **kwargs: real_compile(fn, backend=counter, fullgraph=True, dynamic=False))
     torch._dynamo.reset()
     model = Qwen3.from_pretrained(tiny_checkpoint[0], dtype=torch.float32)
+    compiled_decode.reserve_decode_buffers(model, rows=64, tokens=3 + 40)  # as train.load_model does
+    reserved = model.decode_buffers.keys[0].data_ptr()
     prompt = lambda i: [5 + i % 7, 9, 2 + i % 5][: 1 + i % 3]
     rollout = dict(samples_per_prompt=4, top_k=20, eos_token_id=[1],
                    generator=torch.Generator().manual_seed(0), compile=True)
@@ -125,7 +220,7 @@ def test_a_paper_run_compiles_a_known_number_of_graphs(tiny_checkpoint, monkeypa
     # a second paper step: no new graph, every bucket's buffers where they were
     for what, count, new, sampling in calls:
         generate(model, [prompt(i) for i in range(count)], new, **sampling)
-    assert counter.frame_count == 5 and sorted(caches) == [(8, 32), (32, 32), (32, 64), (64, 32)]
+    assert counter.frame_count == 5 and sorted(caches) == [(8, 32), (32, 32), (32, 64), (64, 32), (64, 64)]
     assert all(model.decode_buffers.caches[key][0] is caches[key][0] for key in caches)
-    assert all(caches[key][0].keys[0].data_ptr() == addresses[key] for key in caches)
+    assert all(caches[key][0].keys[0].data_ptr() == addresses[key] == reserved for key in caches)
     torch._dynamo.reset()

@@ -4,6 +4,8 @@ grpo_step under a dispatch mode that fails on mixed devices and counts the reads
 """
 
 
+import json
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -209,3 +211,73 @@ def test_a_grpo_step_reads_the_device_a_known_number_of_times(tiny_checkpoint, m
                       config, torch.Generator().manual_seed(0))
     counts = {phase: checks.reads.count(phase) for phase in ("decode", "micro-batch", "update", "step")}
     assert counts == {"decode": 2 + 1, "micro-batch": 0, "update": 1, "step": 1 + 2}, checks.reads
+
+
+# what torch refuses on CUDA under use_deterministic_algorithms(True) (its documentation's list, the ops
+# a training step could reach): func -> a test of the call's arguments (None: always)
+REFUSED_ON_CUDA = {
+    torch.ops.aten.cumsum.default: lambda args, kwargs: args[0].is_floating_point(),
+    torch.ops.aten.cumsum.out: lambda args, kwargs: args[0].is_floating_point(),
+    torch.ops.aten.histc.default: None,
+    torch.ops.aten.bincount.default: lambda args, kwargs: len(args) > 1 and args[1] is not None,
+    torch.ops.aten.median.dim: None,
+    torch.ops.aten.nanmedian.dim: None,
+    torch.ops.aten.put_.default: None,
+    torch.ops.aten.scatter_reduce.two: lambda args, kwargs: args[4] == "prod",
+    torch.ops.aten.nll_loss_forward.default: None,
+    torch.ops.aten.nll_loss2d_forward.default: None,
+    torch.ops.aten.embedding_bag.default: None,
+    torch.ops.aten.grid_sampler_2d_backward.default: None,
+    torch.ops.aten.avg_pool3d_backward.default: None,
+    torch.ops.aten.reflection_pad1d_backward.default: None,
+    torch.ops.aten.upsample_bilinear2d_backward.default: None,
+}
+
+
+class RefusedOnCuda(TorchDispatchMode):
+    """Records each dispatched op that a GPU would refuse in deterministic mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.refused = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in REFUSED_ON_CUDA and (REFUSED_ON_CUDA[func] is None or REFUSED_ON_CUDA[func](args, kwargs)):
+            self.refused.append(str(func))
+        return func(*args, **kwargs)
+
+
+def test_a_deterministic_run_dispatches_nothing_a_gpu_refuses_in_deterministic_mode(char_run_setup, tmp_path,
+                                                                                  monkeypatch):
+    """--deterministic turns torch's deterministic algorithms on, and a run (a step with every signal
+    diagnosed, an evaluation with sampling) then calls no op that CUDA refuses in that mode: the
+    samplers' running sums take sampling.cumulative_sum's fixed order. Without the flag the same run
+    does call one (a float cumsum): the check can fail. The GPU samplers (top-k's and the sorted one)
+    too, on the same uniforms as without the flag."""
+    import train
+    from conftest import parity_reward, run_args
+    from sampling import sample_next_token, sample_top_k_top_p, sample_top_p_sorted
+
+    monkeypatch.setattr(train, "score", parity_reward)
+    options = ("--steps", "1", "--eval-every", "1", "--diagnose-all")
+    with RefusedOnCuda() as plain:
+        train.main(run_args(char_run_setup, tmp_path / "plain", *options))
+    assert "aten.cumsum.default" in plain.refused
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3  # (B, V)
+    uniforms = torch.rand(6, generator=torch.Generator().manual_seed(1))  # (B,)
+    samplers = lambda: [sample_top_k_top_p(logits, 5, 0.9, uniforms=uniforms),
+                        sample_top_p_sorted(logits.softmax(-1), 0.9, uniforms=uniforms),
+                        sample_next_token(logits, 1.0, 1.0, uniforms=uniforms[:, None])]
+    expected = samplers()
+    try:
+        with RefusedOnCuda() as checked:
+            train.main(run_args(char_run_setup, tmp_path / "deterministic", *options, "--deterministic"))
+            assert torch.are_deterministic_algorithms_enabled()
+            drawn = samplers()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert checked.refused == []
+    assert all(torch.equal(a, b) for a, b in zip(drawn, expected))
+    config = json.loads((tmp_path / "deterministic" / "config.json").read_text())["config"]
+    assert config["deterministic"] is True
