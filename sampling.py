@@ -87,7 +87,7 @@ def cumulative_sum(x):
     n = blocks.shape[-2]
     earlier = torch.ones(n, n, device=x.device, dtype=x.dtype).triu(diagonal=1)  # [i, j] = 1 for i < j
     before = within[..., -1] @ earlier  # (..., n) the sum of every earlier block
-    return (within + before[..., None]).flatten(-2)[..., :V]  # (..., V)
+    return (within + before[..., None]).flatten(-2)[..., :V].contiguous()  # (..., V)
 
 
 def draw_from_cumulative(cumulative, total, generator=None, uniforms=None):
