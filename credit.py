@@ -21,7 +21,7 @@ completion. Four more methods, this project's controls and the field's entropy r
 
     arca-shuffled   ARCA's weights on random tokens (the same values, permuted)
     entropy-top20   1/k on the highest-entropy fifth of each completion
-    entropy-gate    1/T on the tokens at or above the batch's (1 - rho) entropy quantile (TRL's)
+    entropy-gate    1/T on the tokens at or above the micro-batch's (1 - rho) entropy quantile (TRL's)
     arca-recent     ARCA's formula on ||h_now - h_recent||: the adapter now against itself k
                     updates ago, instead of against no adapter
 

@@ -364,7 +364,6 @@ def grpo_step(model, optimizer, scheduler, prompts, golds, tokenizer, score_fn, 
     advantages = group_advantages(rewards, rollout.prompt_index, config.advantage,
                                   scale=config.scale_rewards)  # (N,)
     log.scored(completions, scores, timeouts)
-
     model.train()
     loss_tokens = loss_mask(rollout, config.credit_eos, config.mask_truncated)  # (N, T)
     N = loss_normaliser(loss_tokens, config)  # the step's completions (the paper's), or tokens

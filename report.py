@@ -81,8 +81,9 @@ def step_windows(config):
 
 def sweep_key(config):
     """What tells the runs of a sweep apart, the seed aside: the method, its rank, its learning rate (and
-    arca-recent's k)."""
-    return config["credit"], config["rank"], config["lr"], config.get("arca_recent_updates")
+    arca-recent's k; None for the other methods)."""
+    recent = config.get("arca_recent_updates") if config["credit"] == "arca-recent" else None
+    return config["credit"], config["rank"], config["lr"], recent
 
 
 def over_seeds(runs):
@@ -93,8 +94,10 @@ def over_seeds(runs):
     groups = {}
     for config, evals, metrics in runs:
         groups.setdefault(sweep_key(config), []).append((config, evals, metrics))
+    # the methods in credit.METHODS' order, each one's learning rates largest first, then its k
+    order = lambda item: (METHODS.index(item[0][0]), -item[0][2], item[0][3] or 0)
     rows = []
-    for (method, rank, lr, recent), members in groups.items():
+    for (method, rank, lr, recent), members in sorted(groups.items(), key=order):
         if len(members) < 2:
             continue
         pass_k = f"pass@{members[0][0]['pass_k']}"
@@ -285,9 +288,10 @@ def plot(directories, path):
 
 
 def plot_sweep(runs, path):
-    """A sweep's figure: per (method, learning rate), the mean over seeds of greedy accuracy at each
-    evaluation, and of the training method's weight on the computed tokens over steps (a moving mean over
-    5% of the run), one colour per method and one line style per learning rate."""
+    """A sweep's figure: per (method, learning rate, arca-recent's k), the mean over seeds of greedy
+    accuracy at each evaluation, and of the training method's weight on the computed tokens over steps
+    (a moving mean over 5% of the run), one colour per method and one line style per learning rate and
+    k."""
     plt = import_pyplot()
     groups = {}
     for _, info, evals, metrics in runs:
@@ -295,16 +299,17 @@ def plot_sweep(runs, path):
     figure, panels = plt.subplots(1, 2, figsize=(15, 4.8))
     accuracy, mass = panels
     methods = sorted({key[0] for key in groups}, key=lambda m: METHODS.index(m) if m in METHODS else 99)
-    rates = sorted({key[2] for key in groups}, reverse=True)
+    variants = sorted({(key[2], key[3] or 0) for key in groups}, key=lambda v: (-v[0], v[1]))  # (lr, k)
     colors = dict(zip(methods, plt.get_cmap("tab10").colors))
-    styles = dict(zip(rates, ["-", "--", ":", "-."] * 4))
+    styles = dict(zip(variants, ["-", "--", ":", "-."] * 4))
     ordered = sorted(groups.items(), key=lambda item: (-item[0][2], item[0][0]))  # by lr, then by method
     for (method, rank, lr, recent), members in ordered:
         label = f"{method}{'' if recent is None else f' k {recent}'}, lr {lr:g} ({len(members)} seeds)"
         steps = [e["step"] for e in members[0][0]]
         greedy = [sum(evals[i]["greedy_accuracy"] for evals, _ in members) / len(members)
                   for i in range(len(steps))]
-        accuracy.plot(steps, greedy, styles[lr], marker="o", color=colors[method], label=label)
+        style = styles[lr, recent or 0]
+        accuracy.plot(steps, greedy, style, marker="o", color=colors[method], label=label)
         key = f"computed_mass/{method}"
         per_step = {}
         for _, metrics in members:
@@ -314,7 +319,7 @@ def plot_sweep(runs, path):
         if per_step:
             x = sorted(per_step)
             y = moving_mean([sum(per_step[s]) / len(per_step[s]) for s in x], max(1, len(x) // 20))
-            mass.plot(x, y, styles[lr], color=colors[method], label=label)
+            mass.plot(x, y, style, color=colors[method], label=label)
     accuracy.set(title="greedy accuracy (mean over seeds)", xlabel="step", ylabel="accuracy")
     mass.set(title="the training method's weight on the computed tokens (mean over seeds)", xlabel="step",
              ylabel="computed mass", ylim=(0, 1))
