@@ -766,7 +766,7 @@ def bench_grpo(directory, device, dtype, size, records, shape):
     plain = statistics.median(update["uniform", 0.0])
     records.append(record("grpo_update_diagnose_all_over_off", shape, N, device, diagnosed, plain,
                           "s per update",
-                          setting + "; credit uniform, --diagnose-all (all seven signals, one adapter-off "
+                          setting + "; credit uniform, --diagnose-all (every signal, one adapter-off "
                                     "pass on one micro-batch) over off"))
     exact, bf16 = statistics.median(update["arca", "exact"]), statistics.median(update["arca", 0.0])
     records.append(record("grpo_update_arca_exact_over_bf16", shape, N, device, exact, bf16, "s per update",

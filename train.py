@@ -6,8 +6,8 @@
     python train.py --report runs/*                  # the paper's tables from finished runs
 
 Outputs in --out: config.json (resolved config and trainable parameter count), metrics.jsonl (one
-line per step), eval.json (greedy accuracy and pass@k, step 0 first), credit.html (the seven credit
-methods' weights on a few evaluation completions), adapter/ (PEFT format) and checkpoint/ (all
+line per step), eval.json (greedy accuracy and pass@k, step 0 first), credit.html (every credit
+method's weights on a few evaluation completions), adapter/ (PEFT format) and checkpoint/ (all
 that --resume needs: adapter, optimiser, scheduler, step, RNG states).
 
 The configuration is one dataclass; each field is a kebab-case flag. Presets are plain instances.
@@ -116,7 +116,7 @@ class TrainConfig:
     top_k: int = option(50, "keep only the k most likely tokens before top-p, 0 = off (transformers' "
                             "default 50)")
     beta: float = option(0.0, "coefficient of the k3 KL to the base model")
-    diagnose_all: bool = option(True, "log all seven methods' Gini, EffN/T and top-10% mass on each step's "
+    diagnose_all: bool = option(True, "log every method's Gini, EffN/T and top-10% mass on each step's "
                                       "completions (adds an adapter-off pass on one micro-batch when the "
                                       "method has none)")
     updates_per_batch: int = option(1, "optimiser updates per batch of rollouts; > 1 uses the PPO clipped "
@@ -208,7 +208,7 @@ def parse_args(argv=None):
     parser.add_argument("--report", nargs="+", metavar="DIR",
                         help="print the paper's tables for these runs and exit")
     parser.add_argument("--plot", metavar="FILE.png",
-                        help="with --report: also draw accuracy, reward and the seven signals' Gini over "
+                        help="with --report: also draw accuracy, reward and every signal's Gini over "
                              "steps (needs matplotlib)")
     args = parser.parse_args(argv)
 

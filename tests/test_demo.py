@@ -142,8 +142,8 @@ def test_warm_up_leaves_the_model_neither_hopeless_nor_perfect(tmp_path, monkeyp
 @pytest.mark.parametrize("credit", ["arca-shuffled", "entropy-top20"])
 def test_the_controls_train_end_to_end_and_every_signal_finds_the_computed_tokens(demo_checkpoint, tmp_path,
                                                                                    credit, monkeypatch):
-    """Each control trains a demo run (the adapter moves), and every step of a demo run logs all seven
-    methods' Gini and computed_mass (their weight's share on the column sums of the completions token_roles
+    """Each control trains a demo run (the adapter moves), and every step of a demo run logs every
+    method's Gini and computed_mass (its weight's share on the column sums of the completions token_roles
     parses)."""
     # a reward earned half the time: every step has a gradient
     monkeypatch.setattr(train, "score", parity_reward)
