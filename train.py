@@ -496,7 +496,7 @@ def main(argv=None):
         print(f"no CUDA GPU: running the paper preset on the CPU with {config.model}; expect it to be slow")
     if not preset_given and config.preset == "demo":
         print("No CUDA GPU found: running the demo preset (a tiny Qwen3 learning column addition on the CPU: "
-              "under 3 minutes on 2 idle cores, about 40 s of it building the model the first time). On a "
+              "under 3 minutes on 2 idle cores, up to 40 s of it building the model the first time). On a "
               "GPU, `python train.py` runs the paper's MATH experiment.")
     elif not preset_given:
         print("CUDA GPU found: running the paper preset (Qwen3-1.7B-Base on MATH, README: The paper's run).")
