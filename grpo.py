@@ -272,17 +272,20 @@ def credit_inputs(model, prompts, tokens, mask, logprobs, entropies, hidden, con
                   valid=None):
     """The inputs of every credit method on this micro-batch (credit_weights' keyword arguments), detached.
 
-    From the training forward: log pi, the entropies, h_adapted, and entropy-gate's threshold (the
-    (1 - rho) quantile of this micro-batch's entropies on every rank). valid (B, T): every generated
-    token (the entropy signal's next-token rule; default mask). The adapter-off pass when the method
-    or the KL needs it (reference_pass). For arca-recent, h_now and h_recent: the adapter now and
-    k updates ago (model.recent_adapters, lora.RecentAdapters), both exact and without dropout.
+    From the training forward: log pi, the entropies and h_adapted. valid (B, T): every generated
+    token (the entropy signal's next-token rule; default mask). When entropy-gate trains, its
+    threshold: the (1 - rho) quantile of this micro-batch's entropies on every rank (one collective;
+    otherwise the diagnostics' gate takes this rank's micro-batch). The adapter-off pass when the
+    method or the KL needs it (reference_pass). For arca-recent, h_now and h_recent: the adapter now
+    and k updates ago (model.recent_adapters, lora.RecentAdapters), both exact and without dropout.
     """
-    threshold = quantile_on_every_rank(entropies.detach(), mask, 1 - config.entropy_quantile,
-                                       capacity=len(prompts) * config.max_new_tokens)
     inputs = dict(token_logprobs=logprobs.detach(), entropies=entropies.detach(), h_adapted=hidden.detach(),
                   valid=valid, ref_token_logprobs=None, h_base=None, h_now=None, h_recent=None,
-                  gate_threshold=threshold)
+                  gate_threshold=None)
+    if config.credit == "entropy-gate":
+        level = 1 - config.entropy_quantile  # the top rho of the tokens sit at or above this quantile
+        inputs["gate_threshold"] = quantile_on_every_rank(entropies.detach(), mask, level,
+                                                          capacity=len(prompts) * config.max_new_tokens)
     if config.credit in REFERENCE_METHODS or config.beta > 0:
         inputs.update(reference_pass(model, prompts, tokens, mask, config, vocab_size))
     if config.credit == "arca-recent":
