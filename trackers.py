@@ -56,23 +56,15 @@ class WandB:
         self.run.finish()
 
 
-class Trackio:
-    """A trackio run (Hugging Face's local-first tracker, wandb's API) named after --out."""
+class Trackio(WandB):
+    """A trackio run (Hugging Face's local-first tracker) named after --out: it speaks wandb's API at
+    module level (trackio.log, trackio.Table, trackio.finish), so the module plays the run."""
 
     def __init__(self, out, config):
         import trackio
 
-        self.trackio = trackio
         trackio.init(project="arca", name=str(out), config=config)
-
-    def log(self, values, step):
-        self.trackio.log(values, step=step)
-
-    def table(self, name, columns, rows, step):
-        self.trackio.log({name: self.trackio.Table(columns=columns, data=rows)}, step=step)
-
-    def close(self):
-        self.trackio.finish()
+        self.wandb = self.run = trackio
 
 
 BACKENDS = {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio}
